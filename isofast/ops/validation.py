@@ -1,0 +1,119 @@
+"""Argument checks shared by every op, so that all backends raise the same clear errors.
+
+Every check names the argument and what was expected. Value checks on timesteps read the
+tensor; on CUDA that is a host sync, skipped while a CUDA graph is being captured or
+torch.compile traces (the kernels then trust their inputs), and skippable with
+ISOFAST_CHECK_VALUES=0 for benchmarks that must not sync.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..noise import NoiseKey
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+ISO_MODES = ("batch", "sample")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def float_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float32, float64, float16, bfloat16), got {x.dtype}")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    if x[0].numel() == 0:
+        raise ValueError(f"{name} must have at least one element per sample, got shape {tuple(x.shape)}")
+    return x
+
+
+def same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor | NoiseKey) -> None:
+    if tuple(x.shape) != tuple(ref.shape):
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+
+
+def same_device(name: str, device: torch.device, ref_name: str, ref_device: torch.device) -> None:
+    if torch.device(device) != torch.device(ref_device):
+        raise ValueError(f"{name} is on {device} but {ref_name} is on {ref_device}; put them on the same device")
+
+
+def _check_values_now(x: torch.Tensor) -> bool:
+    if os.environ.get("ISOFAST_CHECK_VALUES", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def timesteps(name: str, t: object, batch: int, T: int, device: torch.device) -> torch.Tensor:
+    """Return t as an int64 (batch,) tensor on ``device``; ints broadcast to the batch."""
+    if isinstance(t, bool):
+        raise TypeError(f"{name} must be an int or an integer tensor, got bool")
+    if isinstance(t, int):
+        if not 0 <= t < T and not (name == "t_prev" and t == -1):
+            raise ValueError(f"{name} must be in [0, {T}), got {t}")
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
+    same_device(name, t.device, "the data", device)
+    if _check_values_now(t):
+        low = -1 if name == "t_prev" else 0
+        if bool(((t < low) | (t >= T)).any()):
+            raise ValueError(f"{name} must be in [{low}, {T}), got values in [{int(t.min())}, {int(t.max())}]")
+    return t.to(torch.int64).contiguous()
+
+
+def iso_lambda(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"iso_lambda must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"iso_lambda must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def weights(w: object, batch: int, device: torch.device) -> torch.Tensor | None:
+    if w is None:
+        return None
+    if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
+        raise TypeError(f"weights must be a floating torch.Tensor of shape ({batch},), got {type(w).__name__}")
+    if tuple(w.shape) != (batch,):
+        raise ValueError(f"weights must have shape ({batch},) (one weight per sample), got {tuple(w.shape)}")
+    same_device("weights", w.device, "eps_pred", device)
+    return w
+
+
+def noise_for(noise: object, like: torch.Tensor, name: str = "noise") -> torch.Tensor | NoiseKey:
+    """Check that a NoiseKey or tensor describes noise for ``like`` (same shape and device)."""
+    if isinstance(noise, NoiseKey):
+        same_shape(f"{name} (NoiseKey)", noise, "the data", like)
+        same_device(f"{name} (NoiseKey)", noise.device, "the data", like.device)
+        return noise
+    if isinstance(noise, torch.Tensor):
+        float_tensor(name, noise)
+        same_shape(name, noise, "the data", like)
+        same_device(name, noise.device, "the data", like.device)
+        return noise
+    raise TypeError(f"{name} must be a NoiseKey or a torch.Tensor, got {type(noise).__name__}")
+
+
+def schedule(sched: object) -> None:
+    from ..schedule import NoiseSchedule
+
+    if not isinstance(sched, NoiseSchedule):
+        raise TypeError(f"sched must be a NoiseSchedule, got {type(sched).__name__}")
