@@ -69,9 +69,9 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
         return None, "always available"
     try:
         module = importlib.import_module(_MODULES[name])
+        ok, reason = module.available(name)
     except Exception as exc:  # a broken optional backend must not break `import isofast`
-        return None, f"import failed: {type(exc).__name__}: {exc}"
-    ok, reason = module.available(name)
+        return None, f"{_MODULES[name]} failed to load: {type(exc).__name__}: {exc}"
     return (module if ok else None), reason
 
 

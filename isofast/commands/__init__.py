@@ -1,0 +1,1 @@
+"""Subcommands of the `isofast` CLI, one module each (discovered by `isofast.cli`)."""
