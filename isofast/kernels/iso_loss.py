@@ -1,0 +1,115 @@
+"""Iso-Diffusion loss primitives: per-row sums (forward) and the gradient (backward).
+
+Shapes: ``p`` (eps_pred) and ``e`` (explicit noise) contiguous (B, n) of one dtype
+(float32, bfloat16, float16); ``c1``, ``c2`` float32 (B,). With ``e is None`` the
+noise is regenerated in registers by the contract (element ``b*n + j`` of the draw
+keyed by ``(seed, offset)``), bit for bit the draw ``q_sample`` used.
+
+    iso_sums:  sse[b] = sum_j (p[b,j] - eps[b,j])**2,  ssq[b] = sum_j p[b,j]**2   (float32 (B,))
+    iso_grad:  g[b,j] = c1[b] * (p[b,j] - eps[b,j]) + c2[b] * p[b,j]            (p's dtype)
+
+Every loss mode and reduction is a choice of ``c1``, ``c2`` made by the ops layer
+from ``sse``, ``ssq``, the weights and ``grad_output``, all O(B) device tensors,
+so no host synchronisation is needed (e.g. mode "batch", mean: ``c1 = 2 w_b go /
+(B n)``, ``c2 = 4 lambda go (S - 1) / (B n)`` with ``S = (1/B) sum_b ssq_b / n``).
+
+Bytes through memory (``elem`` = bytes per element of ``p``; O(B) terms omitted):
+
+    noise as a key:        forward reads p once (B n elem); backward reads p again
+                           and writes g (2 B n elem): 3 B n elem in all.
+    noise as a tensor:     forward reads p and e (2 B n elem); backward reads both
+                           and writes g (3 B n elem): 5 B n elem in all.
+
+The floor is 2 B n elem with a key (read p, write g): a Liger-style kernel that
+writes the gradient during the forward reaches it in mode "sample", but must
+store a B x n gradient between forward and backward and, for grad_output != 1,
+rescale it (another read and write). The chosen split, sums in forward and
+gradient in backward, saves nothing of size B x n beyond ``p`` (already alive as
+the model output), folds ``grad_output`` into ``c1``/``c2``, serves mode "batch"
+(whose gradient needs the batch-wide sum of ``ssq`` before any element of ``g``)
+with the same two kernels, and its second read of ``p`` usually hits L2 when the
+loss backward runs right after the forward at moderate sizes.
+
+Reduction scheme of ``iso_sums``: a 1-D grid of ``B * nwin`` programs, each one
+row window (see :mod:`isofast.kernels.settings`) writing its two float32 partial
+sums into a (2, B, nwin) buffer, then one ``torch.sum`` over windows: deterministic
+(no atomics), bit-identical between runs. Accumulation is float32 whatever the
+input dtype; float64 data raises TypeError (the ops layer sends it to the
+reference).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from isofast.kernels.philox import as_uint64, contract_normals, row_window, to_int64_bits
+from isofast.kernels.settings import calculate_settings, check_dtype
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def iso_sums_kernel(p_ptr, e_ptr, part_ptr, n, nwin, num_programs, seed, offset,
+                    HAS_E: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b, flat, mask, counter_index, lane = row_window(pid, n, nwin, BLOCK)
+    p = tl.load(p_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    if HAS_E:
+        eps = tl.load(e_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    else:
+        eps = contract_normals(as_uint64(seed), as_uint64(offset), counter_index, lane)
+    # Lanes outside the row carry generated noise: zero them before squaring.
+    diff = tl.where(mask, p - eps, 0.0)
+    sse = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+    ssq = tl.sum(tl.sum(p * p, axis=1), axis=0)
+    # partials laid out (2, B, nwin): program pid is (b, w) = divmod(pid, nwin).
+    tl.store(part_ptr + pid, sse)
+    tl.store(part_ptr + num_programs + pid, ssq)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def iso_grad_kernel(p_ptr, e_ptr, c1_ptr, c2_ptr, g_ptr, n, nwin, seed, offset,
+                    HAS_E: tl.constexpr, BLOCK: tl.constexpr):
+    b, flat, mask, counter_index, lane = row_window(tl.program_id(0), n, nwin, BLOCK)
+    c1 = tl.load(c1_ptr + b).to(tl.float32)
+    c2 = tl.load(c2_ptr + b).to(tl.float32)
+    p = tl.load(p_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    if HAS_E:
+        eps = tl.load(e_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    else:
+        eps = contract_normals(as_uint64(seed), as_uint64(offset), counter_index, lane)
+    g = c1 * (p - eps) + c2 * p
+    tl.store(g_ptr + flat, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def iso_sums(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sse, ssq)``: float32 (B,) row sums of ``(p - eps)**2`` and ``p**2``."""
+    check_dtype(p, "eps_pred")
+    batch, n = p.shape
+    if p.numel() == 0:
+        zeros = torch.zeros(batch, dtype=torch.float32, device=p.device)
+        return zeros, zeros.clone()
+    cfg = calculate_settings(n)
+    num_programs = batch * cfg.nwin
+    partials = torch.empty((2, batch, cfg.nwin), dtype=torch.float32, device=p.device)
+    iso_sums_kernel[(num_programs,)](
+        p, p if e is None else e, partials, n, cfg.nwin, num_programs,
+        to_int64_bits(seed), to_int64_bits(offset),
+        HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
+    sums = partials.sum(dim=2)
+    return sums[0], sums[1]
+
+
+def iso_grad(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int,
+             c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """``g = c1[b] * (p - eps) + c2[b] * p``: (B, n) in p's dtype."""
+    check_dtype(p, "eps_pred")
+    batch, n = p.shape
+    g = torch.empty_like(p)
+    if g.numel() == 0:
+        return g
+    cfg = calculate_settings(n)
+    iso_grad_kernel[(batch * cfg.nwin,)](
+        p, p if e is None else e, c1, c2, g, n, cfg.nwin,
+        to_int64_bits(seed), to_int64_bits(offset),
+        HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
+    return g
