@@ -4,7 +4,7 @@ The network predicts the noise ``eps`` of ``x_t``: ``forward(x (B,C,H,W), t (B,)
 
 Layout (as in the DDPM reference code, ``diffusion_tf/models/unet.py``)::
 
-    t ──sinusoidal(ch)──Linear(ch,4ch)──SiLU──Linear(4ch,4ch)──▶ temb   (added in every ResBlock)
+    t ──timestep_embedding(ch)──Linear(ch,4ch)──SiLU──Linear(4ch,4ch)──▶ temb   (added in every ResBlock)
     x ──conv3x3──▶ [level 0: num_res_blocks × (ResBlock [+Attention]), Downsample] ... [last level: no Downsample]
       ──▶ middle: ResBlock, Attention (unless mid_attention=False), ResBlock
       ──▶ [last level .. level 0: (num_res_blocks+1) × (concat skip, ResBlock [+Attention]), Upsample except level 0]
@@ -30,12 +30,13 @@ Named configurations live in ``UNET_CONFIGS``; ``build_unet("cifar32", dropout=0
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from isofast.models.embedding import timestep_embedding
 
 __all__ = [
     "UNET_CONFIGS",
@@ -47,26 +48,6 @@ __all__ = [
     "Upsample",
     "build_unet",
 ]
-
-
-def _timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of timesteps, as in DDPM's ``get_timestep_embedding``.
-
-    t: (B,) any real dtype.  Returns (B, dim) float32:
-    ``[sin(t·f_0..f_{h-1}), cos(t·f_0..f_{h-1})]`` with ``h = dim // 2`` and ``f_i = max_period^(-i/(h-1))``;
-    a zero column is appended when ``dim`` is odd.
-    """
-    half = dim // 2
-    if half < 2:
-        raise ValueError(f"time embedding dim must be >= 4, got {dim}")
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1)
-    )
-    args = t.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
 
 
 def _group_count(channels: int, max_groups: int) -> int:
@@ -353,7 +334,7 @@ class UNet(nn.Module):
             )
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
-        temb = self.time_mlp(_timestep_embedding(t, cfg.base_channels))
+        temb = self.time_mlp(timestep_embedding(t, cfg.base_channels))
 
         h = self.conv_in(x)
         skips = [h]
