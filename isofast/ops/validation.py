@@ -53,9 +53,10 @@ def timesteps(name: str, t: object, batch: int, T: int, device: torch.device) ->
     """Return t as an int64 (batch,) tensor on ``device``; ints broadcast to the batch."""
     if isinstance(t, bool):
         raise TypeError(f"{name} must be an int or an integer tensor, got bool")
+    low = -1 if name == "t_prev" else 0  # t_prev = -1: the DDIM jump to x_0
     if isinstance(t, int):
-        if not 0 <= t < T and not (name == "t_prev" and t == -1):
-            raise ValueError(f"{name} must be in [0, {T}), got {t}")
+        if not low <= t < T:
+            raise ValueError(f"{name} must be in [{low}, {T}), got {t}")
         return torch.full((batch,), t, dtype=torch.int64, device=device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
@@ -67,7 +68,6 @@ def timesteps(name: str, t: object, batch: int, T: int, device: torch.device) ->
         raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
     same_device(name, t.device, "the data", device)
     if _check_values_now(t):
-        low = -1 if name == "t_prev" else 0
         if bool(((t < low) | (t >= T)).any()):
             raise ValueError(f"{name} must be in [{low}, {T}), got values in [{int(t.min())}, {int(t.max())}]")
     return t.to(torch.int64).contiguous()
