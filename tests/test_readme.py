@@ -1,0 +1,32 @@
+"""The README's commands are the ones CI runs, and the README's example code runs."""
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_command(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {marker} -->\s*```bash\n(.+?)\n```", text, re.S)
+    assert match, f"README has no command block after <!-- {marker} -->"
+    return match.group(1).strip()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert readme_command("test-command") in [line.strip() for line in ci]
+
+
+def test_main_command_runs_the_benchmark():
+    assert readme_command("main-command").endswith("python benchmarks/throughput.py")
+
+
+def test_readme_example_runs():
+    text = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\n(.+?)\n```", text, re.S).group(1)
+    import torch
+
+    linear = torch.nn.Linear(2, 2)
+    namespace = {"x0": torch.randn(4, 2), "model": lambda x, t: linear(x)}
+    exec(example, namespace)
+    assert namespace["loss"].ndim == 0 and linear.weight.grad is not None
