@@ -1,0 +1,61 @@
+// Argument checks shared by the CPU and CUDA implementations of the isofast_C ops.
+//
+// The Python layer (isofast.ops) validates first and raises ValueError/TypeError; these checks
+// are the last line of defence for direct torch.ops.isofast_C calls, so that a wrong dtype,
+// device or shape gives a clear RuntimeError instead of a crash or a wrong number.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace isofast {
+
+inline bool is_data_dtype(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf;
+}
+
+// float64 tables for float64 data, float32 tables otherwise (backends.py contract).
+inline at::ScalarType table_dtype(at::ScalarType data) { return data == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_data(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(is_data_dtype(x.scalar_type()), op, ": ", name,
+              " must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a 2-D (B, n) tensor, got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_like(const at::Tensor& y, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
+              " like the data, got ", y.scalar_type());
+  TORCH_CHECK(y.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", y.device());
+  TORCH_CHECK(y.sizes() == x.sizes(), op, ": ", name, " must have shape ", x.sizes(), ", got ", y.sizes());
+  TORCH_CHECK(y.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_index(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": ", name, " must have shape (", x.size(0),
+              ",), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// A coefficient tensor: `dim`-D, of the table dtype of the data, on the data device.
+inline void check_table(const at::Tensor& c, const at::Tensor& x, int64_t dim, const char* op, const char* name) {
+  const auto want = table_dtype(x.scalar_type());
+  TORCH_CHECK(c.scalar_type() == want, op, ": ", name, " must be ", want, " for ", x.scalar_type(),
+              " data, got ", c.scalar_type());
+  TORCH_CHECK(c.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", c.device());
+  TORCH_CHECK(c.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", c.sizes());
+  TORCH_CHECK(c.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(c.numel() > 0, op, ": ", name, " must not be empty");
+}
+
+inline void check_key(const at::Tensor& key, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(key.scalar_type() == at::kLong, op, ": key must be int64, got ", key.scalar_type());
+  TORCH_CHECK(key.device() == x.device(), op, ": key must be on ", x.device(), ", got ", key.device());
+  TORCH_CHECK(key.dim() == 1 && key.numel() == 2 && key.is_contiguous(), op,
+              ": key must be a contiguous int64 tensor of shape (2,) = (seed, offset), got shape ", key.sizes());
+}
+
+}  // namespace isofast

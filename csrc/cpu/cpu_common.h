@@ -1,0 +1,65 @@
+// Shared machinery of the CPU kernels: the tiled walk over (B, n) data with the contract's
+// noise generated per tile, and small helpers.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace isofast::cpu {
+
+// Elements per tile: the normals of one tile live in a stack buffer that stays in L1 while the
+// elementwise loop consumes them, so eps never touches memory.
+constexpr int64_t kTile = 2048;
+
+// Normals of the Philox calls counter .. counter + ncalls - 1 (4 per call, contract order) into out.
+// Vectorised across calls; dispatched at load time to the widest ISA of the machine (noise.cpp).
+void fill_normals(uint64_t seed, uint64_t counter, int64_t ncalls, float* out);
+
+// Arithmetic type of a data type: float64 for float64, float32 otherwise.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// t[b] must index a table of length T (checked once per call on the host; never an out-of-bounds read).
+inline void check_steps(const int64_t* t, int64_t B, int64_t T, bool allow_minus_one, const char* op,
+                        const char* name) {
+  const int64_t lo = allow_minus_one ? -1 : 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(t[b] >= lo && t[b] < T, op, ": ", name, "[", b, "] = ", t[b], " is outside [", lo, ", ", T, ")");
+  }
+}
+
+// Calls body(b, j0, j1, z) for every tile [j0, j1) of every row b, in parallel over tiles.
+// z points at the contract normals of elements b*n + j0 .. b*n + j1 - 1 of the draw (seed, offset)
+// when gen(b) is true, and is nullptr otherwise (explicit noise, or a row that needs none).
+template <typename Gen, typename Body>
+void for_each_tile(int64_t B, int64_t n, uint64_t seed, uint64_t offset, Gen&& gen, Body&& body) {
+  const int64_t tiles_per_row = (n + kTile - 1) / kTile;
+  const int64_t tiles = B * tiles_per_row;
+  // grain: enough tiles per task to amortise the thread hand-off (~32k elements).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::min(n, kTile));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kTile + 8];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / tiles_per_row;
+      const int64_t j0 = (tile % tiles_per_row) * kTile;
+      const int64_t j1 = std::min(n, j0 + kTile);
+      const float* z = nullptr;
+      if (gen(b)) {
+        const int64_t i0 = b * n + j0, i1 = b * n + j1;  // flat indices of the draw
+        const int64_t c0 = i0 >> 2, c1 = (i1 + 3) >> 2;  // Philox calls covering them
+        fill_normals(seed, offset + static_cast<uint64_t>(c0), c1 - c0, buf);
+        z = buf + (i0 & 3);
+      }
+      body(b, j0, j1, z);
+    }
+  });
+}
+
+}  // namespace isofast::cpu

@@ -1,0 +1,51 @@
+// Schemas of the isofast_C ops (the kernel primitives of isofast/ops/backends.py) and the
+// Python module isofast._C. The CPU kernels register in csrc/cpu/, the CUDA ones in csrc/cuda/.
+//
+// Seeds and offsets are uint64 values passed as their int64 bit patterns (schema `int`).
+// Noise `e` is an explicit (B, n) tensor, or None to generate the contract's draw in-kernel.
+// Sampler steps read (seed, offset) from the int64 (2,) tensor `key`, so that a CUDA graph
+// replays with a new key.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(isofast_C, m) {
+  m.def(
+      "q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor? e, int seed, int offset) "
+      "-> Tensor");
+  m.def("iso_sums(Tensor p, Tensor? e, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("iso_grad(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2) -> Tensor");
+  m.def("ddpm_step(Tensor x, Tensor eps_pred, Tensor t, Tensor table, Tensor? e, Tensor key, bool clip_x0) -> Tensor");
+  m.def(
+      "ddim_step(Tensor x, Tensor eps_pred, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float eta, Tensor? e, "
+      "Tensor key, bool clip_x0) -> Tensor");
+  // Debug ops for the tests: the Philox words (int32 (ceil(N/4), 4)) and the normals (float32 (N,))
+  // of the draw (seed, offset) of N = like.numel() elements, on like's device. scalar=True uses
+  // philox.h's libm Box-Muller on the CPU instead of the vectorised generator of the kernels.
+  m.def("philox_bits(Tensor like, int seed, int offset) -> Tensor");
+  m.def("philox_randn(Tensor like, int seed, int offset, bool scalar=False) -> Tensor");
+}
+
+namespace {
+
+bool has_cuda() {
+#ifdef ISOFAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+PyObject* py_has_cuda(PyObject*, PyObject*) { return PyBool_FromLong(has_cuda() ? 1 : 0); }
+
+PyMethodDef kMethods[] = {
+    {"has_cuda", py_has_cuda, METH_NOARGS, "True when isofast._C was built with its CUDA kernels."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                       "isofast compiled kernels; the ops live in torch.ops.isofast_C.", -1, kMethods};
+
+}  // namespace
+
+// Importing isofast._C loads this library, which registers the ops with the dispatcher.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
