@@ -16,9 +16,16 @@ _FLOAT64_CAPABLE = ("reference", "cpu", "cuda")
 
 def choose(backend: str | None, x: torch.Tensor) -> str:
     """The backend that runs an op on ``x`` (see `backends.resolve`), honouring dtype support."""
+    return _choose(backend, x.device, x.dtype)
+
+
+# torch.compile: the choice depends only on the arguments and the environment, so dynamo may call it
+# once at trace time and bake the name into the graph instead of tracing imports and os.environ.
+@torch.compiler.assume_constant_result
+def _choose(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     explicit = backend not in (None, "auto") or os.environ.get("ISOFAST_BACKEND", "auto") not in ("", "auto")
-    name = backends.resolve(backend, x.device)
-    if x.dtype == torch.float64 and name not in _FLOAT64_CAPABLE:
+    name = backends.resolve(backend, device)
+    if dtype == torch.float64 and name not in _FLOAT64_CAPABLE:
         if explicit:
             raise TypeError(f"backend {name!r} supports float32, bfloat16 and float16 data, got float64")
         name = "reference"
