@@ -187,3 +187,12 @@ def test_forward_rejects_wrong_shapes():
         model(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="t must have shape"):
         model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2, 3]))
+
+
+def test_config_round_trips_through_json():
+    import dataclasses
+    import json
+
+    for cfg in UNET_CONFIGS.values():
+        again = UNetConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+        assert again == cfg
