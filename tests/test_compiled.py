@@ -1,0 +1,281 @@
+"""The compiled kernels (isofast._C, backend "cpu") against plain-torch expressions of the
+kernel-primitive contract (isofast/ops/backends.py), and the public ops through backend="cpu"
+against backend="reference".
+
+Each primitive is checked twice: with explicit noise ``e`` (the arithmetic alone, tight
+tolerances) and with in-kernel noise (compared with the contract's normals from
+``isofast.noise.randn_contract``; they differ from the kernel's by a few ulp).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from isofast import noise
+
+compiled = pytest.importorskip("isofast.ops.compiled")
+if compiled._C is None:
+    pytest.skip(compiled._IMPORT_ERROR, allow_module_level=True)
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# (rtol, atol) of an output in the data dtype; float64 only sees the float32 noise's few ulp.
+TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+NOISE_ATOL = 4e-6  # generated vs reference normals (ARCHITECTURE.md, noise contract step 3)
+U64 = st.integers(0, 2**64 - 1)
+SHAPES = st.tuples(st.integers(1, 5), st.sampled_from([1, 2, 3, 4, 5, 7, 8, 31, 64, 97, 300]))
+
+
+def acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def eps_of(seed: int, offset: int, B: int, n: int) -> torch.Tensor:
+    return noise.randn_contract(seed, offset, B * n).reshape(B, n)
+
+
+def rand(B: int, n: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(B, n, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, extra_atol: float = 0.0) -> None:
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.to(torch.float64), want.to(torch.float64), rtol=rtol, atol=atol + extra_atol)
+
+
+# ---------------------------------------------------------------- q_sample
+def q_sample_expr(x0, t, sa, sb, eps):
+    a = acc(x0.dtype)
+    return (sa[t, None] * x0.to(a) + sb[t, None] * eps.to(a)).to(x0.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=12, deadline=None)
+@given(shape=SHAPES, seed=U64, offset=U64, data_seed=st.integers(0, 2**31))
+def test_q_sample_matches_contract(dtype, shape, seed, offset, data_seed):
+    B, n = shape
+    gen = torch.Generator().manual_seed(data_seed)
+    T = 50
+    ab = torch.rand(T, generator=gen, dtype=torch.float64).to(acc(dtype))
+    sa, sb = ab.sqrt(), (1 - ab).sqrt()
+    t = torch.randint(0, T, (B,), generator=gen)
+    x0 = rand(B, n, dtype, gen)
+    e = rand(B, n, dtype, gen)
+    got = compiled.q_sample(x0, t, sa, sb, e, 0, 0)
+    assert got.dtype == dtype and got.shape == (B, n)
+    close(got, q_sample_expr(x0, t, sa, sb, e), dtype)
+    s, o = noise.to_signed(seed), noise.to_signed(offset)
+    got = compiled.q_sample(x0, t, sa, sb, None, s, o)
+    close(got, q_sample_expr(x0, t, sa, sb, eps_of(seed, offset, B, n)), dtype, extra_atol=NOISE_ATOL)
+
+
+# ---------------------------------------------------------------- iso_sums / iso_grad
+def sums_expr(p, eps):
+    a = acc(p.dtype)
+    p, eps = p.to(a), eps.to(a)
+    return ((p - eps) ** 2).sum(1), (p**2).sum(1)
+
+
+def grad_expr(p, eps, c1, c2):
+    a = acc(p.dtype)
+    pa = p.to(a)
+    return (c1[:, None] * (pa - eps.to(a)) + c2[:, None] * pa).to(p.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=12, deadline=None)
+@given(shape=SHAPES, seed=U64, offset=U64, data_seed=st.integers(0, 2**31))
+def test_iso_sums_and_grad_match_contract(dtype, shape, seed, offset, data_seed):
+    B, n = shape
+    gen = torch.Generator().manual_seed(data_seed)
+    p = rand(B, n, dtype, gen, scale=1.3)
+    e = rand(B, n, dtype, gen)
+    c1 = torch.randn(B, generator=gen, dtype=torch.float64).to(acc(dtype))
+    c2 = torch.randn(B, generator=gen, dtype=torch.float64).to(acc(dtype))
+    # sums are accumulated in the arithmetic type: compare relative to the float32/64 sums
+    sum_tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-5)
+    s, o = noise.to_signed(seed), noise.to_signed(offset)
+    for e_arg, eps, extra in ((e, e, 0.0), (None, eps_of(seed, offset, B, n), NOISE_ATOL)):
+        sse, ssq = compiled.iso_sums(p, e_arg, s, o)
+        want_sse, want_ssq = sums_expr(p, eps)
+        assert sse.dtype == acc(dtype) and sse.shape == (B,)
+        err = 2 * extra * (p.to(torch.float64) - eps.to(torch.float64)).abs().sum(1) + extra
+        torch.testing.assert_close(sse.double(), want_sse.double(), **{**sum_tol, "atol": sum_tol["atol"] + err.max().item()})
+        torch.testing.assert_close(ssq.double(), want_ssq.double(), **sum_tol)
+        g = compiled.iso_grad(p, e_arg, s, o, c1, c2)
+        assert g.dtype == dtype and g.shape == (B, n)
+        close(g, grad_expr(p, eps, c1, c2), dtype, extra_atol=extra * c1.abs().max().item())
+
+
+@pytest.mark.parametrize("n", [2047, 2048, 2049, 4099])
+def test_iso_sums_multi_tile_rows(n):
+    # Rows longer than one tile (2048) with row starts that are not multiples of 4: the tile
+    # partials and the noise's counter alignment must add up.
+    B, seed, offset = 3, 2**37 + 11, 2**34 + 3
+    gen = torch.Generator().manual_seed(n)
+    p = torch.randn(B, n, generator=gen)
+    eps = eps_of(seed, offset, B, n)
+    sse, ssq = compiled.iso_sums(p, None, seed, offset)
+    want_sse, want_ssq = sums_expr(p.double(), eps.double())
+    torch.testing.assert_close(sse.double(), want_sse, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(ssq.double(), want_ssq, rtol=1e-5, atol=1e-3)
+    g = compiled.iso_grad(p, None, seed, offset, torch.ones(B), torch.zeros(B))
+    torch.testing.assert_close(g, p - eps, rtol=0, atol=NOISE_ATOL)
+    x = compiled.q_sample(p, torch.zeros(B, dtype=torch.int64), torch.zeros(1), torch.ones(1), None, seed, offset)
+    torch.testing.assert_close(x, eps, rtol=0, atol=NOISE_ATOL)
+
+
+def test_noise_is_regenerated_identically():
+    # q_sample, iso_sums and iso_grad see bit-identical eps: with x0 = 0, sqrt_1mab = 1 the
+    # q_sample output *is* eps, and iso_grad with c1 = -1, c2 = 1 returns eps too.
+    B, n, seed, offset = 4, 333, 99, 2**40
+    t = torch.zeros(B, dtype=torch.int64)
+    eps_q = compiled.q_sample(torch.zeros(B, n), t, torch.zeros(1), torch.ones(1), None, seed, offset)
+    eps_g = compiled.iso_grad(torch.zeros(B, n), None, seed, offset, -torch.ones(B), torch.ones(B))
+    assert torch.equal(eps_q, eps_g)
+    sse, _ = compiled.iso_sums(eps_q, None, seed, offset)
+    assert torch.equal(sse, torch.zeros(B))
+
+
+# ---------------------------------------------------------------- sampler steps
+def ddpm_expr(x, ep, t, table, z, clip):
+    a = acc(x.dtype)
+    xa, ea = x.to(a), ep.to(a)
+    x0 = table[0, t, None] * xa - table[1, t, None] * ea
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    nz = (t > 0).to(a)[:, None]
+    return (table[2, t, None] * x0 + table[3, t, None] * xa + nz * table[4, t, None] * z.to(a)).to(x.dtype)
+
+
+def ddim_expr(x, ep, t, t_prev, acp, eta, z, clip):
+    a = acc(x.dtype)
+    xa, ea = x.to(a), ep.to(a)
+    ab = acp[t]
+    ab_prev = torch.where(t_prev >= 0, acp[t_prev.clamp_min(0)], torch.ones_like(ab))
+    x0 = (xa - (1 - ab).sqrt()[:, None] * ea) / ab.sqrt()[:, None]
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    c_eps = (1 - ab_prev - sigma**2).clamp_min(0).sqrt()
+    return (ab_prev.sqrt()[:, None] * x0 + c_eps[:, None] * ea + sigma[:, None] * z.to(a)).to(x.dtype)
+
+
+def _schedule(T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    betas = torch.linspace(1e-4, 0.2, T, dtype=torch.float64)
+    alphas = 1 - betas
+    acp = alphas.cumprod(0)
+    acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+    post_var = betas * (1 - acp_prev) / (1 - acp)
+    table = torch.stack([
+        acp.rsqrt(), (1 / acp - 1).sqrt(), betas * acp_prev.sqrt() / (1 - acp),
+        (1 - acp_prev) * alphas.sqrt() / (1 - acp), post_var.sqrt(),
+    ])
+    return table.to(acc(dtype)).contiguous(), acp.to(acc(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=10, deadline=None)
+@given(shape=SHAPES, seed=U64, offset=U64, data_seed=st.integers(0, 2**31), clip=st.booleans(),
+       eta=st.sampled_from([0.0, 0.5, 1.0]))
+def test_steps_match_contract(dtype, shape, seed, offset, data_seed, clip, eta):
+    B, n = shape
+    T = 20
+    gen = torch.Generator().manual_seed(data_seed)
+    table, acp = _schedule(T, dtype)
+    t = torch.randint(0, T, (B,), generator=gen)
+    t[0] = 0  # the t = 0 row adds no noise
+    t_prev = torch.clamp(t - torch.randint(1, 5, (B,), generator=gen), min=-1)
+    x = rand(B, n, dtype, gen)
+    ep = rand(B, n, dtype, gen)
+    e = rand(B, n, dtype, gen)
+    key = torch.tensor([noise.to_signed(seed), noise.to_signed(offset)])
+    z = eps_of(seed, offset, B, n)
+    # the step coefficients reach ~1/sqrt(ab_T) ~ 5: scale the tolerance of the noise term with them
+    for e_arg, zz, extra in ((e, e, 0.0), (None, z, 3 * NOISE_ATOL)):
+        got = compiled.ddpm_step(x, ep, t, table, e_arg, key, clip)
+        assert got.dtype == dtype and got.shape == (B, n)
+        close(got, ddpm_expr(x, ep, t, table, zz, clip), dtype, extra_atol=extra)
+        got = compiled.ddim_step(x, ep, t, t_prev, acp, eta, e_arg, key, clip)
+        rel = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 0.0)  # (1-ab)/sqrt(ab) vs the reference's order
+        close(got, ddim_expr(x, ep, t, t_prev, acp, eta, zz, clip), dtype, extra_atol=extra + rel)
+
+
+def test_ddim_eta_zero_ignores_key():
+    B, n = 2, 10
+    table, acp = _schedule(10, torch.float32)
+    x, ep = torch.randn(B, n), torch.randn(B, n)
+    t, t_prev = torch.tensor([5, 3]), torch.tensor([2, -1])
+    a = compiled.ddim_step(x, ep, t, t_prev, acp, 0.0, None, torch.tensor([1, 2]), False)
+    b = compiled.ddim_step(x, ep, t, t_prev, acp, 0.0, None, torch.tensor([3, 4]), False)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_raises_clear_errors():
+    x = torch.randn(3, 8)
+    t = torch.zeros(3, dtype=torch.int64)
+    tab = torch.ones(10)
+    with pytest.raises(RuntimeError, match="x0 must be float32"):
+        compiled.q_sample(x.to(torch.int32), t, tab, tab, None, 0, 0)
+    with pytest.raises(RuntimeError, match="x0 must be a 2-D"):
+        compiled.q_sample(x.reshape(-1), t, tab, tab, None, 0, 0)
+    with pytest.raises(RuntimeError, match="x0 must be contiguous"):
+        compiled.q_sample(torch.randn(8, 3).t(), t, tab, tab, None, 0, 0)
+    with pytest.raises(RuntimeError, match="t must be int64"):
+        compiled.q_sample(x, t.int(), tab, tab, None, 0, 0)
+    with pytest.raises(RuntimeError, match=r"t\[1\] = 10 is outside"):
+        compiled.q_sample(x, torch.tensor([0, 10, 0]), tab, tab, None, 0, 0)
+    with pytest.raises(RuntimeError, match="sqrt_ab must be Float"):
+        compiled.q_sample(x, t, tab.double(), tab, None, 0, 0)
+    with pytest.raises(RuntimeError, match="e must have shape"):
+        compiled.q_sample(x, t, tab, tab, torch.randn(3, 7), 0, 0)
+    with pytest.raises(RuntimeError, match="e must have dtype"):
+        compiled.iso_sums(x, x.double(), 0, 0)
+    with pytest.raises(RuntimeError, match="c1 and c2 must have shape"):
+        compiled.iso_grad(x, None, 0, 0, torch.ones(2), torch.ones(3))
+    with pytest.raises(RuntimeError, match="key must be"):
+        compiled.ddpm_step(x, x, t, torch.ones(5, 10), None, torch.tensor([1, 2, 3]), False)
+    with pytest.raises(RuntimeError, match="table must have shape"):
+        compiled.ddpm_step(x, x, t, torch.ones(4, 10), None, torch.tensor([1, 2]), False)
+    with pytest.raises(RuntimeError, match=r"t_prev\[0\] = -2"):
+        compiled.ddim_step(x, x, t, t - 2, tab, 0.0, None, torch.tensor([1, 2]), False)
+
+
+def test_empty_inputs():
+    x = torch.randn(2, 0)
+    t = torch.zeros(2, dtype=torch.int64)
+    assert compiled.q_sample(x, t, torch.ones(3), torch.ones(3), None, 0, 0).shape == (2, 0)
+    sse, ssq = compiled.iso_sums(x, None, 0, 0)
+    assert torch.equal(sse, torch.zeros(2)) and torch.equal(ssq, torch.zeros(2))
+
+
+def test_available_reports_cpu():
+    ok, reason = compiled.available("cpu")
+    assert ok, reason
+    ok, reason = compiled.available("cuda")
+    if not torch.cuda.is_available():
+        assert not ok and reason
+
+
+def test_results_do_not_depend_on_thread_count():
+    B, n, seed = 3, 5000, 2**50
+    p = torch.randn(B, n)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compiled.iso_sums(p, None, seed, 0)
+        torch.set_num_threads(max(2, before))
+        many = compiled.iso_sums(p, None, seed, 0)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    assert math.isfinite(one[0].sum().item())
