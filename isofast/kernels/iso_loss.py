@@ -32,7 +32,7 @@ loss backward runs right after the forward at moderate sizes.
 
 Reduction scheme of ``iso_sums``: a 1-D grid of ``B * nwin`` programs, each one
 row window (see :mod:`isofast.kernels.settings`) writing its two float32 partial
-sums into a (2, B, nwin) buffer, then one ``torch.sum`` over windows: deterministic
+sums into two (B, nwin) buffers, then ``torch.sum`` over windows: deterministic
 (no atomics), bit-identical between runs. Accumulation is float32 whatever the
 input dtype; float64 data raises TypeError (the ops layer sends it to the
 reference).
@@ -43,12 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-from isofast.kernels.philox import as_uint64, contract_normals, row_window, to_int64_bits
+from isofast.kernels.philox import contract_normals, join_u64, row_window, split_u64
 from isofast.kernels.settings import calculate_settings, check_dtype
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
-def iso_sums_kernel(p_ptr, e_ptr, part_ptr, n, nwin, num_programs, seed, offset,
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi"])
+def iso_sums_kernel(p_ptr, e_ptr, sse_part_ptr, ssq_part_ptr, n, nwin, seed_lo, seed_hi, offset_lo, offset_hi,
                     HAS_E: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b, flat, mask, counter_index, lane = row_window(pid, n, nwin, BLOCK)
@@ -56,18 +56,18 @@ def iso_sums_kernel(p_ptr, e_ptr, part_ptr, n, nwin, num_programs, seed, offset,
     if HAS_E:
         eps = tl.load(e_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     else:
-        eps = contract_normals(as_uint64(seed), as_uint64(offset), counter_index, lane)
+        eps = contract_normals(join_u64(seed_lo, seed_hi), join_u64(offset_lo, offset_hi), counter_index, lane)
     # Lanes outside the row carry generated noise: zero them before squaring.
     diff = tl.where(mask, p - eps, 0.0)
     sse = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
     ssq = tl.sum(tl.sum(p * p, axis=1), axis=0)
-    # partials laid out (2, B, nwin): program pid is (b, w) = divmod(pid, nwin).
-    tl.store(part_ptr + pid, sse)
-    tl.store(part_ptr + num_programs + pid, ssq)
+    # partials laid out (B, nwin): program pid is (b, w) = divmod(pid, nwin).
+    tl.store(sse_part_ptr + pid, sse)
+    tl.store(ssq_part_ptr + pid, ssq)
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
-def iso_grad_kernel(p_ptr, e_ptr, c1_ptr, c2_ptr, g_ptr, n, nwin, seed, offset,
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi"])
+def iso_grad_kernel(p_ptr, e_ptr, c1_ptr, c2_ptr, g_ptr, n, nwin, seed_lo, seed_hi, offset_lo, offset_hi,
                     HAS_E: tl.constexpr, BLOCK: tl.constexpr):
     b, flat, mask, counter_index, lane = row_window(tl.program_id(0), n, nwin, BLOCK)
     c1 = tl.load(c1_ptr + b).to(tl.float32)
@@ -76,7 +76,7 @@ def iso_grad_kernel(p_ptr, e_ptr, c1_ptr, c2_ptr, g_ptr, n, nwin, seed, offset,
     if HAS_E:
         eps = tl.load(e_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     else:
-        eps = contract_normals(as_uint64(seed), as_uint64(offset), counter_index, lane)
+        eps = contract_normals(join_u64(seed_lo, seed_hi), join_u64(offset_lo, offset_hi), counter_index, lane)
     g = c1 * (p - eps) + c2 * p
     tl.store(g_ptr + flat, g.to(g_ptr.dtype.element_ty), mask=mask)
 
@@ -89,14 +89,14 @@ def iso_sums(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) ->
         zeros = torch.zeros(batch, dtype=torch.float32, device=p.device)
         return zeros, zeros.clone()
     cfg = calculate_settings(n)
-    num_programs = batch * cfg.nwin
-    partials = torch.empty((2, batch, cfg.nwin), dtype=torch.float32, device=p.device)
-    iso_sums_kernel[(num_programs,)](
-        p, p if e is None else e, partials, n, cfg.nwin, num_programs,
-        to_int64_bits(seed), to_int64_bits(offset),
+    # two buffers, not one (2, B, nwin): the outputs must not alias (torch.library custom ops)
+    sse_part = torch.empty((batch, cfg.nwin), dtype=torch.float32, device=p.device)
+    ssq_part = torch.empty_like(sse_part)
+    iso_sums_kernel[(batch * cfg.nwin,)](
+        p, p if e is None else e, sse_part, ssq_part, n, cfg.nwin,
+        *split_u64(seed), *split_u64(offset),
         HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
-    sums = partials.sum(dim=2)
-    return sums[0], sums[1]
+    return sse_part.sum(dim=1), ssq_part.sum(dim=1)
 
 
 def iso_grad(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int,
@@ -110,6 +110,6 @@ def iso_grad(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int,
     cfg = calculate_settings(n)
     iso_grad_kernel[(batch * cfg.nwin,)](
         p, p if e is None else e, c1, c2, g, n, cfg.nwin,
-        to_int64_bits(seed), to_int64_bits(offset),
+        *split_u64(seed), *split_u64(offset),
         HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
     return g

@@ -8,9 +8,15 @@ every one of them is used: kernels lay a window of ``BLOCK`` elements out as a
 ``(BLOCK // 4, 4)`` block whose row ``q`` is counter ``base + q`` and whose column
 is the lane ``i % 4``.
 
-Seeds and offsets reach the kernels as the int64 bit patterns of the unsigned
-values (negative Python ints for values >= 2**63); :func:`as_uint64` reinterprets
-them, and counter arithmetic wraps modulo 2**64 as the contract's uint64 does.
+Seeds and offsets reach the primitives as the int64 bit patterns of the unsigned
+values (negative Python ints for values >= 2**63). They are launched as two int32
+bit patterns each (:func:`split_u64`, rejoined in-kernel by :func:`join_u64`):
+int32 scalars have one type on every Triton path, whereas a Python int is typed
+by its value (i32, i64 or u64, and the interpreter stores [2**31, 2**32) as
+uint32 under an int64 type, which breaks reinterpretation). Device-resident keys
+(sampler steps) are int64 tensors read with ``tl.load`` and reinterpreted by
+:func:`as_uint64`. Counter arithmetic wraps modulo 2**64, as the contract's
+uint64 does.
 """
 from __future__ import annotations
 
@@ -23,17 +29,25 @@ from isofast.kernels.settings import interpreting
 _U64 = (1 << 64) - 1
 
 
-def to_int64_bits(value: int) -> int:
-    """The int64 bit pattern of a uint64 given either way (``2**64 - 1`` -> ``-1``)."""
+def split_u64(value: int) -> tuple[int, int]:
+    """(lo, hi) 32-bit halves of a uint64 (given signed or unsigned), each as an int32 bit pattern."""
     value = int(value) & _U64
-    return value - (1 << 64) if value >= (1 << 63) else value
+    lo, hi = value & 0xFFFFFFFF, value >> 32
+    return (lo - (1 << 32) if lo >= (1 << 31) else lo), (hi - (1 << 32) if hi >= (1 << 31) else hi)
+
+
+@triton.jit
+def join_u64(lo, hi):
+    """The uint64 whose halves are the int32 bit patterns ``lo`` and ``hi``."""
+    lo = tl.to_tensor(lo).to(tl.uint32, bitcast=True).to(tl.uint64)
+    hi = tl.to_tensor(hi).to(tl.uint32, bitcast=True).to(tl.uint64)
+    return (hi << 32) | lo
 
 
 @triton.jit
 def as_uint64(value):
-    """Reinterpret an int32/int64 scalar or block as uint64 (sign-extending int32, as
-    a negative int32 stands for the same negative int64 bit pattern)."""
-    return tl.to_tensor(value).to(tl.int64).to(tl.uint64, bitcast=True)
+    """Reinterpret an int64 scalar or block (a loaded device key) as uint64."""
+    return value.to(tl.uint64, bitcast=True)
 
 
 @triton.jit
@@ -81,8 +95,8 @@ def row_window(pid, n, nwin, BLOCK: tl.constexpr):
     return b, flat, mask, counter_index, lane
 
 
-@triton.jit(do_not_specialize=["numel", "seed", "offset"])
-def _contract_draw_kernel(out_ptr, ints_ptr, numel, seed, offset, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["numel", "seed_lo", "seed_hi", "offset_lo", "offset_hi"])
+def _contract_draw_kernel(out_ptr, ints_ptr, numel, seed_lo, seed_hi, offset_lo, offset_hi, BLOCK: tl.constexpr):
     """Debug kernel: element ``i < numel`` of the draw and its Philox word."""
     pid = tl.program_id(0)
     q = tl.arange(0, BLOCK // 4)[:, None]
@@ -90,8 +104,8 @@ def _contract_draw_kernel(out_ptr, ints_ptr, numel, seed, offset, BLOCK: tl.cons
     counter_index = pid.to(tl.int64) * (BLOCK // 4) + q
     flat = counter_index * 4 + lane
     mask = flat < numel
-    seed_u = as_uint64(seed)
-    offset_u = as_uint64(offset)
+    seed_u = join_u64(seed_lo, seed_hi)
+    offset_u = join_u64(offset_lo, offset_hi)
     tl.store(out_ptr + flat, contract_normals(seed_u, offset_u, counter_index, lane), mask=mask)
     tl.store(ints_ptr + flat, contract_ints(seed_u, offset_u, counter_index, lane), mask=mask)
 
@@ -109,6 +123,6 @@ def contract_draw(seed: int, offset: int, numel: int, device: torch.device | str
     if numel:
         block = 32 if interpreting() else 1024
         _contract_draw_kernel[(triton.cdiv(numel, block),)](
-            normals, words, numel, to_int64_bits(seed), to_int64_bits(offset), BLOCK=block,
+            normals, words, numel, *split_u64(seed), *split_u64(offset), BLOCK=block,
             num_warps=1 if interpreting() else 4)
     return normals, words

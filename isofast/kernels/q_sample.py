@@ -15,12 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from isofast.kernels.philox import as_uint64, contract_normals, row_window, to_int64_bits
+from isofast.kernels.philox import contract_normals, join_u64, row_window, split_u64
 from isofast.kernels.settings import calculate_settings, check_dtype
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
-def q_sample_kernel(x0_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr, e_ptr, out_ptr, n, nwin, seed, offset,
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi"])
+def q_sample_kernel(x0_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr, e_ptr, out_ptr, n, nwin, seed_lo, seed_hi, offset_lo, offset_hi,
                     HAS_E: tl.constexpr, BLOCK: tl.constexpr):
     b, flat, mask, counter_index, lane = row_window(tl.program_id(0), n, nwin, BLOCK)
     step = tl.load(t_ptr + b)
@@ -30,7 +30,7 @@ def q_sample_kernel(x0_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr, e_ptr, out_ptr, n
     if HAS_E:
         eps = tl.load(e_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     else:
-        eps = contract_normals(as_uint64(seed), as_uint64(offset), counter_index, lane)
+        eps = contract_normals(join_u64(seed_lo, seed_hi), join_u64(offset_lo, offset_hi), counter_index, lane)
     x_t = coef_x * x0 + coef_e * eps
     tl.store(out_ptr + flat, x_t.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -46,6 +46,6 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab
     cfg = calculate_settings(n)
     q_sample_kernel[(batch * cfg.nwin,)](
         x0, t, sqrt_ab, sqrt_1mab, x0 if e is None else e, out, n, cfg.nwin,
-        to_int64_bits(seed), to_int64_bits(offset),
+        *split_u64(seed), *split_u64(offset),
         HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
     return out

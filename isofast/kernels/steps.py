@@ -90,8 +90,17 @@ def ddim_step_kernel(x_ptr, p_ptr, t_ptr, t_prev_ptr, ac_ptr, eta, e_ptr, key_pt
     tl.store(out_ptr + flat, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _noise_args(x: torch.Tensor, t: torch.Tensor, e: torch.Tensor | None, key: torch.Tensor | None,
+                needed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, key) pointers for a launch; an unused one gets a placeholder the kernel never reads
+    (no allocation, so the launch stays capturable)."""
+    if needed and e is None and key is None:
+        raise ValueError("noise: a step needs either an explicit noise tensor e or a key tensor")
+    return (x if e is None else e), (t if key is None else key)
+
+
 def ddpm_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-              e: torch.Tensor | None, key: torch.Tensor, clip_x0: bool) -> torch.Tensor:
+              e: torch.Tensor | None, key: torch.Tensor | None, clip_x0: bool) -> torch.Tensor:
     """x_{t-1} of the DDPM ancestral step; (B, n) in x's dtype. table: float32 (5, T)."""
     check_dtype(x, "x_t")
     batch, n = x.shape
@@ -100,13 +109,13 @@ def ddpm_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, table: t
         return out
     cfg = calculate_settings(n)
     ddpm_step_kernel[(batch * cfg.nwin,)](
-        x, eps_pred, t, table, x if e is None else e, key, out, n, cfg.nwin, table.shape[1],
+        x, eps_pred, t, table, *_noise_args(x, t, e, key), out, n, cfg.nwin, table.shape[1],
         HAS_E=e is not None, CLIP_X0=bool(clip_x0), BLOCK=cfg.block, num_warps=cfg.num_warps)
     return out
 
 
 def ddim_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-              alphas_cumprod: torch.Tensor, eta: float, e: torch.Tensor | None, key: torch.Tensor,
+              alphas_cumprod: torch.Tensor, eta: float, e: torch.Tensor | None, key: torch.Tensor | None,
               clip_x0: bool) -> torch.Tensor:
     """x_{t_prev} of the DDIM step; (B, n) in x's dtype. alphas_cumprod: float32 (T,)."""
     check_dtype(x, "x_t")
@@ -117,7 +126,7 @@ def ddim_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, t_prev: 
     cfg = calculate_settings(n)
     eta = float(eta)
     ddim_step_kernel[(batch * cfg.nwin,)](
-        x, eps_pred, t, t_prev, alphas_cumprod, eta, x if e is None else e, key, out, n, cfg.nwin,
+        x, eps_pred, t, t_prev, alphas_cumprod, eta, *_noise_args(x, t, e, key, eta != 0.0), out, n, cfg.nwin,
         HAS_NOISE=eta != 0.0, HAS_E=e is not None, CLIP_X0=bool(clip_x0),
         BLOCK=cfg.block, num_warps=cfg.num_warps)
     return out
