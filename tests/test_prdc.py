@@ -1,6 +1,7 @@
 """Tests of the chunked PRDC metric (isofast.metrics.prdc) against the ``prdc`` package."""
 
 import contextlib
+import importlib
 import io
 import os
 import subprocess
@@ -12,8 +13,10 @@ import pytest
 import torch
 from prdc import compute_prdc
 
-import isofast.metrics.prdc as prdc_module
 from isofast.metrics.prdc import prdc
+
+# isofast.metrics re-exports the function prdc, which shadows the submodule as an attribute.
+prdc_module = importlib.import_module("isofast.metrics.prdc")
 
 KEYS = ("precision", "recall", "density", "coverage")
 
