@@ -477,9 +477,11 @@ class Trainer:
             return
         path = self.out_dir / "metrics.csv"
         if path.exists() and resumed_step >= 0:
-            # Rows past the checkpoint were logged by the run that died; the resumed run logs them again.
+            # Rows past the checkpoint's last complete window were written by the run that stopped; the
+            # checkpoint carries that window's sums, so the resumed run logs those steps again, once.
+            keep_upto = resumed_step - self._window_steps
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resumed_step]
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= keep_upto]
             text_rows = [",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
             ckpt_io.atomic_write_text(path, ",".join(METRIC_FIELDS) + "\n" + "".join(r + "\n" for r in text_rows))
         new = not path.exists()
@@ -696,10 +698,11 @@ class Trainer:
                 if self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
             # --- the end: whatever the last window holds, a final checkpoint, a final sample grid
-            if self._window_steps:
-                self._log()
+            # (the checkpoint holds the unlogged window, so a resumed run re-logs it in its next row)
             if self._last_saved != self.step:
                 self.save_checkpoint()
+            if self._window_steps:
+                self._log()
             if cfg.sample_every and self.sample_fn is not None and self.step % cfg.sample_every != 0:
                 self._sample()
         finally:
