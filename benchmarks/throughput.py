@@ -42,6 +42,7 @@ from _rows import Row, Settings  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 RESULTS_DIR = os.path.join(_HERE, "results")
+_MEMORY_CALL_LIMIT_S = 10.0
 
 
 def _sizes(device: torch.device, quick: bool) -> dict:
@@ -164,12 +165,9 @@ def measure_memory(rows: list[Row], settings: Settings) -> str:
     with _no_value_checks():
         for row in rows:
             for v in row.variants:
-                if v.status == "ok" and not row.long:
+                # One more call of each variant; skipped for whole runs that take minutes (slow CPUs).
+                if v.status == "ok" and v.timing.median < _MEMORY_CALL_LIMIT_S:
                     v.peak_bytes = H.peak_bytes(lambda v=v: v.fn(0), settings.device)
-                elif v.status == "ok":
-                    # whole sampling runs / training steps: one more call is affordable on a GPU only
-                    v.peak_bytes = H.peak_bytes(lambda v=v: v.fn(0), settings.device) \
-                        if settings.device.type == "cuda" else None
     return note
 
 
