@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 namespace isofast {
 
 inline bool is_data_dtype(at::ScalarType s) {
@@ -51,7 +53,11 @@ inline void check_table(const at::Tensor& c, const at::Tensor& x, int64_t dim, c
   TORCH_CHECK(c.numel() > 0, op, ": ", name, " must not be empty");
 }
 
-inline void check_key(const at::Tensor& key, const at::Tensor& x, const char* op) {
+inline void check_key(const std::optional<at::Tensor>& maybe_key, const std::optional<at::Tensor>& e,
+                      const at::Tensor& x, const char* op) {
+  if (e.has_value() && !maybe_key.has_value()) return;  // explicit noise: no key needed
+  TORCH_CHECK(maybe_key.has_value(), op, ": key (the int64 (2,) tensor (seed, offset)) is required when e is None");
+  const at::Tensor& key = *maybe_key;
   TORCH_CHECK(key.scalar_type() == at::kLong, op, ": key must be int64, got ", key.scalar_type());
   TORCH_CHECK(key.device() == x.device(), op, ": key must be on ", x.device(), ", got ", key.device());
   TORCH_CHECK(key.dim() == 1 && key.numel() == 2 && key.is_contiguous(), op,

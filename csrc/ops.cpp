@@ -3,8 +3,8 @@
 //
 // Seeds and offsets are uint64 values passed as their int64 bit patterns (schema `int`).
 // Noise `e` is an explicit (B, n) tensor, or None to generate the contract's draw in-kernel.
-// Sampler steps read (seed, offset) from the int64 (2,) tensor `key`, so that a CUDA graph
-// replays with a new key.
+// Sampler steps read (seed, offset) from the int64 (2,) tensor `key` (required when e is None,
+// ignored otherwise), so that a CUDA graph replays with a new key.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,10 +14,10 @@ TORCH_LIBRARY(isofast_C, m) {
       "-> Tensor");
   m.def("iso_sums(Tensor p, Tensor? e, int seed, int offset) -> (Tensor, Tensor)");
   m.def("iso_grad(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2) -> Tensor");
-  m.def("ddpm_step(Tensor x, Tensor eps_pred, Tensor t, Tensor table, Tensor? e, Tensor key, bool clip_x0) -> Tensor");
+  m.def("ddpm_step(Tensor x, Tensor eps_pred, Tensor t, Tensor table, Tensor? e, Tensor? key, bool clip_x0) -> Tensor");
   m.def(
       "ddim_step(Tensor x, Tensor eps_pred, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float eta, Tensor? e, "
-      "Tensor key, bool clip_x0) -> Tensor");
+      "Tensor? key, bool clip_x0) -> Tensor");
   // Debug ops for the tests: the Philox words (int32 (ceil(N/4), 4)) and the normals (float32 (N,))
   // of the draw (seed, offset) of N = like.numel() elements, on like's device. scalar=True uses
   // philox.h's libm Box-Muller on the CPU instead of the vectorised generator of the kernels.

@@ -41,7 +41,7 @@ ISOFAST_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 ISOFAST_HD void philox4x32_10(uint64_t seed, uint64_t c, uint32_t r[4]) {
   uint32_t c0 = static_cast<uint32_t>(c), c1 = static_cast<uint32_t>(c >> 32), c2 = 0u, c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__) || defined(__HIPCC__)
 #pragma unroll
 #else
 #pragma GCC unroll 10  // fully unrolled so that loops over counters vectorise across calls

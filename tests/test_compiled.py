@@ -244,6 +244,8 @@ def test_bad_input_raises_clear_errors():
         compiled.iso_grad(x, None, 0, 0, torch.ones(2), torch.ones(3))
     with pytest.raises(RuntimeError, match="key must be"):
         compiled.ddpm_step(x, x, t, torch.ones(5, 10), None, torch.tensor([1, 2, 3]), False)
+    with pytest.raises(RuntimeError, match="key .* is required when e is None"):
+        compiled.ddpm_step(x, x, t, torch.ones(5, 10), None, None, False)
     with pytest.raises(RuntimeError, match="table must have shape"):
         compiled.ddpm_step(x, x, t, torch.ones(4, 10), None, torch.tensor([1, 2]), False)
     with pytest.raises(RuntimeError, match=r"t_prev\[0\] = -2"):
@@ -279,3 +281,136 @@ def test_results_do_not_depend_on_thread_count():
         torch.set_num_threads(before)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
     assert math.isfinite(one[0].sum().item())
+
+
+# ---------------------------------------------------------------- public ops: backend "cpu" vs "reference"
+import isofast  # noqa: E402
+from isofast import NoiseKey, NoiseSchedule  # noqa: E402
+
+LOSS_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2),
+            torch.float16: (2e-3, 2e-3)}
+IMAGE_SHAPES = st.sampled_from([(1, 1), (2, 2), (3, 5), (1, 3, 4, 4), (4, 3, 5, 3), (2, 7, 3)])
+
+
+def _key(shape, dtype, seed, offset):
+    return NoiseKey(seed=seed, offset=offset, shape=shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=8, deadline=None)
+@given(shape=IMAGE_SHAPES, seed=U64, offset=U64, keyed=st.booleans())
+def test_public_q_sample_cpu_equals_reference(dtype, shape, seed, offset, keyed):
+    sched = NoiseSchedule.linear(T=100)
+    x0 = torch.randn(shape, dtype=torch.float64).to(dtype)
+    t = torch.randint(0, 100, (shape[0],))
+    noise = _key(shape, dtype, seed, offset) if keyed else torch.randn(shape, dtype=torch.float64).to(dtype)
+    got, _ = isofast.q_sample(x0, t, sched, noise, backend="cpu")
+    want, _ = isofast.q_sample(x0, t, sched, noise, backend="reference")
+    assert got.shape == want.shape and got.dtype == want.dtype
+    close(got, want, dtype, extra_atol=NOISE_ATOL if keyed else 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=8, deadline=None)
+@given(shape=IMAGE_SHAPES, seed=U64, keyed=st.booleans(), mode=st.sampled_from(["batch", "sample"]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), weighted=st.booleans(), lam=st.sampled_from([0.0, 0.3, 2.0]))
+def test_public_loss_cpu_equals_reference_forward_backward(dtype, shape, seed, keyed, mode, reduction, weighted, lam):
+    if mode == "batch" and reduction == "none":
+        reduction = "mean"
+    B = shape[0]
+    noise = _key(shape, dtype, seed, 0) if keyed else torch.randn(shape, dtype=torch.float64).to(dtype)
+    weights = torch.rand(B, dtype=acc(dtype)) + 0.5 if weighted else None
+    results = []
+    for backend in ("cpu", "reference"):
+        p = (torch.randn(shape, generator=torch.Generator().manual_seed(seed % 2**31), dtype=torch.float64) * 1.2)
+        p = p.to(dtype).requires_grad_()
+        loss, parts = isofast.iso_ddpm_loss(p, noise, lam, mode, weights, reduction, return_parts=True, backend=backend)
+        loss.sum().backward()
+        results.append((loss.detach(), parts, p.grad))
+    (l_cpu, parts_cpu, g_cpu), (l_ref, parts_ref, g_ref) = results
+    rtol, atol = LOSS_TOL[dtype]
+    extra = 4 * NOISE_ATOL if keyed else 0.0
+    torch.testing.assert_close(l_cpu, l_ref, rtol=rtol, atol=atol + extra)
+    for a, b in zip(parts_cpu, parts_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol + extra)
+    assert g_cpu.dtype == dtype and g_cpu.shape == shape
+    close(g_cpu, g_ref, dtype, extra_atol=extra)
+
+
+def test_public_loss_gradcheck_float64_cpu():
+    shape = (3, 2, 5)
+    key = _key(shape, torch.float64, 2**40 + 1, 2**33)
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    p = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    for mode, reduction in (("batch", "mean"), ("sample", "sum"), ("sample", "none")):
+        def f(x, mode=mode, reduction=reduction):
+            return isofast.iso_ddpm_loss(x, key, 0.7, mode, w, reduction, backend="cpu")
+        assert torch.autograd.gradcheck(f, (p,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=6, deadline=None)
+@given(shape=IMAGE_SHAPES, seed=U64, keyed=st.booleans(), clip=st.booleans(), eta=st.sampled_from([0.0, 1.0]),
+       variance=st.sampled_from(["fixed_small", "fixed_large"]))
+def test_public_steps_cpu_equal_reference(dtype, shape, seed, keyed, clip, eta, variance):
+    sched = NoiseSchedule.cosine(T=50, dtype=acc(dtype))  # float64 data: tables built in float64 on both sides
+    B = shape[0]
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    ep = torch.randn(shape, dtype=torch.float64).to(dtype)
+    t = torch.randint(0, 50, (B,))
+    t_prev = torch.clamp(t - 7, min=-1)
+    noise = _key(shape, dtype, seed, 5) if keyed else torch.randn(shape, dtype=torch.float64).to(dtype)
+    # cosine schedule: 1/sqrt(ab) reaches ~1e2 near T, so compare relative to the coefficients' size
+    scale = float(sched.sqrt_recip_alphas_cumprod.max())
+    extra = (NOISE_ATOL * 2 if keyed else 0.0) + {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, 0.0) * scale
+    got = isofast.ddpm_step(x, ep, t, sched, noise, clip_x0=clip, variance=variance, backend="cpu")
+    want = isofast.ddpm_step(x, ep, t, sched, noise, clip_x0=clip, variance=variance, backend="reference")
+    close(got, want, dtype, extra_atol=extra)
+    got = isofast.ddim_step(x, ep, t, t_prev, sched, eta, noise, clip_x0=clip, backend="cpu")
+    want = isofast.ddim_step(x, ep, t, t_prev, sched, eta, noise, clip_x0=clip, backend="reference")
+    close(got, want, dtype, extra_atol=extra)
+
+
+def test_public_bad_input_same_errors_as_reference():
+    sched = NoiseSchedule.linear(T=10)
+    x0 = torch.randn(2, 3)
+    cases = [
+        lambda b: isofast.q_sample(x0.int(), torch.zeros(2, dtype=torch.int64), sched, backend=b),
+        lambda b: isofast.q_sample(x0, torch.tensor([0, 10]), sched, backend=b),
+        lambda b: isofast.q_sample(x0, torch.zeros(3, dtype=torch.int64), sched, backend=b),
+        lambda b: isofast.iso_ddpm_loss(x0, torch.randn(2, 4), backend=b),
+        lambda b: isofast.iso_ddpm_loss(x0, torch.randn(2, 3), iso_mode="bogus", backend=b),
+        lambda b: isofast.ddpm_step(x0, x0[:1], torch.zeros(2, dtype=torch.int64), sched, backend=b),
+    ]
+    for case in cases:
+        errors = []
+        for backend in ("cpu", "reference"):
+            with pytest.raises((ValueError, TypeError)) as info:
+                case(backend)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1]
+
+
+def test_torch_compile_fullgraph_cpu_loss_equals_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6))
+    sched = NoiseSchedule.linear(T=100)
+    x0 = torch.randn(4, 6)
+    t = torch.randint(0, 100, (4,))
+    key = NoiseKey(seed=1234, offset=77, shape=(4, 6))
+
+    def step(x0, t):
+        x_t, noise = isofast.q_sample(x0, t, sched, key, backend="cpu")
+        return isofast.iso_ddpm_loss(model(x_t), noise, 0.3, backend="cpu")
+
+    eager = step(x0, t)
+    eager.backward()
+    grads_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled_step = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    loss = compiled_step(x0, t)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-7)
+    for g, ge in zip([p.grad for p in model.parameters()], grads_eager, strict=True):
+        torch.testing.assert_close(g, ge, rtol=1e-5, atol=1e-7)

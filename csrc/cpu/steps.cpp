@@ -62,19 +62,21 @@ void step_kernel(const T* x, const T* ep, const RowCoef<acc_t<T>>* coef, const T
 }
 
 void check_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
-                     const std::optional<at::Tensor>& e, const at::Tensor& key, const char* op) {
+                     const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, const char* op) {
   check_data(x, op, "x");
   check_like(eps_pred, x, op, "eps_pred");
   check_index(t, x, op, "t");
   if (e.has_value()) check_like(*e, x, op, "e");
-  check_key(key, x, op);
+  check_key(key, e, x, op);
 }
 
 at::Tensor run_step(const at::Tensor& x, const at::Tensor& eps_pred, const std::optional<at::Tensor>& e,
-                    const at::Tensor& key, bool clip_x0, const void* coef) {
+                    const std::optional<at::Tensor>& key, bool clip_x0, const void* coef) {
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
-  const int64_t* k = key.data_ptr<int64_t>();
+  // The key is read only when the noise is generated (e is None; checked to be present then).
+  const int64_t zero_key[2] = {0, 0};
+  const int64_t* k = key.has_value() ? key->data_ptr<int64_t>() : zero_key;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "isofast_step_cpu", [&] {
     using A = acc_t<scalar_t>;
     step_kernel<scalar_t>(x.data_ptr<scalar_t>(), eps_pred.data_ptr<scalar_t>(),
@@ -86,7 +88,7 @@ at::Tensor run_step(const at::Tensor& x, const at::Tensor& eps_pred, const std::
 }
 
 at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t, const at::Tensor& table,
-                         const std::optional<at::Tensor>& e, const at::Tensor& key, bool clip_x0) {
+                         const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
   constexpr const char* op = "isofast_C::ddpm_step";
   check_step_args(x, eps_pred, t, e, key, op);
   check_table(table, x, 2, op, "table");
@@ -110,7 +112,7 @@ at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& eps_pred, const 
 
 at::Tensor ddim_step_cpu(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t, const at::Tensor& t_prev,
                          const at::Tensor& alphas_cumprod, double eta, const std::optional<at::Tensor>& e,
-                         const at::Tensor& key, bool clip_x0) {
+                         const std::optional<at::Tensor>& key, bool clip_x0) {
   constexpr const char* op = "isofast_C::ddim_step";
   check_step_args(x, eps_pred, t, e, key, op);
   check_index(t_prev, x, op, "t_prev");

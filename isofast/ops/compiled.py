@@ -68,7 +68,7 @@ def ddpm_step(
     t: torch.Tensor,
     table: torch.Tensor,
     e: torch.Tensor | None,
-    key: torch.Tensor,
+    key: torch.Tensor | None,
     clip_x0: bool,
 ) -> torch.Tensor:
     """x_prev = table[2,t] x0 + table[3,t] x + [t > 0] table[4,t] z, x0 = table[0,t] x - table[1,t] eps_pred."""
@@ -83,7 +83,7 @@ def ddim_step(
     alphas_cumprod: torch.Tensor,
     eta: float,
     e: torch.Tensor | None,
-    key: torch.Tensor,
+    key: torch.Tensor | None,
     clip_x0: bool,
 ) -> torch.Tensor:
     """x_prev = sqrt(ab_prev) x0 + sqrt(max(1 - ab_prev - sigma^2, 0)) eps_pred + sigma z (backends.py)."""

@@ -1,0 +1,127 @@
+// Shared device helpers of the CUDA kernels: chunked vector loads/stores, the contract's
+// noise for a chunk, row lookup, launch sizes and the block reduction.
+//
+// Work unit: a *chunk* of K consecutive flat elements (flat index i = b*n + j), K = 4 for
+// float32/float64 and 8 for 16-bit types, so that one chunk is one (or two) 16-byte loads and
+// whole Philox calls (K/4 calls, four normals each). Chunks are flat, not per row: a chunk may
+// straddle two rows when n is not a multiple of K, which only changes the row coefficients.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../philox.h"
+
+namespace isofast::cuda {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Elements per chunk: 16 bytes of 16-bit data, otherwise 4 (one Philox call; two 16-byte loads for double).
+template <typename T>
+constexpr int chunk_of() {
+  return sizeof(T) == 2 ? 8 : 4;
+}
+
+template <typename T, int K>
+struct alignas(sizeof(T) * K) Pack {
+  T v[K];
+};
+
+constexpr int kThreads = 256;
+
+// Blocks for a grid-stride loop over `work` items: enough to fill the GPU a few times over.
+inline unsigned int blocks_for(int64_t work, int threads = kThreads) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t need = (work + threads - 1) / threads;
+  const int64_t cap = static_cast<int64_t>(sms) * 8;
+  return static_cast<unsigned int>(need < 1 ? 1 : (need < cap ? need : cap));
+}
+
+// Whether every pointer is aligned for Pack<T, K> loads.
+template <typename T>
+inline bool packs_aligned(std::initializer_list<const void*> ptrs) {
+  constexpr uintptr_t a = sizeof(T) * chunk_of<T>();
+  for (const void* p : ptrs) {
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % a != 0) return false;
+  }
+  return true;
+}
+
+// out[k] = p[i0 + k] in the arithmetic type, for the flat range [lo, hi) (0 elsewhere).
+template <typename T, int K, bool VEC>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ p, int64_t i0, int64_t lo, int64_t hi,
+                                           acc_t<T> out[K]) {
+  if (VEC && i0 >= lo && i0 + K <= hi) {
+    const Pack<T, K> pk = *reinterpret_cast<const Pack<T, K>*>(p + i0);
+#pragma unroll
+    for (int k = 0; k < K; ++k) out[k] = static_cast<acc_t<T>>(pk.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t i = i0 + k;
+      out[k] = (i >= lo && i < hi) ? static_cast<acc_t<T>>(p[i]) : acc_t<T>(0);
+    }
+  }
+}
+
+template <typename T, int K, bool VEC>
+__device__ __forceinline__ void store_chunk(T* __restrict__ p, int64_t i0, int64_t hi, const acc_t<T> in[K]) {
+  if (VEC && i0 + K <= hi) {
+    Pack<T, K> pk;
+#pragma unroll
+    for (int k = 0; k < K; ++k) pk.v[k] = static_cast<T>(in[k]);
+    *reinterpret_cast<Pack<T, K>*>(p + i0) = pk;
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (i0 + k < hi) p[i0 + k] = static_cast<T>(in[k]);
+    }
+  }
+}
+
+// The contract's normals of flat elements i0 .. i0 + K - 1 (i0 a multiple of 4): K/4 Philox calls.
+template <int K>
+__device__ __forceinline__ void noise_chunk(uint64_t seed, uint64_t offset, int64_t i0, float z[K]) {
+#pragma unroll
+  for (int q = 0; q < K / 4; ++q) randn4(seed, offset + static_cast<uint64_t>(i0 / 4 + q), z + 4 * q);
+}
+
+// Row of each element of the chunk starting at flat i0 (rows of n elements).
+template <int K>
+__device__ __forceinline__ void rows_of_chunk(int64_t i0, int64_t n, int64_t rows[K]) {
+  int64_t b = i0 / n, j = i0 - b * n;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    rows[k] = b;
+    if (++j == n) {
+      j = 0;
+      ++b;
+    }
+  }
+}
+
+// Sum of v over the block (all threads get it in lane 0 of warp 0). blockDim.x = kThreads.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* shared /* kThreads / 32 */) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? shared[threadIdx.x] : A(0);
+  if (warp == 0) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  __syncthreads();  // shared may be reused by the caller
+  return v;
+}
+
+}  // namespace isofast::cuda

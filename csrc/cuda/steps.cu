@@ -1,0 +1,153 @@
+// Sampler steps on CUDA, one pass each. The step indices t/t_prev and the noise key (seed,
+// offset) are read from device memory inside the kernel, so a captured CUDA graph replays
+// with whatever the caller wrote there (no host sync, no baked-in scalars besides eta).
+//   ddpm: x0 = tab[0,t] x - tab[1,t] eps; [clip]; x_prev = tab[2,t] x0 + tab[3,t] x + [t>0] tab[4,t] z
+//   ddim: x0 = (x - sqrt(1-ab) eps) / sqrt(ab); [clip]; x_prev = sqrt(ab_prev) x0 + c_eps eps + sigma z
+#include "cuda_common.cuh"
+#include "../checks.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace isofast::cuda {
+namespace {
+
+// x_prev = c * x0 + d * x + f * eps + s * z with x0 = a * x - b * eps.
+template <typename A>
+struct RowCoef {
+  A a, b, c, d, f, s;
+};
+
+struct DdpmRow {
+  const int64_t* t;
+  int64_t T;
+  template <typename A>
+  __device__ __forceinline__ RowCoef<A> operator()(int64_t b, const A* tab) const {
+    const int64_t s = t[b];
+    CUDA_KERNEL_ASSERT(s >= 0 && s < T);
+    return {tab[s], tab[T + s], tab[2 * T + s], tab[3 * T + s], A(0), s > 0 ? tab[4 * T + s] : A(0)};
+  }
+};
+
+struct DdimRow {
+  const int64_t* t;
+  const int64_t* t_prev;
+  int64_t T;
+  double eta;
+  template <typename A>
+  __device__ __forceinline__ RowCoef<A> operator()(int64_t b, const A* acp) const {
+    const int64_t s = t[b], sp = t_prev[b];
+    CUDA_KERNEL_ASSERT(s >= 0 && s < T && sp >= -1 && sp < T);
+    const A one(1), ab = acp[s], ab_prev = sp >= 0 ? acp[sp] : one;
+    const A sigma = static_cast<A>(eta) * sqrt((one - ab_prev) / (one - ab) * (one - ab / ab_prev));
+    const A rest = one - ab_prev - sigma * sigma;
+    const A inv = one / sqrt(ab);
+    return {inv, sqrt(one - ab) * inv, sqrt(ab_prev), A(0), sqrt(rest > A(0) ? rest : A(0)), sigma};
+  }
+};
+
+template <typename T, int K, bool VEC, typename Row>
+__global__ void step_kernel(const T* __restrict__ x, const T* __restrict__ ep, const acc_t<T>* __restrict__ table,
+                            Row row, const T* __restrict__ e, const int64_t* __restrict__ key, bool clip,
+                            T* __restrict__ out, int64_t N, int64_t n) {
+  using A = acc_t<T>;
+  const uint64_t seed = key != nullptr ? static_cast<uint64_t>(key[0]) : 0;  // key is null only when e is given
+  const uint64_t offset = key != nullptr ? static_cast<uint64_t>(key[1]) : 0;
+  const int64_t chunks = (N + K - 1) / K;
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i0 = c * K;
+    A xv[K], ev[K], zv[K], o[K];
+    int64_t rows[K];
+    load_chunk<T, K, VEC>(x, i0, 0, N, xv);
+    load_chunk<T, K, VEC>(ep, i0, 0, N, ev);
+    if (e != nullptr) {
+      load_chunk<T, K, VEC>(e, i0, 0, N, zv);
+    } else {
+      float z[K];
+      noise_chunk<K>(seed, offset, i0, z);
+#pragma unroll
+      for (int k = 0; k < K; ++k) zv[k] = static_cast<A>(z[k]);
+    }
+    rows_of_chunk<K>(i0, n, rows);
+    int64_t b = -1;
+    RowCoef<A> q{};
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (rows[k] != b && i0 + k < N) {
+        b = rows[k];
+        q = row(b, table);
+      }
+      A x0 = q.a * xv[k] - q.b * ev[k];
+      if (clip) x0 = x0 < A(-1) ? A(-1) : (x0 > A(1) ? A(1) : x0);
+      o[k] = q.c * x0 + q.d * xv[k] + q.f * ev[k] + q.s * zv[k];
+    }
+    store_chunk<T, K, VEC>(out, i0, N, o);
+  }
+}
+
+template <typename Row>
+at::Tensor launch_step(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& table, Row row,
+                       const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  const int64_t N = x.numel(), n = x.size(1);
+  if (N == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "isofast_step_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    constexpr int K = chunk_of<scalar_t>();
+    const scalar_t* zp = e.has_value() ? e->data_ptr<scalar_t>() : nullptr;
+    const bool vec = packs_aligned<scalar_t>({x.data_ptr(), eps_pred.data_ptr(), zp, out.data_ptr()});
+    const unsigned int blocks = blocks_for((N + K - 1) / K);
+    auto go = [&](auto vec_tag) {
+      step_kernel<scalar_t, K, decltype(vec_tag)::value, Row><<<blocks, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), eps_pred.data_ptr<scalar_t>(), table.data_ptr<A>(), row, zp,
+          key.has_value() ? key->data_ptr<int64_t>() : nullptr, clip_x0, out.data_ptr<scalar_t>(), N, n);
+    };
+    if (vec) go(std::true_type{}); else go(std::false_type{});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+void check_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
+                     const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, const char* op) {
+  check_data(x, op, "x");
+  check_like(eps_pred, x, op, "eps_pred");
+  check_index(t, x, op, "t");
+  if (e.has_value()) check_like(*e, x, op, "e");
+  check_key(key, e, x, op);
+}
+
+at::Tensor ddpm_step_cuda(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
+                          const at::Tensor& table, const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key,
+                          bool clip_x0) {
+  constexpr const char* op = "isofast_C::ddpm_step";
+  check_step_args(x, eps_pred, t, e, key, op);
+  check_table(table, x, 2, op, "table");
+  TORCH_CHECK(table.size(0) == 5, op, ": table must have shape (5, T), got ", table.sizes());
+  return launch_step(x, eps_pred, table, DdpmRow{t.data_ptr<int64_t>(), table.size(1)}, e, key, clip_x0);
+}
+
+at::Tensor ddim_step_cuda(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
+                          const at::Tensor& t_prev, const at::Tensor& alphas_cumprod, double eta,
+                          const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
+  constexpr const char* op = "isofast_C::ddim_step";
+  check_step_args(x, eps_pred, t, e, key, op);
+  check_index(t_prev, x, op, "t_prev");
+  check_table(alphas_cumprod, x, 1, op, "alphas_cumprod");
+  DdimRow row{t.data_ptr<int64_t>(), t_prev.data_ptr<int64_t>(), alphas_cumprod.numel(), eta};
+  return launch_step(x, eps_pred, alphas_cumprod, row, e, key, clip_x0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(isofast_C, CUDA, m) {
+  m.impl("ddpm_step", &ddpm_step_cuda);
+  m.impl("ddim_step", &ddim_step_cuda);
+}
+
+}  // namespace isofast::cuda
