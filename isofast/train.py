@@ -624,15 +624,19 @@ class Trainer:
 
     # ----- the loop ----------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
-        if not self.dist.is_main:
-            return
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.out_dir / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise PermissionError(f"out_dir {str(self.out_dir)!r} is not writable: {exc}") from exc
+        """Create out_dir on rank 0; every rank raises if that failed (so no rank waits for a dead one)."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.out_dir / ".write_test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as exc:
+                error = f"out_dir {str(self.out_dir)!r} is not writable: {exc}"
+        error = distributed.all_gather_objects(error)[0]
+        if error is not None:
+            raise PermissionError(error)
 
     def fit(self, resume: bool | str | Path = False) -> Trainer:
         """Train until ``config.steps`` optimizer steps are done; returns self.
@@ -644,7 +648,6 @@ class Trainer:
         cfg = self.config
         # --- set-up: run folder, resume or fresh seeds
         self._prepare_out_dir()
-        distributed.barrier()
         ckpt_root = self.out_dir / "checkpoints"
         resumed = -1
         if resume is False:
