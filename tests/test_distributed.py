@@ -92,7 +92,15 @@ def _assert_close(a: dict, b: dict, what: str) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=f"{what}: {k}")
 
 
-def test_torchrun_two_cpu_processes_match_one_process_and_resume_with_one(tmp_path):
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes, so float results are comparable
+    yield
+    torch.set_num_threads(before)
+
+
+def test_torchrun_two_cpu_processes_match_one_process_and_resume_with_one(tmp_path, one_thread):
     # `isofast train` itself under torchrun (it creates and ends the process group); the two launches run
     # concurrently to halve the wait for interpreter start-up. (One launch per run: re-initialising a
     # process group inside one torchrun process can pick up the previous group's stale store entries.)
@@ -104,7 +112,6 @@ def test_torchrun_two_cpu_processes_match_one_process_and_resume_with_one(tmp_pa
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-4000:]
 
-    torch.set_num_threads(1)
     assert cli_main(_mlp_args(tmp_path / "one_mlp", 6)) == 0
     assert cli_main(_unet_args(tmp_path / "one_unet", 3)) == 0
     for name in ("mlp", "unet"):
