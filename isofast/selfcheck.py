@@ -1,0 +1,169 @@
+"""``python -m isofast.selfcheck``: every fused op against the reference, forward and backward.
+
+On a machine with a CUDA GPU it runs the Triton kernels (and the compiled CUDA kernels when
+``isofast._C`` was built with them) at real sizes, B=128 samples of 3x64x64 in float32 and
+bfloat16, and prints one pass/fail line per (op, backend, dtype). Without a GPU it says so and
+checks what can run on CPU: the compiled CPU kernels when built, and the Triton kernels only if
+``TRITON_INTERPRET=1`` was set before start-up (the interpreter is slow: a small size is used).
+Exit status 1 when any check fails, 0 otherwise (also when nothing could be checked: the table
+says which backends were skipped and why).
+
+Each check compares the fused op with ``backend="reference"`` on the same inputs and the same
+NoiseKey (the reference materialises the key's noise) by the error relative to the largest
+magnitude of the reference result: ``max|fused - ref| / max|ref| <= tol`` with tol 2e-5 for
+float32 and 1.6e-2 (about two ulp) for bfloat16, whose reference uses the noise rounded to
+bfloat16 where kernels keep it in float32.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import isofast
+from isofast import NoiseKey, NoiseSchedule
+from isofast.ops import backends
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+@dataclass
+class Result:
+    op: str
+    backend: str
+    dtype: str
+    error: float | None  # relative error, None when the check raised
+    tol: float
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.error is not None and self.error <= self.tol
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    if got.shape != want.shape:
+        raise ValueError(f"shape {tuple(got.shape)} != reference {tuple(want.shape)}")
+    if not torch.isfinite(got).all():
+        return float("inf")
+    scale = want.abs().max().clamp_min(1e-30)
+    return float((got - want).abs().max() / scale)
+
+
+def _loss_case(mode: str, keyed: bool, weighted: bool):
+    def run(backend, x0, t, sched, key):
+        noise = key if keyed else key.materialize()
+        batch = x0.shape[0]
+        weights = torch.linspace(0.5, 1.5, batch, device=x0.device) if weighted else None
+        p = (0.9 * x0.float() + 0.3).to(x0.dtype).requires_grad_(True)
+        loss, parts = isofast.iso_ddpm_loss(p, noise, 0.3, mode, weights, return_parts=True, backend=backend)
+        (loss * 1.7).backward()  # an upstream gradient != 1 exercises its folding into c1/c2
+        return [loss, *parts, p.grad]
+
+    return run
+
+
+def _cases() -> dict[str, Callable]:
+    def q_sample(backend, x0, t, sched, key):
+        return [isofast.q_sample(x0, t, sched, key, backend=backend)[0]]
+
+    def ddpm(backend, x0, t, sched, key):
+        return [isofast.ddpm_step(x0, 0.5 * x0, t, sched, key, clip_x0=True, backend=backend)]
+
+    def ddim(eta):
+        def run(backend, x0, t, sched, key):
+            return [isofast.ddim_step(x0, 0.5 * x0, t, t - 7, sched, eta, key, backend=backend)]
+
+        return run
+
+    return {
+        "q_sample (key)": q_sample,
+        "loss batch (key) fwd+bwd": _loss_case("batch", keyed=True, weighted=False),
+        "loss batch (tensor, weights) fwd+bwd": _loss_case("batch", keyed=False, weighted=True),
+        "loss sample (key, weights) fwd+bwd": _loss_case("sample", keyed=True, weighted=True),
+        "ddpm_step (key, clip)": ddpm,
+        "ddim_step eta=0": ddim(0.0),
+        "ddim_step eta=1 (key)": ddim(1.0),
+    }
+
+
+def check_backend(backend: str, device: str, batch: int, shape: tuple[int, ...],
+                  dtypes: tuple[torch.dtype, ...]) -> list[Result]:
+    """Every case on ``backend`` against the reference at (batch, *shape) for each dtype."""
+    results = []
+    sched = NoiseSchedule.linear(T=1000).to(device=device)
+    gen = torch.Generator().manual_seed(0)
+    for dtype in dtypes:
+        x0 = torch.randn((batch, *shape), generator=gen).to(device=device, dtype=dtype)
+        t = torch.randint(7, sched.T, (batch,), generator=gen).to(device)
+        key = NoiseKey(seed=0x9E3779B97F4A7C15, offset=2**33 + 5, shape=(batch, *shape), dtype=dtype,
+                       device=torch.device(device))
+        for name, case in _cases().items():
+            tol = TOLERANCE[dtype]
+            try:
+                got = case(backend, x0, t, sched, key)
+                want = case("reference", x0, t, sched, key)
+                error = max(_relative_error(g, w) for g, w in zip(got, want, strict=True))
+                results.append(Result(name, backend, str(dtype).removeprefix("torch."), error, tol))
+            except Exception as exc:  # a crash is a failed check, reported with its cause
+                results.append(Result(name, backend, str(dtype).removeprefix("torch."), None, tol,
+                                      f"{type(exc).__name__}: {exc}"[:160]))
+    return results
+
+
+def _plan(args: argparse.Namespace) -> tuple[str, list[tuple[str, int, tuple[int, ...]]], list[str]]:
+    """(device, [(backend, batch, shape)], skipped-lines) for this machine."""
+    plan, skipped = [], []
+    real = (args.batch, tuple(args.shape))
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        device = "cuda"
+        for name in ("triton", "cuda"):
+            ok, reason = backends.status(name)
+            (plan.append((name, *real)) if ok else skipped.append(f"{name}: {reason}"))
+        return device, plan, skipped
+    device = "cpu"
+    print("No CUDA GPU here (or TRITON_INTERPRET=1): the GPU kernels cannot be checked at real size;"
+          " checking what runs on CPU.")
+    ok, reason = backends.status("cpu")
+    (plan.append(("cpu", 8, (3, 16, 16))) if ok else skipped.append(f"cpu: {reason}"))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        plan.append(("triton", 2, (3, 4, 5)))  # interpreter: ~1e5 elements/s
+    else:
+        skipped.append("triton: no GPU; run with TRITON_INTERPRET=1 to check it in the (slow) interpreter")
+    skipped.append("cuda: no CUDA GPU")
+    return device, plan, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m isofast.selfcheck", description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=128, help="GPU batch size (default 128)")
+    parser.add_argument("--shape", type=int, nargs="+", default=[3, 64, 64], help="GPU sample shape (default 3 64 64)")
+    args = parser.parse_args(argv)
+
+    device, plan, skipped = _plan(args)
+    dtypes = (torch.float32, torch.bfloat16)
+    results: list[Result] = []
+    for backend, batch, shape in plan:
+        print(f"checking {backend} on {device}: B={batch}, sample shape {shape} ...", flush=True)
+        results += check_backend(backend, device, batch, shape, dtypes)
+
+    width = max([len(r.op) for r in results] + [10])
+    print(f"\n{'op':<{width}}  {'backend':<7}  {'dtype':<8}  {'rel.err':>9}  {'tol':>7}  result")
+    for r in results:
+        err = "error" if r.error is None else f"{r.error:9.2e}"
+        line = f"{r.op:<{width}}  {r.backend:<7}  {r.dtype:<8}  {err:>9}  {r.tol:7.1e}  {'PASS' if r.passed else 'FAIL'}"
+        print(line + (f"  {r.note}" if r.note else ""))
+    for line in skipped:
+        print(f"skipped  {line}")
+    failed = sum(not r.passed for r in results)
+    print(f"\n{len(results) - failed} passed, {failed} failed, {len(skipped)} backends skipped")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
