@@ -310,6 +310,9 @@ class Trainer:
             raise TypeError(f"data must be a torch.Tensor or a torch.utils.data.Dataset, got {type(data).__name__}")
         if sample_fn is not None and not callable(sample_fn):
             raise TypeError("sample_fn must be callable(model, step) -> tensor")
+        if config.sample_every and sample_fn is None:
+            warnings.warn("TrainConfig.sample_every is set but no sample_fn was given: no samples will be written",
+                          RuntimeWarning, stacklevel=2)
         config.validate()
         self.config = config
         self.sample_fn = sample_fn
@@ -613,6 +616,8 @@ class Trainer:
             rng["torch_cpu"] = torch.Generator().manual_seed(
                 _mix_seed(self.config.seed, _GLOBAL_STREAM, self.dist.rank, ck.step)).get_state()
         ckpt_io.restore_rng(rng, {"noise": self.noise_generator}, self.device)
+        if "torch_cuda" not in rng and self.device.type == "cuda":  # another world size: a fresh, seeded stream
+            torch.cuda.manual_seed(_mix_seed(self.config.seed, _GLOBAL_STREAM, self.dist.rank, ck.step))
         window = state.get("window", {})
         for k, v in window.get("sums", {}).items():
             if k in self._window:
