@@ -1,0 +1,425 @@
+"""DDPM vs Iso-Diffusion on the 2D datasets of the paper: a lambda sweep measured by PRDC.
+
+For each dataset d, seed s and penalty weight lambda (lambda = 0 is plain DDPM), one run:
+
+    x0      = make_dataset(d, n_train, seed=s)                     the training set
+    model   = TimeMLP() built right after torch.manual_seed(s)      same init for every lambda
+    train     Trainer(model, x0, TrainConfig(steps, batch_size, lr, iso_lambda=lambda, seed=s, T, ema_decay))
+    samples = ddpm_sample(ema_model, (n_eval, 2), sched, generator=Generator().manual_seed(s))
+    real    = make_dataset(d, n_eval, seed=REAL_SEED_OFFSET + s)   fresh real points, another seed
+    metrics = prdc(real, samples, k)                                precision, recall, density, coverage
+
+Every lambda of a (dataset, seed) shares the initial weights, the data order, the timesteps and noise
+of training, and the sampler's x_T and step noise (common random numbers), so the differences
+between lambdas are the penalty's, not the luck of the draw.
+
+Artefacts written to ``out``:
+
+* ``results.md``, ``results.csv``: mean and std over seeds per (dataset, lambda) of the four metrics;
+* ``runs.csv``: one row per run (metrics, wall and CPU seconds of training and sampling);
+* ``samples_grid.png``: real vs generated scatter plots, one row per dataset, one column per lambda
+  (first seed);
+* ``isotropy_<dataset>.png``: the measured isotropy of the forward process on the training data
+  against its theoretical curve 1 + (iso_0 - 1) ab_t (`isofast.metrics.isotropy`);
+* ``sweep.json``: the configuration; ``runs/<dataset>/lambda_<l>/seed_<s>/``: each run's trainer
+  folder (config, metrics.csv, checkpoints) plus ``samples.npy`` and ``result.json``.
+
+A sweep that stopped can be continued with ``resume=True`` (``--resume``): finished runs are read back,
+an interrupted one continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PAPER_DATASETS = ("swiss_roll", "moon_scatter", "moon_circles", "central_banana")
+DEFAULT_LAMBDAS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
+METRICS = ("precision", "recall", "density", "coverage")
+REAL_SEED_OFFSET = 1_000_003  # the evaluation set's data seed is this + the run seed: never a training set
+
+# Presets: the paper's protocol, a default that runs the four-dataset sweep on 2 CPU cores in under
+# 30 minutes (measured: see the README), and a tiny smoke configuration for tests.
+PRESETS: dict[str, dict] = {
+    "paper": dict(steps=1000 * 10_000 // 64, batch_size=64, seeds=(0, 1, 2)),  # 1000 epochs of 10k points
+    "default": dict(steps=3000, batch_size=512, seeds=(0,)),
+    "quick": dict(datasets=("swiss_roll", "moon_scatter"), lambdas=(0.0, 0.3), seeds=(0,), steps=20, batch_size=64,
+                  n_train=500, n_eval=500, T=50),
+}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One sweep: which runs, how each trains and how it is measured.
+
+    out: output folder. datasets: names of `isofast.data.toy2d.DATASETS`. lambdas: penalty weights >= 0.
+    seeds: run seeds >= 0. steps, batch_size, lr: Adam training of each run (T-step linear schedule).
+    n_train: training points; n_eval: samples drawn and fresh real points compared (PRDC with ``k``).
+    ema_decay: EMA of the weights (the samples come from the EMA model). device: "auto", "cpu", "cuda", ...
+    backend: isofast op backend (None: auto). preset: the preset's name (recorded only).
+    progress: tqdm bars (only on a terminal).
+    """
+
+    out: str
+    datasets: tuple[str, ...] = PAPER_DATASETS
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    seeds: tuple[int, ...] = (0,)
+    steps: int = PRESETS["default"]["steps"]
+    batch_size: int = PRESETS["default"]["batch_size"]
+    lr: float = 1e-3
+    T: int = 1000
+    n_train: int = 10_000
+    n_eval: int = 10_000
+    k: int = 5
+    ema_decay: float = 0.999
+    device: str = "auto"
+    backend: str | None = None
+    preset: str = "default"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", str(self.out))
+        for name in ("datasets", "lambdas", "seeds"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise TypeError(f"{name} must be a sequence, got {type(value).__name__}")
+            object.__setattr__(self, name, tuple(value))
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the first bad field (no file system access)."""
+        from ..data.toy2d import DATASETS
+
+        if not self.datasets:
+            raise ValueError("datasets must name at least one dataset")
+        for name in self.datasets:
+            if name not in DATASETS:
+                raise ValueError(f"unknown dataset name {name!r}; valid names: {', '.join(DATASETS)}")
+        if len(set(self.datasets)) != len(self.datasets):
+            raise ValueError(f"datasets must not repeat a name, got {list(self.datasets)}")
+        if not self.lambdas:
+            raise ValueError("lambdas must hold at least one value")
+        for lam in self.lambdas:
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+                raise ValueError(f"lambdas must be finite floats >= 0, got {lam!r}")
+        if len({float(lam) for lam in self.lambdas}) != len(self.lambdas):
+            raise ValueError(f"lambdas must not repeat a value, got {list(self.lambdas)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
+        for s in self.seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ValueError(f"seeds must be ints >= 0, got {s!r}")
+        for name, low in (("steps", 1), ("batch_size", 1), ("T", 2), ("k", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        for name in ("n_train", "n_eval"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < self.k + 1:
+                raise ValueError(f"{name} must be an int >= k + 1 = {self.k + 1}, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite float > 0, got {self.lr!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_from_preset(preset: str = "default", quick: bool = False, **overrides) -> SweepConfig:
+    """A `SweepConfig`: the preset's values, then the quick preset's if ``quick``, then non-None overrides."""
+    if preset not in ("default", "paper"):
+        raise ValueError(f"preset must be 'default' or 'paper', got {preset!r}")
+    values: dict = dict(PRESETS[preset], preset=preset)
+    if quick:
+        values.update(PRESETS["quick"], preset=f"{preset}+quick")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SweepConfig(**values)
+
+
+# ----- one run ------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """Metrics and timings of one (dataset, lambda, seed) run; ``samples`` (n_eval, 2) float32."""
+
+    dataset: str
+    iso_lambda: float
+    seed: int
+    precision: float
+    recall: float
+    density: float
+    coverage: float
+    train_wall_s: float
+    train_cpu_s: float
+    sample_wall_s: float
+    sample_cpu_s: float
+    samples: np.ndarray = field(repr=False)
+
+    def row(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "samples"}
+
+
+def run_dir(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: int) -> Path:
+    return Path(cfg.out) / "runs" / dataset / f"lambda_{iso_lambda:g}" / f"seed_{seed}"
+
+
+def train_and_evaluate(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: int, resume: bool = False) -> RunResult:
+    """Train one model, sample ``n_eval`` points from its EMA weights, and measure PRDC against fresh real points."""
+    from ..data.toy2d import make_dataset
+    from ..metrics.prdc import prdc
+    from ..models.mlp import TimeMLP
+    from ..sampling import ddpm_sample
+    from ..train import TrainConfig, Trainer
+
+    folder = run_dir(cfg, dataset, iso_lambda, seed)
+    data = make_dataset(dataset, cfg.n_train, seed=seed)
+    torch.manual_seed(seed)
+    model = TimeMLP()
+    train_cfg = TrainConfig(
+        out_dir=str(folder), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, iso_lambda=float(iso_lambda),
+        seed=seed, T=cfg.T, ema_decay=cfg.ema_decay, device=cfg.device, backend=cfg.backend,
+        progress=cfg.progress, tensorboard=False, log_every=min(100, cfg.steps),
+        ckpt_every=min(cfg.steps, 10_000), keep_checkpoints=1)
+    wall, cpu = time.perf_counter(), time.process_time()
+    trainer = Trainer(model, data, train_cfg)
+    try:
+        trainer.fit(resume=resume)
+    finally:
+        trainer.close()
+    train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    ema = trainer.ema_model.eval()
+    samples = ddpm_sample(ema, (cfg.n_eval, 2), trainer.schedule, generator=torch.Generator().manual_seed(seed),
+                          device=trainer.device, progress=cfg.progress, backend=cfg.backend)
+    samples = samples.float().cpu()
+    sample_wall, sample_cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+    real = make_dataset(dataset, cfg.n_eval, seed=REAL_SEED_OFFSET + seed)
+    if torch.isfinite(samples).all():
+        metrics = prdc(real, samples, k=cfg.k)
+    else:  # a diverged model: record it in the table rather than stop the whole sweep
+        print(f"isofast toy2d: warning: {dataset} lambda={iso_lambda:g} seed={seed} produced non-finite samples; "
+              "its metrics are NaN", file=sys.stderr)
+        metrics = dict.fromkeys(METRICS, float("nan"))
+    result = RunResult(dataset, float(iso_lambda), seed, *(float(metrics[m]) for m in METRICS),
+                       train_wall, train_cpu, sample_wall, sample_cpu, samples.numpy())
+    _save_run(folder, result)
+    return result
+
+
+def _save_run(folder: Path, result: RunResult) -> None:
+    from ..checkpoint import atomic_write_bytes, atomic_write_text
+
+    buffer = io.BytesIO()
+    np.save(buffer, result.samples)
+    atomic_write_bytes(folder / "samples.npy", buffer.getvalue())
+    # result.json last: its presence marks a finished run (see `_load_run`)
+    atomic_write_text(folder / "result.json", json.dumps(result.row(), indent=1) + "\n")
+
+
+def _load_run(folder: Path) -> RunResult | None:
+    try:
+        row = json.loads((folder / "result.json").read_text())
+        samples = np.load(folder / "samples.npy")
+    except FileNotFoundError:
+        return None
+    return RunResult(**row, samples=samples)
+
+
+# ----- the sweep ----------------------------------------------------------------------------------------
+def prepare_output(cfg: SweepConfig, resume: bool) -> Path:
+    """Validate ``cfg`` and make sure ``cfg.out`` is a writable folder, before any training.
+
+    Raises ValueError/TypeError for a bad configuration, PermissionError when the folder cannot be
+    created or written, FileExistsError when it holds runs of a sweep and ``resume`` is False, or
+    ValueError when resuming a sweep whose recorded training settings differ.
+    """
+    cfg.validate()
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"output folder {str(out)!r} is not writable: {exc}") from exc
+    recorded = out / "sweep.json"
+    existing = [run_dir(cfg, d, lam, s) for d in cfg.datasets for lam in cfg.lambdas for s in cfg.seeds]
+    started = [p for p in existing if (p / "checkpoints").exists() or (p / "result.json").exists()]
+    if started and not resume:
+        raise FileExistsError(f"output folder {str(out)!r} already holds runs of a sweep (e.g. {started[0]}): "
+                              "pass --resume to continue it, or choose another --out")
+    if resume and recorded.exists():
+        old = json.loads(recorded.read_text())
+        keys = ("steps", "batch_size", "lr", "T", "n_train", "n_eval", "k", "ema_decay")
+        changed = [k for k in keys if old.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"cannot resume {str(out)!r}: its sweep.json has other values of {', '.join(changed)}")
+    return out
+
+
+def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run every (dataset, lambda, seed) of ``cfg`` and write the artefacts; returns the summary rows."""
+    from ..checkpoint import atomic_write_text
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = prepare_output(cfg, resume)
+    atomic_write_text(out / "sweep.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+    runs = [(d, lam, s) for d in cfg.datasets for s in cfg.seeds for lam in cfg.lambdas]
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    results: list[RunResult] = []
+    finished_earlier = 0
+    for i, (dataset, lam, seed) in enumerate(runs, 1):
+        done = _load_run(run_dir(cfg, dataset, lam, seed)) if resume else None
+        result = done or train_and_evaluate(cfg, dataset, lam, seed, resume=resume)
+        results.append(result)
+        finished_earlier += done is not None
+        log(f"[{i}/{len(runs)}] {dataset} lambda={lam:g} seed={seed}: "
+            + ("(finished earlier) " if done else f"train {result.train_wall_s:.1f} s, sample {result.sample_wall_s:.1f} s; ")
+            + " ".join(f"{m[0].upper()}={getattr(result, m):.3f}" for m in METRICS))
+    elapsed = {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
+               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": len(runs),
+               "runs_finished_earlier": finished_earlier}
+
+    summary = summarize(results, cfg)
+    write_tables(out, cfg, results, summary, elapsed)
+    plot_samples_grid(out / "samples_grid.png", cfg, results)
+    for dataset in cfg.datasets:
+        plot_isotropy(out / f"isotropy_{dataset}.png", cfg, dataset)
+    log(f"isofast toy2d: {len(runs)} runs in {elapsed['wall_s'] / 60:.1f} min wall, "
+        f"{elapsed['cpu_s'] / 60:.1f} min CPU; results in {out}")
+    return summary
+
+
+def summarize(results: list[RunResult], cfg: SweepConfig) -> list[dict]:
+    """Mean and std (ddof = 1; NaN for one seed) over seeds of each metric, per (dataset, lambda)."""
+    rows = []
+    for dataset in cfg.datasets:
+        for lam in cfg.lambdas:
+            group = [r for r in results if r.dataset == dataset and r.iso_lambda == float(lam)]
+            row: dict = {"dataset": dataset, "lambda": float(lam), "n_seeds": len(group)}
+            for m in METRICS:
+                values = np.array([getattr(r, m) for r in group], dtype=np.float64)
+                row[f"{m}_mean"] = float(values.mean())
+                row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+            rows.append(row)
+    return rows
+
+
+def write_tables(out: Path, cfg: SweepConfig, results: list[RunResult], summary: list[dict], elapsed: dict) -> None:
+    """results.csv and runs.csv (machine-readable), results.md (mean ± std, best per dataset in bold)."""
+    from ..checkpoint import atomic_write_text
+
+    def csv_text(rows: list[dict]) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
+                                 (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
+        return buffer.getvalue()
+
+    atomic_write_text(out / "results.csv", csv_text(summary))
+    atomic_write_text(out / "runs.csv", csv_text([r.row() for r in results]))
+    atomic_write_text(out / "results.md", markdown_table(cfg, summary, elapsed))
+    atomic_write_text(out / "timing.json", json.dumps(elapsed, indent=1) + "\n")
+
+
+def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None = None) -> str:
+    """The results table in Markdown: mean ± std over seeds, the best mean per dataset and metric in bold."""
+    epochs = cfg.steps * cfg.batch_size / cfg.n_train
+    seeds = ", ".join(str(s) for s in cfg.seeds)
+    lines = [
+        f"PRDC (k = {cfg.k}) of {cfg.n_eval:,} DDPM samples (EMA weights, T = {cfg.T} linear schedule) against "
+        f"{cfg.n_eval:,} fresh real points. Preset `{cfg.preset}`: TimeMLP, Adam lr {cfg.lr:g}, batch "
+        f"{cfg.batch_size}, {cfg.steps:,} steps ({epochs:.0f} epochs of {cfg.n_train:,} points), EMA "
+        f"{cfg.ema_decay:g}; seeds {seeds}" + (" (mean ± std over seeds)." if len(cfg.seeds) > 1 else " (one seed)."),
+        "",
+        "| dataset | λ | precision | recall | density | coverage |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for dataset in cfg.datasets:
+        rows = [r for r in summary if r["dataset"] == dataset]
+        best = {m: np.nanmax([r[f"{m}_mean"] for r in rows]) if rows else math.nan for m in METRICS}
+        for r in rows:
+            cells = []
+            for m in METRICS:
+                mean, std = r[f"{m}_mean"], r[f"{m}_std"]
+                text = f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+                cells.append(f"**{text}**" if mean == best[m] and len(rows) > 1 else text)
+            lam = f"{r['lambda']:g}" + (" (DDPM)" if r["lambda"] == 0 else "")
+            lines.append(f"| {dataset} | {lam} | " + " | ".join(cells) + " |")
+    if elapsed:
+        lines += ["", f"{elapsed['runs']} runs: {elapsed['wall_s'] / 60:.1f} min wall, {elapsed['cpu_s'] / 60:.1f} min "
+                      f"CPU time (torch threads: {elapsed['torch_threads']}, CPU cores: {elapsed['cpu_count']})."]
+    return "\n".join(lines) + "\n"
+
+
+# ----- figures ------------------------------------------------------------------------------------------
+def _save_figure(fig, path: Path) -> None:
+    from ..checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_samples_grid(path: Path, cfg: SweepConfig, results: list[RunResult]) -> Path:
+    """Scatter plots: one row per dataset; the fresh real points, then the samples of each lambda (first seed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..data.toy2d import make_dataset
+
+    seed = cfg.seeds[0]
+    size = min(4.0, 1.2 * math.sqrt(10_000 / cfg.n_eval))  # marker area: ink per panel about constant in n
+    rows, cols = len(cfg.datasets), len(cfg.lambdas) + 1
+    fig = Figure(figsize=(2.0 * cols, 2.1 * rows), dpi=80)
+    FigureCanvasAgg(fig)
+    for i, dataset in enumerate(cfg.datasets):
+        real = make_dataset(dataset, cfg.n_eval, seed=REAL_SEED_OFFSET + seed).numpy()
+        panels = [("real", real)]
+        for lam in cfg.lambdas:
+            r = next(r for r in results if r.dataset == dataset and r.iso_lambda == float(lam) and r.seed == seed)
+            label = f"λ={lam:g}" + (" (DDPM)" if lam == 0 else "") + f"\nP {r.precision:.2f} D {r.density:.2f}"
+            panels.append((label, r.samples))
+        for j, (title, points) in enumerate(panels):
+            ax = fig.add_subplot(rows, cols, i * cols + j + 1)
+            ax.scatter(points[:, 0], points[:, 1], s=size, alpha=0.5, linewidths=0, color="C1" if j else "C0",
+                       rasterized=True)
+            ax.set_xlim(-1.4, 1.4)
+            ax.set_ylim(-1.4, 1.4)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(dataset, fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return path
+
+
+def plot_isotropy(path: Path, cfg: SweepConfig, dataset: str) -> Path:
+    """The forward process's measured isotropy on the training data vs 1 + (iso_0 - 1) ab_t."""
+    from ..data.toy2d import make_dataset
+    from ..metrics.isotropy import forward_isotropy_curve, plot_isotropy_curve
+    from ..train import make_schedule
+
+    sched = make_schedule("linear", cfg.T)
+    x0 = make_dataset(dataset, cfg.n_train, seed=cfg.seeds[0])
+    measured, theory = forward_isotropy_curve(x0, sched, generator=torch.Generator().manual_seed(0))
+    plot_isotropy_curve(measured, theory, np.arange(cfg.T), path,
+                        title=f"{dataset}: isotropy of q(x_t | x_0), {cfg.n_train:,} points")
+    return path

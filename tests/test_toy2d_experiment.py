@@ -1,0 +1,133 @@
+"""`isofast toy2d`: a tiny end-to-end sweep writes every artefact; bad input fails before any training."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from isofast import cli
+from isofast.experiments import toy2d
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy2d") / "sweep"
+    rc = cli.main(["toy2d", "--quick", "--out", str(out), "--no-progress"])
+    return out, rc
+
+
+def test_quick_sweep_writes_every_artefact(quick_sweep):
+    out, rc = quick_sweep
+    assert rc == 0
+    cfg = toy2d.config_from_preset("default", quick=True, out=str(out))
+    for name in ("results.md", "results.csv", "runs.csv", "samples_grid.png", "sweep.json", "timing.json"):
+        assert (out / name).stat().st_size > 0, name
+    for dataset in cfg.datasets:
+        png = (out / f"isotropy_{dataset}.png").read_bytes()
+        assert png.startswith(b"\x89PNG")
+    assert (out / "samples_grid.png").read_bytes().startswith(b"\x89PNG")
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dataset"], float(r["lambda"])) for r in rows] == [
+        (d, lam) for d in cfg.datasets for lam in cfg.lambdas]
+    for r in rows:
+        for m in toy2d.METRICS:
+            assert 0.0 <= float(r[f"{m}_mean"]) <= (10.0 if m == "density" else 1.0)
+            assert r[f"{m}_std"] == ""  # one seed: no std, and none is invented
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == 1 + len(rows)  # header + one line per (dataset, lambda)
+    assert "0 (DDPM)" in md
+
+    with open(out / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == len(cfg.datasets) * len(cfg.lambdas) * len(cfg.seeds)
+    for d in cfg.datasets:
+        for lam in cfg.lambdas:
+            folder = toy2d.run_dir(cfg, d, lam, cfg.seeds[0])
+            samples = np.load(folder / "samples.npy")
+            assert samples.shape == (cfg.n_eval, 2) and np.isfinite(samples).all()
+            assert (folder / "metrics.csv").exists() and (folder / "checkpoints").is_dir()
+            assert json.loads((folder / "config.json").read_text())["iso_lambda"] == lam
+
+
+def test_table_metrics_match_prdc_of_saved_samples(quick_sweep):
+    """The table reports PRDC of the samples on disk against the documented fresh real set."""
+    from isofast.data.toy2d import make_dataset
+    from isofast.metrics.prdc import prdc
+
+    out, _ = quick_sweep
+    cfg = toy2d.config_from_preset("default", quick=True, out=str(out))
+    with open(out / "runs.csv") as f:
+        run = next(csv.DictReader(f))
+    folder = toy2d.run_dir(cfg, run["dataset"], float(run["iso_lambda"]), int(run["seed"]))
+    real = make_dataset(run["dataset"], cfg.n_eval, seed=toy2d.REAL_SEED_OFFSET + int(run["seed"]))
+    got = prdc(real, torch.from_numpy(np.load(folder / "samples.npy")), k=cfg.k)
+    for m in toy2d.METRICS:
+        assert abs(got[m] - float(run[m])) < 1e-5
+
+
+def test_resume_reuses_finished_runs_and_refuses_without_flag(quick_sweep, capsys):
+    out, _ = quick_sweep
+    before = (out / "runs.csv").read_text()
+    assert cli.main(["toy2d", "--quick", "--out", str(out), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(["toy2d", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("(finished earlier)") == 4
+    assert (out / "runs.csv").read_text() == before
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path, capsys):
+    rc = cli.main(["toy2d", "--quick", "--datasets", "swiss_roll", "spiral_galaxy", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset name 'spiral_galaxy'" in err and "swiss_roll" in err
+    assert not (tmp_path / "o").exists()  # refused before touching the output folder
+
+
+def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    rc = cli.main(["toy2d", "--quick", "--out", str(blocker / "out")])
+    assert rc == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(lambdas=(-0.1,)), "lambdas"),
+    (dict(lambdas=(0.1, 0.1)), "lambdas"),
+    (dict(seeds=(-1,)), "seeds"),
+    (dict(steps=0), "steps"),
+    (dict(n_eval=5), "n_eval"),
+    (dict(datasets=()), "datasets"),
+])
+def test_bad_config_is_refused(tmp_path, overrides, match):
+    cfg = toy2d.config_from_preset("default", quick=True, out=str(tmp_path), **overrides)
+    with pytest.raises(ValueError, match=match):
+        toy2d.prepare_output(cfg, resume=False)
+
+
+def test_presets():
+    paper = toy2d.config_from_preset("paper", out="x")
+    assert (paper.batch_size, paper.lr, paper.T, paper.seeds) == (64, 1e-3, 1000, (0, 1, 2))
+    assert paper.steps * paper.batch_size == 1000 * 10_000  # 1000 epochs of the 10k dataset
+    default = toy2d.config_from_preset(out="x", steps=7)
+    assert default.datasets == toy2d.PAPER_DATASETS and default.lambdas == toy2d.DEFAULT_LAMBDAS
+    assert default.steps == 7 and default.n_eval == 10_000
+    with pytest.raises(ValueError, match="preset"):
+        toy2d.config_from_preset("fast", out="x")
+
+
+def test_markdown_table_shows_mean_and_std_over_seeds():
+    cfg = toy2d.SweepConfig(out="x", datasets=("moons",), lambdas=(0.0, 0.1), seeds=(0, 1))
+    rng = np.random.default_rng(0)
+    results = [toy2d.RunResult("moons", lam, s, *rng.uniform(0, 1, 4), 0, 0, 0, 0, np.zeros((1, 2)))
+               for lam in (0.0, 0.1) for s in (0, 1)]
+    summary = toy2d.summarize(results, cfg)
+    prec = [r.precision for r in results if r.iso_lambda == 0.1]
+    assert summary[1]["precision_mean"] == pytest.approx(np.mean(prec))
+    assert summary[1]["precision_std"] == pytest.approx(np.std(prec, ddof=1))
+    md = toy2d.markdown_table(cfg, summary)
+    assert f"{np.mean(prec):.3f} ± {np.std(prec, ddof=1):.3f}" in md
