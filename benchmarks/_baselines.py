@@ -88,6 +88,50 @@ def ddpm_loop(model, x_T, tables, noise_fn: Callable[[int, torch.Tensor], torch.
     return x
 
 
+def ddim_loop(model, x_T, alphas_cumprod, steps: int):
+    """Deterministic DDIM (eta = 0) over ``steps`` jumps t = (steps-1) r, ..., r, 0 (r = T // steps) to x_0.
+
+    x0 = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t); x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps,
+    ab_prev = 1 after the last jump.
+    """
+    T = alphas_cumprod.numel()
+    r = T // steps
+    x = x_T
+    batch = x.shape[0]
+    with torch.no_grad():
+        for step in range((steps - 1) * r, -1, -r):
+            t = torch.full((batch,), step, dtype=torch.int64, device=x.device)
+            eps = model(x, t)
+            ab = alphas_cumprod[step]
+            ab_prev = alphas_cumprod[step - r] if step - r >= 0 else torch.ones_like(ab)
+            x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    return x
+
+
+def diffusers_ddim_scheduler(sched_T: int, beta_start: float, beta_end: float):
+    """diffusers' DDIMScheduler with isofast's DDIM conventions ("leading" spacing, ab_prev = 1 at the end)."""
+    try:
+        from diffusers import DDIMScheduler
+    except Exception:
+        return None
+    return DDIMScheduler(num_train_timesteps=sched_T, beta_schedule="linear", beta_start=beta_start,
+                         beta_end=beta_end, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                         timestep_spacing="leading", prediction_type="epsilon")
+
+
+def diffusers_ddim_loop(model, x_T, scheduler, steps: int):
+    """The diffusers DDIM loop (eta = 0)."""
+    scheduler.set_timesteps(steps)
+    x = x_T
+    batch = x.shape[0]
+    with torch.no_grad():
+        for step in scheduler.timesteps:
+            eps = model(x, torch.full((batch,), int(step), dtype=torch.int64, device=x.device))
+            x = scheduler.step(eps, int(step), x, eta=0.0).prev_sample
+    return x
+
+
 def diffusers_scheduler(sched_T: int, beta_start: float, beta_end: float):
     """diffusers' DDPMScheduler configured as our linear schedule, or None when diffusers is missing."""
     try:

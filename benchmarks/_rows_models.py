@@ -24,7 +24,7 @@ import torch
 from _rows import ISO_LAMBDA, Row, Settings, Target, Variant, shape_text
 
 from isofast import NoiseKey, NoiseSchedule, reference
-from isofast.sampling import ddpm_sample, step_key
+from isofast.sampling import ddim_sample, ddpm_sample, step_key
 
 CHECK_T = 10
 CHECK_MAX_BATCH = 512
@@ -80,6 +80,64 @@ def sampling_row(settings: Settings, label: str, model: torch.nn.Module, shape, 
     return Row(f"ddpm sampling/{label}/{shape_text(shape)}/{T} steps", "sampling",
                {"model": label, "shape": shape, "T": T}, variants, len(x_T), items=shape[0], item_unit="samples",
                target=target, long=True)
+
+
+def ddim_sampling_row(settings: Settings, label: str, model: torch.nn.Module, shape, T: int, steps: int) -> Row:
+    """Deterministic DDIM sampling (eta = 0) in ``steps`` jumps of a T-step schedule.
+
+    With eta = 0 every loop is a function of x_T alone, so all of them (the user loop and diffusers'
+    DDIMScheduler included) are checked exactly against ``ddim_sample(backend="reference")`` from
+    the x_T that sampler drew.
+    """
+    dev = settings.device
+    model = model.to(dev).eval()
+    sched = NoiseSchedule.linear(T)
+    ab = sched.alphas_cumprod.to(dev)
+    check_T, check_steps = CHECK_T, CHECK_T // 2
+    check_sched = NoiseSchedule.linear(check_T)
+    check_shape = (min(shape[0], CHECK_MAX_BATCH), *shape[1:])
+    g = torch.Generator().manual_seed(98)
+    x_T = [torch.randn(shape, generator=g).to(dev) for _ in range(2)]
+
+    def reference_samples():
+        return ddim_sample(model, check_shape, check_sched, check_steps, 0.0, backend="reference", device=dev,
+                           progress=False, cuda_graph=False, generator=torch.Generator().manual_seed(5))
+
+    def reference_x_T():  # the first draw of ddim_sample's generator is x_T's key (see isofast.sampling)
+        return NoiseKey.draw(check_shape, torch.float32, dev, torch.Generator().manual_seed(5)).materialize()
+
+    def loop_check(loop, what):
+        def check():
+            H.assert_close("samples", loop(reference_x_T()), reference_samples(), 1e-3, 1e-4)
+            return f"exact vs ddim_sample(backend='reference') from the same x_T (T={check_T}, {check_steps} steps){what}"
+
+        return check
+
+    variants = [Variant("eager loop", "eager", lambda i: B.ddim_loop(model, x_T[i], ab, steps),
+                        loop_check(lambda x: B.ddim_loop(model, x, check_sched.alphas_cumprod.to(dev), check_steps), ""))]
+    scheduler = B.diffusers_ddim_scheduler(T, 1e-4, 0.02)
+    if scheduler is not None:
+        check_scheduler = B.diffusers_ddim_scheduler(check_T, 1e-4, 0.02)
+        variants.append(Variant(
+            "diffusers DDIMScheduler loop", "baseline", lambda i: B.diffusers_ddim_loop(model, x_T[i], scheduler, steps),
+            loop_check(lambda x: B.diffusers_ddim_loop(model, x, check_scheduler, check_steps),
+                       "; diffusers' float32 alphas_cumprod: rtol 1e-3")))
+    for name in settings.fused_backends:
+        for graph in _graph_modes(settings):
+            def run(i, name=name, graph=graph):
+                return ddim_sample(model, shape, sched, steps, 0.0, backend=name, device=dev, cuda_graph=graph,
+                                   progress=False)
+
+            def check(name=name, graph=graph):
+                out = ddim_sample(model, check_shape, check_sched, check_steps, 0.0, backend=name, device=dev,
+                                  cuda_graph=graph, progress=False, generator=torch.Generator().manual_seed(5))
+                H.assert_close("samples", out, reference_samples(), 1e-4, 1e-4)
+                return f"exact vs ddim_sample(backend='reference') (T={check_T}, same generator)"
+
+            variants.append(Variant(f"isofast[{name}]" + ("+graph" if graph else ""), "isofast", run, check))
+    return Row(f"ddim sampling/{label}/{shape_text(shape)}/{steps} of {T} steps", "sampling",
+               {"model": label, "shape": shape, "T": T, "steps": steps, "eta": 0.0}, variants, len(x_T),
+               items=shape[0], item_unit="samples", long=True)
 
 
 def _isofast_sampling_variant(model, shape, check_shape, sched, check_sched, dev, name, graph, reference_samples):

@@ -11,7 +11,7 @@ PyTorch a user would write (`_baselines`), the same under ``torch.compile``, dif
 checked against `isofast.reference` before it is timed: a wrong answer is a FAILED line, not a
 time. Rows: q_sample; loss fwd+bwd ("batch" and "sample" modes); noising + loss fwd+bwd (fp32,
 bf16; two shapes); one DDPM sampler step; full DDPM sampling of the 2D MLP (10,000 points) and
-a UNet; one UNet training step. See `_harness` for the timing and memory method.
+a UNet; 50-step DDIM sampling of the UNet; one UNet training step. See `_harness` for the timing and memory method.
 
 Output: the table on stdout, ``benchmarks/results/<device-name>.json`` (machine, versions, every
 figure, date) and a PNG chart of the speed-ups beside it. Ratios are the result: absolute times
@@ -52,6 +52,7 @@ def _sizes(device: torch.device, quick: bool) -> dict:
             "shapes": [(64, 3, 32, 32)] if quick else [(64, 3, 32, 32), (256, 3, 64, 64)],
             "mlp": (10_000, 1000),
             "unet_sampling": ("flowers64", 8, 100 if quick else 1000),
+            "ddim_steps": 50,
             "train": ("flowers64", 16 if quick else 32),
             "trainer_modes": [("fp32", {}), ("bf16+channels_last", {"precision": "bf16", "channels_last": True})],
         }
@@ -59,6 +60,7 @@ def _sizes(device: torch.device, quick: bool) -> dict:
         "shapes": [(64, 3, 32, 32)] if quick else [(64, 3, 32, 32), (16, 3, 64, 64)],
         "mlp": (2_000, 50) if quick else (10_000, 1000),
         "unet_sampling": ("tiny", 4, 20 if quick else 1000),
+        "ddim_steps": 10 if quick else 50,
         "train": ("tiny", 8 if quick else 16),
         "trainer_modes": [("fp32", {})],
     }
@@ -72,6 +74,7 @@ def plan(settings: Settings) -> list[tuple[str, Callable[[], Row]]]:
     s, quick = settings, settings.quick
     size = _sizes(s.device, quick)
     comp = s.compile
+    compile_op_rows = comp and not quick  # --quick compiles only the noise+loss rows (each compile costs ~30 s on a CPU)
     entries: list[tuple[str, Callable[[], Row]]] = []
     small = size["shapes"][0]
     for shape in size["shapes"]:
@@ -80,13 +83,13 @@ def plan(settings: Settings) -> list[tuple[str, Callable[[], Row]]]:
             if quick and dt != "fp32":
                 continue
             entries.append((f"q_sample/{dt}/{shp}",
-                            lambda dt=dt, shape=shape: rows_ops.q_sample_row(s, dt, shape, comp and dt == "fp32")))
+                            lambda dt=dt, shape=shape: rows_ops.q_sample_row(s, dt, shape, compile_op_rows and dt == "fp32")))
         for mode in ("batch", "sample"):
             for dt in ("fp32", "bf16"):
                 if quick and (dt != "fp32" or mode != "batch"):
                     continue
                 entries.append((f"loss fwd+bwd/{mode}/{dt}/{shp}", lambda mode=mode, dt=dt, shape=shape: rows_ops.loss_row(
-                    s, mode, dt, shape, comp and dt == "fp32", tensor_noise=not quick)))
+                    s, mode, dt, shape, compile_op_rows and dt == "fp32", tensor_noise=not quick)))
         for dt in ("fp32", "bf16"):
             entries.append((f"noise+loss fwd+bwd/batch/{dt}/{shp}", lambda dt=dt, shape=shape: rows_ops.noise_loss_row(
                 s, dt, shape, comp and (dt == "fp32" or not quick))))
@@ -100,6 +103,10 @@ def plan(settings: Settings) -> list[tuple[str, Callable[[], Row]]]:
     res = {"tiny": 16, "flowers64": 64}[cfg]
     entries.append((f"ddpm sampling/unet-{cfg}/{batch}x3x{res}x{res}/{unet_T} steps", lambda: rows_models.sampling_row(
         s, f"unet-{cfg}", _seeded(build_unet, cfg), (batch, 3, res, res), unet_T)))
+    ddim_steps = size["ddim_steps"]
+    entries.append((f"ddim sampling/unet-{cfg}/{batch}x3x{res}x{res}/{ddim_steps} of 1000 steps",
+                    lambda: rows_models.ddim_sampling_row(s, f"unet-{cfg}", _seeded(build_unet, cfg),
+                                                          (batch, 3, res, res), 1000, ddim_steps)))
     cfg, batch = size["train"]
     res = {"tiny": 16, "flowers64": 64}[cfg]
     entries.append((f"train step/unet-{cfg}/{batch}x3x{res}x{res}", lambda: rows_models.train_row(
@@ -185,6 +192,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device-name>.json)")
     p.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")
     p.add_argument("--list", action="store_true", help="print the row names and exit")
+    p.add_argument("--note", default="", help="free text stored in the JSON and printed (e.g. 'shared machine')")
     args = p.parse_args(argv)
     args.repeat = args.repeat or (5 if args.quick else 15)
     args.long_repeat = args.long_repeat or (2 if args.quick else 3)
@@ -245,14 +253,14 @@ def main(argv=None) -> int:
         f"mode: {'--quick' if args.quick else 'default'}; repeats {args.repeat} (op rows), {args.long_repeat} (whole runs);"
         f" medians and ±half-IQR of per-call time; memory: {memory_note}",
         "ratios are medians of the same run (variants timed round-robin); GB/s and %copy use the fused op's minimum bytes",
-    ]
+    ] + ([f"note: {args.note}"] if args.note else [])
     print(R.table(rows, header))
     elapsed = time.perf_counter() - started
     print(f"\nfinished in {elapsed:.0f} s")
 
     out = args.out or os.path.join(RESULTS_DIR, f"{machine['device_name']}.json")
     meta.update(
-        mode="quick" if args.quick else "default", only=args.only, copy_bandwidth_bytes_per_s=copy_bw,
+        mode="quick" if args.quick else "default", only=args.only, note=args.note, copy_bandwidth_bytes_per_s=copy_bw,
         copy_bandwidth_buffer_bytes=ceiling_bytes, backends=backend_report, memory_method=memory_note,
         settings={"repeat": args.repeat, "long_repeat": args.long_repeat, "warmup": args.warmup,
                   "min_sample_s": args.min_sample_s, "compile": settings.compile,
