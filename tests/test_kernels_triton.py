@@ -299,3 +299,37 @@ def test_steps_equal_reference_given_key_and_t(data_seed, batch, n, dtype, eta, 
         rtol, atol = {torch.float32: (1e-5, 2e-5), torch.bfloat16: (1.6e-2, 1.6e-2),
                       torch.float16: (2e-3, 2e-3)}[dtype]
         torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol, msg=name)
+
+
+# -- launch settings ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 13, 16, 64, 70, 301, 2048, 4100, 12288, 196608, 196609])
+def test_gpu_settings_windows_cover_every_row_exactly(n, monkeypatch):
+    from isofast.kernels import settings
+
+    monkeypatch.setattr(settings, "interpreting", lambda: False)
+    cfg = settings.calculate_settings(n)
+    assert cfg.block & (cfg.block - 1) == 0 and cfg.block >= 16 and cfg.num_warps in (1, 2, 4, 8)
+    for b in range(6):  # the row_window arithmetic: aligned-down start, nwin windows of block
+        row_start = b * n
+        base = row_start // 4 * 4
+        covered = base + cfg.nwin * cfg.block - row_start
+        assert covered >= n, (b, cfg)
+        assert base + (cfg.nwin - 1) * cfg.block < row_start + n  # no window wholly past the row
+
+
+@pytest.mark.parametrize("n", [2, 13, 64, 301, 4100])
+def test_kernels_with_gpu_block_sizes(n, monkeypatch):
+    """The GPU launch configurations (bigger blocks, one window or several) in the interpreter."""
+    from isofast.kernels import settings
+
+    monkeypatch.setattr(settings, "interpreting", lambda: False)
+    batch, seed, offset = 3, 2**64 - 9, 2**32 + 1
+    p = torch.randn(batch, n, device=DEVICE)
+    eps = _eps(seed, offset, batch, n)
+    sse, ssq = K.iso_sums(p, None, to_signed(seed), to_signed(offset))
+    torch.testing.assert_close(sse.double(), ((p.double() - eps.double()) ** 2).sum(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ssq.double(), (p.double() ** 2).sum(1), rtol=1e-5, atol=1e-6)
+    c1, c2 = torch.randn(batch, device=DEVICE), torch.randn(batch, device=DEVICE)
+    g = K.iso_grad(p, None, to_signed(seed), to_signed(offset), c1, c2)
+    torch.testing.assert_close(g, c1[:, None] * (p - eps) + c2[:, None] * p, rtol=1e-5, atol=1e-6)

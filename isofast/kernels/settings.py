@@ -3,8 +3,10 @@
 Every kernel walks a ``(B, n)`` tensor in *row windows*: program ``pid`` takes row
 ``b = pid // nwin`` and window ``w = pid % nwin`` of ``BLOCK`` flat elements,
 aligned down to a Philox counter boundary (4 elements), so a row of ``n`` elements
-needs ``nwin = cdiv(n + 3, BLOCK)`` windows (the ``+ 3`` covers the alignment
-shift of rows whose flat start ``b*n`` is not a multiple of 4).
+needs ``nwin = cdiv(n + slack, BLOCK)`` windows, where ``slack`` (0 when ``n % 4 ==
+0``, else 3) covers the alignment shift of rows whose flat start ``b*n`` is not a
+multiple of 4. Image rows (n a multiple of 16) have no slack, and Triton's
+divisibility specialisation of ``n`` then lets the masked loads vectorise.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from typing import NamedTuple
 
 import triton
 
-# A window of 4096 elements is 1024 Philox counters; with 8 warps each thread
-# handles 4 counters (16 elements, four 16-byte vector loads): enough work per
-# thread to hide memory latency on H100-class parts without spilling registers.
-MAX_BLOCK = 4096
-MIN_BLOCK = 128          # one counter per lane of one warp
+# A window of 2048 elements is 512 Philox counters; with 4 warps each thread
+# handles 4 counters (16 elements, four 16-byte loads per tensor): enough work
+# per thread to hide memory latency without spilling registers, and enough
+# programs (B=256 rows of 3x64x64: 1536) to fill 132 SMs several times over.
+# Not tuned on hardware yet: the benchmark is the place to revisit these.
+MAX_BLOCK = 2048
+MIN_BLOCK = 16           # tiny rows (2-D toy data, n = 2): one program per row
 INTERPRET_BLOCK = 32     # small: n <= 70 in the tests spans several windows
 
 
@@ -38,17 +42,18 @@ def calculate_settings(n: int) -> LaunchSettings:
     """Block size and warps for rows of ``n`` elements (``n >= 1``).
 
     GPU: the smallest power of two covering a row (plus its alignment slack),
-    clamped to [128, 4096]; warps scale with the block so each thread keeps
-    4-16 elements. Interpreter: a single small configuration.
+    clamped to [16, 2048]; warps scale with the block so each thread keeps at
+    most 16 elements. Interpreter: a single small configuration.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    slack = 0 if n % 4 == 0 else 3
     if interpreting():
         block, num_warps = INTERPRET_BLOCK, 1
     else:
-        block = min(max(triton.next_power_of_2(n + 3), MIN_BLOCK), MAX_BLOCK)
-        num_warps = 1 if block <= 128 else 2 if block <= 512 else 4 if block <= 2048 else 8
-    return LaunchSettings(block, num_warps, triton.cdiv(n + 3, block))
+        block = min(max(triton.next_power_of_2(n + slack), MIN_BLOCK), MAX_BLOCK)
+        num_warps = 1 if block <= 512 else 2 if block <= 1024 else 4
+    return LaunchSettings(block, num_warps, triton.cdiv(n + slack, block))
 
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
