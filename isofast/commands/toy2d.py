@@ -5,6 +5,7 @@ See `isofast.experiments.toy2d` for what one run does and what the output folder
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -28,7 +29,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as exc:
         print(f"isofast toy2d: error: {exc}", file=sys.stderr)
         return 2
-    run_sweep(cfg, resume=args.resume)
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    if jobs < 1:
+        print("isofast toy2d: error: --jobs must be >= 1", file=sys.stderr)
+        return 2
+    run_sweep(cfg, resume=args.resume, jobs=jobs)
     with open(f"{cfg.out}/results.md") as f:
         print(f.read(), end="")
     return 0
@@ -57,6 +62,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--backend", default=None, help="isofast op backend (default: auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--jobs", type=int,
+                        help="runs trained at once, one process each, torch threads split between them "
+                             "(default: min(2, CPU cores)); results do not depend on it")
     parser.add_argument("--resume", action="store_true",
                         help="continue a sweep in --out: finished runs are reused, an interrupted one resumes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -53,7 +53,7 @@ REAL_SEED_OFFSET = 1_000_003  # the evaluation set's data seed is this + the run
 # 30 minutes (measured: see the README), and a tiny smoke configuration for tests.
 PRESETS: dict[str, dict] = {
     "paper": dict(steps=1000 * 10_000 // 64, batch_size=64, seeds=(0, 1, 2)),  # 1000 epochs of 10k points
-    "default": dict(steps=3000, batch_size=512, seeds=(0,)),
+    "default": dict(steps=5000, batch_size=512, seeds=(0,)),
     "quick": dict(datasets=("swiss_roll", "moon_scatter"), lambdas=(0.0, 0.3), seeds=(0,), steps=20, batch_size=64,
                   n_train=500, n_eval=500, T=50),
 }
@@ -269,32 +269,81 @@ def prepare_output(cfg: SweepConfig, resume: bool) -> Path:
     return out
 
 
-def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run every (dataset, lambda, seed) of ``cfg`` and write the artefacts; returns the summary rows."""
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished child processes (the workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: int, resume: bool) -> RunResult:
+    # Each worker process trains its own run; the TTY (and so any progress bar) belongs to the parent.
+    return train_and_evaluate(dataclasses.replace(cfg, progress=False), dataset, iso_lambda, seed, resume)
+
+
+def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None] | None = None,
+              jobs: int = 1) -> list[dict]:
+    """Run every (dataset, lambda, seed) of ``cfg`` and write the artefacts; returns the summary rows.
+
+    jobs: runs trained at once, each in its own process with torch.get_num_threads() // jobs threads
+    (at least 1). Small MLPs use cores better as parallel single-threaded runs than as one multi-threaded
+    run; the results do not depend on ``jobs``.
+    """
     from ..checkpoint import atomic_write_text
 
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = prepare_output(cfg, resume)
     atomic_write_text(out / "sweep.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     runs = [(d, lam, s) for d in cfg.datasets for s in cfg.seeds for lam in cfg.lambdas]
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    results: list[RunResult] = []
+    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    threads = max(1, torch.get_num_threads() // jobs)
+    results: dict[tuple, RunResult] = {}
     finished_earlier = 0
-    for i, (dataset, lam, seed) in enumerate(runs, 1):
-        done = _load_run(run_dir(cfg, dataset, lam, seed)) if resume else None
-        result = done or train_and_evaluate(cfg, dataset, lam, seed, resume=resume)
-        results.append(result)
-        finished_earlier += done is not None
-        log(f"[{i}/{len(runs)}] {dataset} lambda={lam:g} seed={seed}: "
-            + ("(finished earlier) " if done else f"train {result.train_wall_s:.1f} s, sample {result.sample_wall_s:.1f} s; ")
-            + " ".join(f"{m[0].upper()}={getattr(result, m):.3f}" for m in METRICS))
-    elapsed = {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
-               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": len(runs),
-               "runs_finished_earlier": finished_earlier}
 
-    summary = summarize(results, cfg)
-    write_tables(out, cfg, results, summary, elapsed)
-    plot_samples_grid(out / "samples_grid.png", cfg, results)
+    def report(key: tuple, result: RunResult, earlier: bool) -> None:
+        results[key] = result
+        dataset, lam, seed = key
+        log(f"[{len(results)}/{len(runs)}] {dataset} lambda={lam:g} seed={seed}: "
+            + ("(finished earlier) " if earlier else
+               f"train {result.train_wall_s:.1f} s, sample {result.sample_wall_s:.1f} s; ")
+            + " ".join(f"{m[0].upper()}={getattr(result, m):.3f}" for m in METRICS))
+
+    todo = []
+    for key in runs:
+        done = _load_run(run_dir(cfg, *key)) if resume else None
+        if done is not None:
+            finished_earlier += 1
+            report(key, done, True)
+        else:
+            todo.append(key)
+    if jobs == 1:
+        for key in todo:
+            report(key, train_and_evaluate(cfg, *key, resume=resume), False)
+    elif todo:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn: a fresh interpreter per worker (fork after torch's thread pools have started is unsafe)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_in_worker, cfg, *key, resume): key for key in todo}
+            for future in as_completed(futures):
+                report(futures[future], future.result(), False)
+    ordered = [results[key] for key in runs]
+    elapsed = {"wall_s": time.perf_counter() - wall0, "cpu_s": _cpu_seconds() - cpu0,
+               "torch_threads": threads if jobs > 1 else torch.get_num_threads(), "jobs": jobs,
+               "cpu_count": os.cpu_count(), "runs": len(runs), "runs_finished_earlier": finished_earlier}
+
+    summary = summarize(ordered, cfg)
+    write_tables(out, cfg, ordered, summary, elapsed)
+    plot_samples_grid(out / "samples_grid.png", cfg, ordered)
     for dataset in cfg.datasets:
         plot_isotropy(out / f"isotropy_{dataset}.png", cfg, dataset)
     log(f"isofast toy2d: {len(runs)} runs in {elapsed['wall_s'] / 60:.1f} min wall, "
@@ -362,7 +411,8 @@ def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None =
             lines.append(f"| {dataset} | {lam} | " + " | ".join(cells) + " |")
     if elapsed:
         lines += ["", f"{elapsed['runs']} runs: {elapsed['wall_s'] / 60:.1f} min wall, {elapsed['cpu_s'] / 60:.1f} min "
-                      f"CPU time (torch threads: {elapsed['torch_threads']}, CPU cores: {elapsed['cpu_count']})."]
+                      f"CPU time ({elapsed.get('jobs', 1)} job(s) of {elapsed['torch_threads']} torch thread(s), "
+                      f"{elapsed['cpu_count']} CPU cores)."]
     return "\n".join(lines) + "\n"
 
 
