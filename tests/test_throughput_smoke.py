@@ -63,7 +63,8 @@ def test_list_names_every_group():
     settings = _rows.Settings(torch.device("cpu"), args.quick, True, ["cpu"], args.repeat)
     names = [n for n, _ in throughput.plan(settings)]
     for group in ("q_sample/", "loss fwd+bwd/batch/", "noise+loss fwd+bwd/batch/fp32/", "noise+loss fwd+bwd/batch/bf16/",
-                  "ddpm step/", "ddpm sampling/mlp-2d/", "ddpm sampling/unet-", "train step/unet-"):
+                  "ddpm step/", "ddpm sampling/mlp-2d/", "ddpm sampling/unet-", "ddim sampling/unet-",
+                  "train step/unet-"):
         assert any(n.startswith(group) for n in names), group
 
 
