@@ -192,6 +192,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device-name>.json)")
     p.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")
     p.add_argument("--list", action="store_true", help="print the row names and exit")
+    p.add_argument("--ceiling-mib", type=int, default=None,
+                   help="buffer size of the copy-bandwidth ceiling (default 1024 on GPU, 256 on CPU: beyond the caches)")
     p.add_argument("--note", default="", help="free text stored in the JSON and printed (e.g. 'shared machine')")
     args = p.parse_args(argv)
     args.repeat = args.repeat or (5 if args.quick else 15)
@@ -226,7 +228,7 @@ def main(argv=None) -> int:
         return 2
 
     meta = {"machine": H.machine_info(device)}
-    ceiling_bytes = 1 << 30 if device.type == "cuda" else 1 << 28
+    ceiling_bytes = (args.ceiling_mib << 20) if args.ceiling_mib else (1 << 30 if device.type == "cuda" else 1 << 28)
     copy_bw = H.copy_bandwidth(device, ceiling_bytes)
     rows: list[Row] = []
     bar = tqdm(entries, desc="throughput", unit="row", file=sys.stderr, dynamic_ncols=True)

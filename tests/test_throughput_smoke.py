@@ -29,7 +29,7 @@ def test_quick_q_sample_run_writes_valid_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCH / "throughput.py"), "--quick", "--only", "^q_sample", "--no-compile",
          "--repeat", "3", "--warmup", "1", "--min-sample-s", "0", "--device", "cpu", "--threads", "1",
-         "--out", str(out)],
+         "--ceiling-mib", "16", "--out", str(out)],
         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
     )
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
