@@ -3,8 +3,10 @@
 On a machine with a CUDA GPU it runs the Triton kernels (and the compiled CUDA kernels when
 ``isofast._C`` was built with them) at real sizes, B=128 samples of 3x64x64 in float32 and
 bfloat16, and prints one pass/fail line per (op, backend, dtype). Without a GPU it says so and
-checks what can run on CPU: the compiled CPU kernels when built, and the Triton kernels only if
-``TRITON_INTERPRET=1`` was set before start-up (the interpreter is slow: a small size is used).
+checks what can run on CPU: the compiled CPU kernels when built, the Triton kernels only if
+``TRITON_INTERPRET=1`` was set before start-up (the interpreter is slow: a small size is used),
+and otherwise that every Triton kernel compiles to an sm_90 cubin with the ptxas Triton ships
+(no GPU needed; this catches lowering errors the interpreter cannot).
 Exit status 1 when any check fails, 0 otherwise (also when nothing could be checked: the table
 says which backends were skipped and why).
 
@@ -116,6 +118,73 @@ def check_backend(backend: str, device: str, batch: int, shape: tuple[int, ...],
     return results
 
 
+def _kernel_signatures(dtype: str):
+    """(name, kernel, signature, constexprs) of every Triton kernel, for an ahead-of-time compile."""
+    import importlib
+
+    # by module path: the package re-exports the primitive `q_sample` under the module's name
+    iso_loss, philox, q_sample, steps = (importlib.import_module(f"isofast.kernels.{m}")
+                                         for m in ("iso_loss", "philox", "q_sample", "steps"))
+
+    i64_ptrs = {"t_ptr", "t_prev_ptr", "key_ptr"}
+    f32_ptrs = {"sqrt_ab_ptr", "sqrt_1mab_ptr", "table_ptr", "ac_ptr", "c1_ptr", "c2_ptr",
+                "sse_part_ptr", "ssq_part_ptr"}
+    block = 2048
+    cases = [
+        ("q_sample", q_sample.q_sample_kernel, {"HAS_E": False, "BLOCK": block}),
+        ("iso_sums", iso_loss.iso_sums_kernel, {"HAS_E": False, "BLOCK": block}),
+        ("iso_grad", iso_loss.iso_grad_kernel, {"HAS_E": False, "BLOCK": block}),
+        ("ddpm_step", steps.ddpm_step_kernel, {"HAS_E": False, "CLIP_X0": True, "BLOCK": block}),
+        ("ddim_step", steps.ddim_step_kernel, {"HAS_NOISE": True, "HAS_E": False, "CLIP_X0": False, "BLOCK": block}),
+        ("contract_draw", philox._contract_draw_kernel, {"BLOCK": 1024}),
+    ]
+    for name, kernel, constexprs in cases:
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg == "ints_ptr":
+                signature[arg] = "*i32"
+            elif arg in i64_ptrs:
+                signature[arg] = "*i64"
+            elif arg in f32_ptrs or (name == "contract_draw" and arg == "out_ptr"):
+                signature[arg] = "*fp32"
+            elif arg.endswith("_ptr"):
+                signature[arg] = f"*{dtype}"
+            else:
+                signature[arg] = "fp32" if arg == "eta" else "i32"
+        yield name, kernel, signature, constexprs
+
+
+def compile_check(arch: int = 90, dtypes: tuple[str, ...] = ("fp32", "bf16")) -> list[Result]:
+    """Compile every Triton kernel for an sm_``arch`` GPU without one (for each data dtype).
+
+    Needs the kernels jitted, not interpreted: run without ``TRITON_INTERPRET=1``.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = []
+    target = GPUTarget("cuda", arch, 32)
+    for dtype in dtypes:
+        for name, kernel, signature, constexprs in _kernel_signatures(dtype):
+            if name == "contract_draw" and dtype != "fp32":
+                continue
+            pointer_args = [i for i, a in enumerate(kernel.arg_names) if signature[a].startswith("*")]
+            attrs = {(i,): [["tt.divisibility", 16]] for i in pointer_args}
+            try:
+                src = ASTSource(kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+                compiled = triton.compile(src, target=target, options={"num_warps": 4})
+                ok = bool(compiled.asm.get("cubin"))
+                results.append(Result(f"compile {name} sm_{arch}", "triton", dtype, 0.0 if ok else None, 0.0,
+                                      "" if ok else "no cubin produced"))
+            except Exception as exc:
+                results.append(Result(f"compile {name} sm_{arch}", "triton", dtype, None, 0.0,
+                                      f"{type(exc).__name__}: {exc}"[:160]))
+    return results
+
+
 def _plan(args: argparse.Namespace) -> tuple[str, list[tuple[str, int, tuple[int, ...]]], list[str]]:
     """(device, [(backend, batch, shape)], skipped-lines) for this machine."""
     plan, skipped = [], []
@@ -133,8 +202,10 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[tuple[str, int, tuple[int
     (plan.append(("cpu", 8, (3, 16, 16))) if ok else skipped.append(f"cpu: {reason}"))
     if os.environ.get("TRITON_INTERPRET") == "1":
         plan.append(("triton", 2, (3, 4, 5)))  # interpreter: ~1e5 elements/s
+        skipped.append("triton sm_90 compile check: not under TRITON_INTERPRET=1 (kernels are interpreted)")
     else:
-        skipped.append("triton: no GPU; run with TRITON_INTERPRET=1 to check it in the (slow) interpreter")
+        plan.append(("triton-compile", 0, ()))
+        skipped.append("triton numerics: no GPU; run with TRITON_INTERPRET=1 to check them in the (slow) interpreter")
     skipped.append("cuda: no CUDA GPU")
     return device, plan, skipped
 
@@ -149,13 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = (torch.float32, torch.bfloat16)
     results: list[Result] = []
     for backend, batch, shape in plan:
+        if backend == "triton-compile":
+            print("compiling every Triton kernel for sm_90 (no GPU needed) ...", flush=True)
+            results += compile_check(90)
+            continue
         print(f"checking {backend} on {device}: B={batch}, sample shape {shape} ...", flush=True)
         results += check_backend(backend, device, batch, shape, dtypes)
 
     width = max([len(r.op) for r in results] + [10])
     print(f"\n{'op':<{width}}  {'backend':<7}  {'dtype':<8}  {'rel.err':>9}  {'tol':>7}  result")
     for r in results:
-        err = "error" if r.error is None else f"{r.error:9.2e}"
+        err = "error" if r.error is None else ("ok" if r.op.startswith("compile") else f"{r.error:9.2e}")
         line = f"{r.op:<{width}}  {r.backend:<7}  {r.dtype:<8}  {err:>9}  {r.tol:7.1e}  {'PASS' if r.passed else 'FAIL'}"
         print(line + (f"  {r.note}" if r.note else ""))
     for line in skipped:

@@ -333,3 +333,31 @@ def test_kernels_with_gpu_block_sizes(n, monkeypatch):
     c1, c2 = torch.randn(batch, device=DEVICE), torch.randn(batch, device=DEVICE)
     g = K.iso_grad(p, None, to_signed(seed), to_signed(offset), c1, c2)
     torch.testing.assert_close(g, c1[:, None] * (p - eps) + c2[:, None] * p, rtol=1e-5, atol=1e-6)
+
+
+# -- selfcheck -----------------------------------------------------------------------------------
+
+def test_selfcheck_passes_kernels_and_flags_a_wrong_one(monkeypatch):
+    from isofast import selfcheck
+
+    results = selfcheck.check_backend("triton", DEVICE, 2, (1, 3, 3), (torch.float32,))
+    assert len(results) == len(selfcheck._cases()) and all(r.passed for r in results), results
+    wrong = K.iso_grad
+    monkeypatch.setattr(K, "iso_grad", lambda p, e, s, o, c1, c2: 1.001 * wrong(p, e, s, o, c1, c2))
+    results = {r.op: r for r in selfcheck.check_backend("triton", DEVICE, 2, (1, 3, 3), (torch.float32,))}
+    assert not results["loss batch (key) fwd+bwd"].passed and results["q_sample (key)"].passed
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels themselves")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter cannot see GPU lowering errors: compile every kernel to an sm_90 cubin."""
+    import subprocess
+    import sys
+
+    code = ("from isofast.selfcheck import compile_check\n"
+            "bad = [r for r in compile_check(90, ('fp32',)) if not r.passed]\n"
+            "print(bad)\nraise SystemExit(1 if bad else 0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
