@@ -361,3 +361,22 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_noising_and_loss_compile_without_graph_breaks():
+    """fullgraph=True raises on any graph break: the custom ops must be traceable end to end."""
+    sched = NoiseSchedule.linear(T=50).to(device=DEVICE)
+
+    def train_step(x0, t, scale):
+        x_t, key = isofast.q_sample(x0, t, sched, NoiseKey(seed=5, offset=2**40, shape=x0.shape, device=DEVICE),
+                                    backend="triton")
+        return isofast.iso_ddpm_loss(x_t * scale, key, 0.3, "batch", backend="triton")
+
+    x0, t = torch.randn(3, 2, 5, device=DEVICE), torch.randint(0, 50, (3,), device=DEVICE)
+    grads = []
+    for fn in (torch.compile(train_step, backend="aot_eager", fullgraph=True), train_step):
+        scale = torch.ones(1, device=DEVICE, requires_grad=True)
+        loss = fn(x0, t, scale)
+        loss.backward()
+        grads.append((loss.detach(), scale.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=0)
