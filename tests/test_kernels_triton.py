@@ -121,12 +121,19 @@ def test_iso_grad_equals_formula(data_seed, batch, n, dtype, seed, offset, expli
     _close(g, expected.to(dtype), dtype)
 
 
-def test_loss_primitives_refuse_float64():
+def test_primitives_refuse_float64_and_non_row_layouts():
     p = torch.randn(2, 5, dtype=torch.float64, device=DEVICE)
+    ones = torch.ones(2, device=DEVICE)
     with pytest.raises(TypeError, match="eps_pred"):
         K.iso_sums(p, None, 0, 0)
     with pytest.raises(TypeError, match="eps_pred"):
-        K.iso_grad(p, None, 0, 0, torch.ones(2, device=DEVICE), torch.ones(2, device=DEVICE))
+        K.iso_grad(p, None, 0, 0, ones, ones)
+    with pytest.raises(TypeError, match="x0"):
+        K.q_sample(p, torch.zeros(2, dtype=torch.int64, device=DEVICE), ones, ones, None, 0, 0)
+    with pytest.raises(ValueError, match="eps_pred"):
+        K.iso_sums(torch.randn(5, 2, device=DEVICE).t(), None, 0, 0)
+    with pytest.raises(ValueError, match="noise"):
+        K.iso_sums(torch.randn(2, 5, device=DEVICE), torch.randn(2, 4, device=DEVICE), 0, 0)
 
 
 # -- sampler steps ----------------------------------------------------------------------------

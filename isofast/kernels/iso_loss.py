@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from isofast.kernels.philox import contract_normals, join_u64, row_window, split_u64
-from isofast.kernels.settings import calculate_settings, check_dtype
+from isofast.kernels.settings import calculate_settings, check_rows
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi"])
@@ -83,7 +83,9 @@ def iso_grad_kernel(p_ptr, e_ptr, c1_ptr, c2_ptr, g_ptr, n, nwin, seed_lo, seed_
 
 def iso_sums(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sse, ssq)``: float32 (B,) row sums of ``(p - eps)**2`` and ``p**2``."""
-    check_dtype(p, "eps_pred")
+    check_rows("eps_pred", p)
+    if e is not None:
+        check_rows("noise", e, p, "eps_pred")
     batch, n = p.shape
     if p.numel() == 0:
         zeros = torch.zeros(batch, dtype=torch.float32, device=p.device)
@@ -102,7 +104,9 @@ def iso_sums(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) ->
 def iso_grad(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int,
              c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
     """``g = c1[b] * (p - eps) + c2[b] * p``: (B, n) in p's dtype."""
-    check_dtype(p, "eps_pred")
+    check_rows("eps_pred", p)
+    if e is not None:
+        check_rows("noise", e, p, "eps_pred")
     batch, n = p.shape
     g = torch.empty_like(p)
     if g.numel() == 0:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from isofast.kernels.philox import contract_normals, join_u64, row_window, split_u64
-from isofast.kernels.settings import calculate_settings, check_dtype
+from isofast.kernels.settings import calculate_settings, check_rows
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi"])
@@ -38,7 +38,9 @@ def q_sample_kernel(x0_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr, e_ptr, out_ptr, n
 def q_sample(x0: torch.Tensor, t: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor,
              e: torch.Tensor | None, seed: int, offset: int) -> torch.Tensor:
     """``x_t[b] = sqrt_ab[t[b]] * x0[b] + sqrt_1mab[t[b]] * eps[b]``; (B, n) in x0's dtype."""
-    check_dtype(x0, "x0")
+    check_rows("x0", x0)
+    if e is not None:
+        check_rows("noise", e, x0, "x0")
     batch, n = x0.shape
     out = torch.empty_like(x0)
     if out.numel() == 0:

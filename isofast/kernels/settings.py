@@ -59,9 +59,21 @@ def calculate_settings(n: int) -> LaunchSettings:
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_dtype(x, name: str) -> None:
-    """Refuse data dtypes the kernels are not built for: float64 belongs to the reference."""
+def check_rows(name: str, x, like=None, like_name: str = "") -> None:
+    """Host-side guard of a data operand (no device sync): a contiguous (B, n) tensor of a
+    dtype the kernels are built for, with the shape and dtype of ``like`` when given.
+
+    The ops layer has validated everything already; this catches a caller that bypasses it,
+    since the kernels index raw memory as row-major (B, n). float64 raises TypeError: it
+    belongs to the reference backend.
+    """
     if str(x.dtype).removeprefix("torch.") not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name}: the Triton kernels take float32, bfloat16 or float16 data, got {x.dtype} "
             "(float64 runs on the reference backend)")
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous (B, n) tensor, got shape {tuple(x.shape)} "
+                         f"with strides {x.stride()}")
+    if like is not None and (x.shape != like.shape or x.dtype != like.dtype or x.device != like.device):
+        raise ValueError(f"{name} must match {like_name} in shape, dtype and device: got {tuple(x.shape)} "
+                         f"{x.dtype} {x.device} against {tuple(like.shape)} {like.dtype} {like.device}")

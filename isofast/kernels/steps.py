@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from isofast.kernels.philox import as_uint64, contract_normals, row_window
-from isofast.kernels.settings import calculate_settings, check_dtype
+from isofast.kernels.settings import calculate_settings, check_rows
 
 
 @triton.jit
@@ -102,7 +102,10 @@ def _noise_args(x: torch.Tensor, t: torch.Tensor, e: torch.Tensor | None, key: t
 def ddpm_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
               e: torch.Tensor | None, key: torch.Tensor | None, clip_x0: bool) -> torch.Tensor:
     """x_{t-1} of the DDPM ancestral step; (B, n) in x's dtype. table: float32 (5, T)."""
-    check_dtype(x, "x_t")
+    check_rows("x_t", x)
+    check_rows("eps_pred", eps_pred, x, "x_t")
+    if e is not None:
+        check_rows("noise", e, x, "x_t")
     batch, n = x.shape
     out = torch.empty_like(x)
     if out.numel() == 0:
@@ -118,7 +121,10 @@ def ddim_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, t_prev: 
               alphas_cumprod: torch.Tensor, eta: float, e: torch.Tensor | None, key: torch.Tensor | None,
               clip_x0: bool) -> torch.Tensor:
     """x_{t_prev} of the DDIM step; (B, n) in x's dtype. alphas_cumprod: float32 (T,)."""
-    check_dtype(x, "x_t")
+    check_rows("x_t", x)
+    check_rows("eps_pred", eps_pred, x, "x_t")
+    if e is not None:
+        check_rows("noise", e, x, "x_t")
     batch, n = x.shape
     out = torch.empty_like(x)
     if out.numel() == 0:
