@@ -12,6 +12,11 @@ TORCH_LIBRARY(isofast_C, m) {
   m.def(
       "q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor? e, int seed, int offset) "
       "-> Tensor");
+  // CPU: q_sample that also returns the eps it drew (float32/float64 data only), so the CPU
+  // backend can hand it to iso_sums/iso_grad instead of regenerating it (see compiled.py).
+  m.def(
+      "q_sample_noise(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, int seed, int offset) "
+      "-> (Tensor, Tensor)");
   m.def("iso_sums(Tensor p, Tensor? e, int seed, int offset) -> (Tensor, Tensor)");
   m.def("iso_grad(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2) -> Tensor");
   m.def("ddpm_step(Tensor x, Tensor eps_pred, Tensor t, Tensor table, Tensor? e, Tensor? key, bool clip_x0) -> Tensor");

@@ -145,6 +145,31 @@ def test_noise_is_regenerated_identically():
     assert torch.equal(sse, torch.zeros(B))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_materialised_eps_gives_the_regenerated_numbers(dtype):
+    # CPU q_sample keeps the eps it drew for iso_sums/iso_grad (compiled.py): bit-identical results
+    # to regenerating it, and the kept eps is exactly the kernel generator's draw.
+    B, n, seed, offset = 3, 1001, 2**45 + 9, 2**36 + 1
+    t = torch.tensor([0, 5, 9])
+    sa, sb = torch.rand(10, dtype=dtype), torch.rand(10, dtype=dtype)
+    x0, p = torch.randn(B, n, dtype=dtype), torch.randn(B, n, dtype=dtype)
+    c1, c2 = torch.randn(B, dtype=dtype), torch.randn(B, dtype=dtype)
+    compiled.clear_noise_cache()
+    regen = (compiled.iso_sums(p, None, seed, offset), compiled.iso_grad(p, None, seed, offset, c1, c2))
+    x_t = compiled.q_sample(x0, t, sa, sb, None, seed, offset)
+    assert len(compiled._eps_cache) == 1
+    kept = compiled._cached_eps(p, None, seed, offset)
+    assert torch.equal(kept, torch.ops.isofast_C.philox_randn(x0, seed, offset).reshape(B, n).to(dtype))
+    stored = (compiled.iso_sums(p, None, seed, offset), compiled.iso_grad(p, None, seed, offset, c1, c2))
+    assert torch.equal(regen[0][0], stored[0][0]) and torch.equal(regen[0][1], stored[0][1])
+    assert torch.equal(regen[1], stored[1])
+    compiled.clear_noise_cache()
+    assert torch.equal(x_t, compiled.q_sample(x0, t, sa, sb, kept, 0, 0))
+    # another key never sees this draw
+    assert compiled._cached_eps(p, None, seed, offset + 1) is None
+    compiled.clear_noise_cache()
+
+
 # ---------------------------------------------------------------- sampler steps
 def ddpm_expr(x, ep, t, table, z, clip):
     a = acc(x.dtype)

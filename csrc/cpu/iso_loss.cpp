@@ -1,9 +1,9 @@
 // The Iso-Diffusion loss on the CPU, as two one-pass kernels that regenerate eps per tile:
 //   iso_sums: sse[b] = sum_j (p[b,j] - eps[b,j])^2,  ssq[b] = sum_j p[b,j]^2   (float32 / float64 (B,))
 //   iso_grad: g[b,j] = c1[b] (p[b,j] - eps[b,j]) + c2[b] p[b,j]                (data dtype)
-// Sums are accumulated per tile in the arithmetic type with `omp simd` lanes (vectorised), then
-// the tile partials of a row are added in float64 in a fixed order: the result does not depend
-// on the number of threads.
+// Sums are accumulated per tile in the arithmetic type in 16 fixed lanes (vectorised), then the
+// tile partials of a row are added in float64 in a fixed order: the result does not depend on the
+// number of threads, the ISA, or whether eps was regenerated or stored.
 // Vectorisation (-fopt-info-vec): the reduction and gradient loops vectorise for float and double.
 #include "cpu_common.h"
 #include "../checks.h"
@@ -20,6 +20,38 @@
 namespace isofast::cpu {
 namespace {
 
+// sum_j (p - eps)^2 and sum_j p^2 over [j0, j1) with kLanes independent running sums (element j
+// goes to lane (j - j0) % kLanes), added in a fixed order at the end. The lane loop vectorises
+// without reassociating anything, so the result does not depend on pointer alignment, ISA or
+// whether eps is regenerated or read back: bit-identical either way.
+constexpr int kLanes = 16;
+
+template <typename A, typename P, typename E>
+inline void row_sums(const P* __restrict__ p, const E* __restrict__ eps, int64_t len, A* s_err, A* s_sq) {
+  A se[kLanes] = {}, sq[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const A pv = static_cast<A>(p[j + l]), d = pv - static_cast<A>(eps[j + l]);
+      se[l] += d * d;
+      sq[l] += pv * pv;
+    }
+  }
+  for (int l = 0; j < len; ++j, ++l) {
+    const A pv = static_cast<A>(p[j]), d = pv - static_cast<A>(eps[j]);
+    se[l] += d * d;
+    sq[l] += pv * pv;
+  }
+  for (int w = kLanes / 2; w > 0; w /= 2) {  // pairwise, fixed order
+    for (int l = 0; l < w; ++l) {
+      se[l] += se[l + w];
+      sq[l] += sq[l + w];
+    }
+  }
+  *s_err = se[0];
+  *s_sq = sq[0];
+}
+
 template <typename T>
 void iso_sums_kernel(const T* p, const T* e, uint64_t seed, uint64_t offset, acc_t<T>* sse, acc_t<T>* ssq, int64_t B,
                      int64_t n) {
@@ -28,24 +60,11 @@ void iso_sums_kernel(const T* p, const T* e, uint64_t seed, uint64_t offset, acc
   std::vector<double> part(static_cast<size_t>(2 * B * tiles_per_row));
   for_each_tile(B, n, seed, offset, [&](int64_t) { return e == nullptr; },
                 [&](int64_t b, int64_t j0, int64_t j1, const float* z) {
-                  const T* pr = p + b * n;
-                  A s_err = 0, s_sq = 0;
+                  A s_err, s_sq;
                   if (z != nullptr) {
-                    z -= j0;
-#pragma omp simd reduction(+ : s_err, s_sq)
-                    for (int64_t j = j0; j < j1; ++j) {
-                      const A pv = static_cast<A>(pr[j]), d = pv - static_cast<A>(z[j]);
-                      s_err += d * d;
-                      s_sq += pv * pv;
-                    }
+                    row_sums<A>(p + b * n + j0, z, j1 - j0, &s_err, &s_sq);
                   } else {
-                    const T* er = e + b * n;
-#pragma omp simd reduction(+ : s_err, s_sq)
-                    for (int64_t j = j0; j < j1; ++j) {
-                      const A pv = static_cast<A>(pr[j]), d = pv - static_cast<A>(er[j]);
-                      s_err += d * d;
-                      s_sq += pv * pv;
-                    }
+                    row_sums<A>(p + b * n + j0, e + b * n + j0, j1 - j0, &s_err, &s_sq);
                   }
                   const int64_t slot = b * tiles_per_row + j0 / kTile;
                   part[2 * slot] = s_err;

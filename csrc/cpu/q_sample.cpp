@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 namespace isofast::cpu {
 namespace {
@@ -30,6 +31,52 @@ void q_sample_kernel(const T* x0, const int64_t* t, const acc_t<T>* sa, const ac
                     for (int64_t j = j0; j < j1; ++j) o[j] = static_cast<T>(a * static_cast<A>(x[j]) + c * static_cast<A>(ev[j]));
                   }
                 });
+}
+
+// q_sample that also returns the eps it generated (float32, or float64 for float64 data: the
+// same values the loss kernels would regenerate, converted exactly), for the CPU backend's
+// materialise-once path (isofast/ops/compiled.py).
+template <typename T>
+void q_sample_noise_kernel(const T* x0, const int64_t* t, const acc_t<T>* sa, const acc_t<T>* sb, uint64_t seed,
+                           uint64_t offset, T* out, acc_t<T>* eps, int64_t B, int64_t n) {
+  using A = acc_t<T>;
+  for_each_tile(B, n, seed, offset, [](int64_t) { return true; },
+                [&](int64_t b, int64_t j0, int64_t j1, const float* z) {
+                  const A a = sa[t[b]], c = sb[t[b]];
+                  const T* x = x0 + b * n;
+                  T* o = out + b * n;
+                  A* er = eps + b * n;
+                  z -= j0;
+                  for (int64_t j = j0; j < j1; ++j) {
+                    const A zv = static_cast<A>(z[j]);
+                    er[j] = zv;
+                    o[j] = static_cast<T>(a * static_cast<A>(x[j]) + c * zv);
+                  }
+                });
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_noise_cpu(const at::Tensor& x0, const at::Tensor& t,
+                                                      const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab,
+                                                      int64_t seed, int64_t offset) {
+  constexpr const char* op = "isofast_C::q_sample_noise";
+  check_data(x0, op, "x0");
+  TORCH_CHECK(x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble, op,
+              ": x0 must be float32 or float64 (16-bit data would round the stored eps), got ", x0.scalar_type());
+  check_index(t, x0, op, "t");
+  check_table(sqrt_ab, x0, 1, op, "sqrt_ab");
+  check_table(sqrt_1mab, x0, 1, op, "sqrt_1mab");
+  TORCH_CHECK(sqrt_ab.numel() == sqrt_1mab.numel(), op, ": sqrt_ab and sqrt_1mab must have the same length");
+  const int64_t B = x0.size(0), n = x0.size(1);
+  check_steps(t.data_ptr<int64_t>(), B, sqrt_ab.numel(), false, op, "t");
+  at::Tensor out = at::empty_like(x0), eps = at::empty_like(x0);
+  if (x0.numel() == 0) return {out, eps};
+  AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "isofast_q_sample_noise_cpu", [&] {
+    q_sample_noise_kernel<scalar_t>(x0.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), sqrt_ab.data_ptr<scalar_t>(),
+                                    sqrt_1mab.data_ptr<scalar_t>(), static_cast<uint64_t>(seed),
+                                    static_cast<uint64_t>(offset), out.data_ptr<scalar_t>(),
+                                    eps.data_ptr<scalar_t>(), B, n);
+  });
+  return {out, eps};
 }
 
 at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
@@ -57,6 +104,9 @@ at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(isofast_C, CPU, m) { m.impl("q_sample", &q_sample_cpu); }
+TORCH_LIBRARY_IMPL(isofast_C, CPU, m) {
+  m.impl("q_sample", &q_sample_cpu);
+  m.impl("q_sample_noise", &q_sample_noise_cpu);
+}
 
 }  // namespace isofast::cpu
