@@ -185,7 +185,7 @@ def _sample(kind, model, shape, sched, t_seq, t_prev_seq, eta, clip_x0, variance
         progress = sys.stderr.isatty()
 
     chunk = shape[0] if batch_size is None else min(batch_size, shape[0])
-    out = torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device) if chunk < shape[0] else None
     graphs: dict[int, _StepLoop] = {}  # one captured loop per chunk size, reused with new keys
     bar = tqdm(total=len(t_seq) * -(-shape[0] // chunk), desc=f"{kind} sampling", disable=not progress,
                leave=False, unit="step")
@@ -205,7 +205,10 @@ def _sample(kind, model, shape, sched, t_seq, t_prev_seq, eta, clip_x0, variance
             else:
                 x = _eager_loop(kind, model, sched, x, noise_seed, t_seq, t_prev_seq, eta, clip_x0, variance,
                                 name, bar)
-            out[start:start + cshape[0]] = x
+            if out is None:
+                out = x  # one chunk: no copy
+            else:
+                out[start:start + cshape[0]] = x
     bar.close()
     return out
 
