@@ -112,8 +112,10 @@ def iso_grad(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int,
     if g.numel() == 0:
         return g
     cfg = calculate_settings(n)
+    # O(B) operands: .contiguous() is free when they already are (autograd may hand in
+    # expanded gradients), and the kernel indexes them as dense vectors
     iso_grad_kernel[(batch * cfg.nwin,)](
-        p, p if e is None else e, c1, c2, g, n, cfg.nwin,
+        p, p if e is None else e, c1.contiguous(), c2.contiguous(), g, n, cfg.nwin,
         *split_u64(seed), *split_u64(offset),
         HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
     return g

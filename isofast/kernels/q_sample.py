@@ -47,7 +47,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab
         return out
     cfg = calculate_settings(n)
     q_sample_kernel[(batch * cfg.nwin,)](
-        x0, t, sqrt_ab, sqrt_1mab, x0 if e is None else e, out, n, cfg.nwin,
+        x0, t.contiguous(), sqrt_ab.contiguous(), sqrt_1mab.contiguous(), x0 if e is None else e, out, n, cfg.nwin,
         *split_u64(seed), *split_u64(offset),
         HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
     return out

@@ -96,7 +96,7 @@ def _noise_args(x: torch.Tensor, t: torch.Tensor, e: torch.Tensor | None, key: t
     (no allocation, so the launch stays capturable)."""
     if needed and e is None and key is None:
         raise ValueError("noise: a step needs either an explicit noise tensor e or a key tensor")
-    return (x if e is None else e), (t if key is None else key)
+    return (x if e is None else e), (t if key is None else key.contiguous())
 
 
 def ddpm_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
@@ -112,7 +112,7 @@ def ddpm_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, table: t
         return out
     cfg = calculate_settings(n)
     ddpm_step_kernel[(batch * cfg.nwin,)](
-        x, eps_pred, t, table, *_noise_args(x, t, e, key), out, n, cfg.nwin, table.shape[1],
+        x, eps_pred, t.contiguous(), table.contiguous(), *_noise_args(x, t, e, key), out, n, cfg.nwin, table.shape[1],
         HAS_E=e is not None, CLIP_X0=bool(clip_x0), BLOCK=cfg.block, num_warps=cfg.num_warps)
     return out
 
@@ -132,7 +132,8 @@ def ddim_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, t_prev: 
     cfg = calculate_settings(n)
     eta = float(eta)
     ddim_step_kernel[(batch * cfg.nwin,)](
-        x, eps_pred, t, t_prev, alphas_cumprod, eta, *_noise_args(x, t, e, key, eta != 0.0), out, n, cfg.nwin,
+        x, eps_pred, t.contiguous(), t_prev.contiguous(), alphas_cumprod.contiguous(), eta,
+        *_noise_args(x, t, e, key, eta != 0.0), out, n, cfg.nwin,
         HAS_NOISE=eta != 0.0, HAS_E=e is not None, CLIP_X0=bool(clip_x0),
         BLOCK=cfg.block, num_warps=cfg.num_warps)
     return out
