@@ -32,8 +32,8 @@ loss backward runs right after the forward at moderate sizes.
 
 Reduction scheme of ``iso_sums``: a 1-D grid of ``B * nwin`` programs, each one
 row window (see :mod:`isofast.kernels.settings`) writing its two float32 partial
-sums into two (B, nwin) buffers, then ``torch.sum`` over windows: deterministic
-(no atomics), bit-identical between runs. Accumulation is float32 whatever the
+sums into two (B, nwin) buffers, then ``torch.sum`` over windows (skipped when
+a row fits one window): deterministic (no atomics), bit-identical between runs. Accumulation is float32 whatever the
 input dtype; float64 data raises TypeError (the ops layer sends it to the
 reference).
 """
@@ -98,6 +98,8 @@ def iso_sums(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) ->
         p, p if e is None else e, sse_part, ssq_part, n, cfg.nwin,
         *split_u64(seed), *split_u64(offset),
         HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
+    if cfg.nwin == 1:  # one window per row: the partials are the sums, skip two launches
+        return sse_part.view(batch), ssq_part.view(batch)
     return sse_part.sum(dim=1), ssq_part.sum(dim=1)
 
 
