@@ -33,9 +33,9 @@ loss backward runs right after the forward at moderate sizes.
 Reduction scheme of ``iso_sums``: a 1-D grid of ``B * nwin`` programs, each one
 row window (see :mod:`isofast.kernels.settings`) writing its two float32 partial
 sums into two (B, nwin) buffers, then ``torch.sum`` over windows (skipped when
-a row fits one window): deterministic (no atomics), bit-identical between runs. Accumulation is float32 whatever the
-input dtype; float64 data raises TypeError (the ops layer sends it to the
-reference).
+a row fits one window): deterministic (no atomics), bit-identical between runs.
+Accumulation is float32 whatever the input dtype; float64 data raises TypeError
+(the ops layer sends it to the reference).
 """
 from __future__ import annotations
 
