@@ -299,3 +299,15 @@ def test_backend_list_helper_sees_cpu_backends():
     names = sampling._available_fused_backends(CPU)
     assert set(names) <= {"cpu", "triton"}
     assert ("cpu" in names) == backends.status("cpu")[0]
+
+
+@pytest.mark.parametrize("T,steps", [(1000, 50), (1000, 7), (100, 100)])
+def test_ddim_timesteps_equal_diffusers_leading_spacing(T, steps):
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing="leading", steps_offset=0,
+                                    set_alpha_to_one=True)
+    sched.set_timesteps(steps)
+    t, t_prev = sampling.ddim_timesteps(T, steps)
+    assert sched.timesteps.tolist() == t
+    ratio = T // steps
+    assert [max(s - ratio, -1) for s in t] == t_prev  # diffusers' prev_timestep, with ab_prev = 1 below 0
