@@ -143,10 +143,14 @@ class NoiseKey:
         """Where the stream's next draw starts (offset + ceil(numel / 4))."""
         return (self.offset + calls_for(self.numel)) & MASK64
 
-    def materialize(self) -> torch.Tensor:
-        """The noise itself, by the reference implementation of the contract."""
+    def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The noise itself, by the reference implementation of the contract, in ``dtype`` (default: the key's).
+
+        The contract's normals are float32; ops compute with them in float32 (float64 for
+        float64 data) whatever the data dtype, so they materialise with ``dtype=torch.float32``.
+        """
         noise = randn_contract(self.seed, self.offset, self.numel, self.device)
-        return noise.reshape(self.shape).to(self.dtype)
+        return noise.reshape(self.shape).to(dtype or self.dtype)
 
     def as_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         """int64 (2,) tensor (seed, offset) as bit patterns, the form sampler kernels read from device memory."""

@@ -416,10 +416,10 @@ class Trainer:
         cfg = self.config
         t_global = torch.randint(0, cfg.T, (cfg.batch_size,), generator=self.noise_generator)
         key = NoiseKey.draw((cfg.batch_size, *x0_shape[1:]), torch.float32, self.device, self.noise_generator)
+        # t stays on the CPU: q_sample checks CPU timesteps without a device sync and copies them over.
         t = t_global[self.rows]
         if self.device.type == "cuda":
             t = t.pin_memory()
-        t = t.to(self.device, non_blocking=True)
         noise = key if self.dist.world_size == 1 else distributed.rank_noise(key, self.rows)
         return t, noise
 
@@ -438,8 +438,9 @@ class Trainer:
     def train_step(self, x0: torch.Tensor) -> None:
         """One optimizer step on this rank's batch x0 (B/W, ...) (the data iterator supplies it)."""
         cfg = self.config
-        t, noise = self._noise_for_step(tuple(x0.shape))
-        x_t, _ = q_sample(x0, t, self.schedule, noise, backend=cfg.backend)
+        t_cpu, noise = self._noise_for_step(tuple(x0.shape))
+        x_t, _ = q_sample(x0, t_cpu, self.schedule, noise, backend=cfg.backend)
+        t = t_cpu.to(self.device, non_blocking=True)
         if cfg.channels_last and x_t.ndim == 4:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         with self._autocast():

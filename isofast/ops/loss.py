@@ -99,7 +99,7 @@ def iso_ddpm_loss(
     name = dispatch.choose(backend, eps_pred)
     eps_tensor = noise if isinstance(noise, torch.Tensor) else None
     if name == "reference" or dispatch.needs_reference_autograd(eps_tensor):
-        eps = noise.materialize() if isinstance(noise, NoiseKey) else noise
+        eps = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
         loss, parts = reference.iso_ddpm_loss(eps_pred, eps, iso_lambda, iso_mode, weights, reduction)
     else:
         if isinstance(noise, NoiseKey):

@@ -72,7 +72,7 @@ def q_sample(
         noise = validation.noise_for(noise, x0)
     name = dispatch.choose(backend, x0)
     if name == "reference" or (isinstance(noise, torch.Tensor) and dispatch.needs_reference_autograd(noise)):
-        eps = noise.materialize() if isinstance(noise, NoiseKey) else noise
+        eps = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
         return reference.q_sample(x0, t, sched, eps), noise
     if isinstance(noise, NoiseKey):
         eps, seed, offset = None, to_signed(noise.seed), to_signed(noise.offset)

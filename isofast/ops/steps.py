@@ -103,7 +103,7 @@ def ddpm_step(
     name = dispatch.choose(backend, x_t)
     noise_tensor = noise if isinstance(noise, torch.Tensor) else None
     if name == "reference" or dispatch.needs_reference_autograd(x_t, eps_pred, noise_tensor):
-        z = noise.materialize() if isinstance(noise, NoiseKey) else noise
+        z = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
         return reference.ddpm_step(x_t, eps_pred, t, sched, z, clip_x0, variance)
     e, key = _fused_noise_args(noise, x_t)
     return ddpm_step_keyed(x_t, eps_pred, t, sched, e, key, clip_x0, variance, name)
@@ -143,7 +143,7 @@ def ddim_step(
     name = dispatch.choose(backend, x_t)
     noise_tensor = noise if isinstance(noise, torch.Tensor) else None
     if name == "reference" or dispatch.needs_reference_autograd(x_t, eps_pred, noise_tensor):
-        z = noise.materialize() if isinstance(noise, NoiseKey) else noise
+        z = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
         return reference.ddim_step(x_t, eps_pred, t, t_prev, sched, float(eta), z, clip_x0)
     e, key = _fused_noise_args(noise, x_t)
     return ddim_step_keyed(x_t, eps_pred, t, t_prev, sched, float(eta), e, key, clip_x0, name)

@@ -1,9 +1,9 @@
 """Argument checks shared by every op, so that all backends raise the same clear errors.
 
 Every check names the argument and what was expected. Value checks on timesteps read the
-tensor; on CUDA that is a host sync, skipped while a CUDA graph is being captured or
-torch.compile traces (the kernels then trust their inputs), and skippable with
-ISOFAST_CHECK_VALUES=0 for benchmarks that must not sync.
+tensor: free for CPU timesteps (which may accompany GPU data: pass them so in hot loops), a
+host sync for CUDA ones; skipped while a CUDA graph is being captured or torch.compile traces
+(the kernels then trust their inputs), and skippable with ISOFAST_CHECK_VALUES=0.
 """
 from __future__ import annotations
 
@@ -66,11 +66,13 @@ def timesteps(name: str, t: object, batch: int, T: int, device: torch.device) ->
         t = t.expand(batch)
     if tuple(t.shape) != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
-    same_device(name, t.device, "the data", device)
+    # CPU timesteps for GPU data are allowed: checking them costs no device sync, then one small copy.
+    if t.device.type != "cpu":
+        same_device(name, t.device, "the data", device)
     if _check_values_now(t):
         if bool(((t < low) | (t >= T)).any()):
             raise ValueError(f"{name} must be in [{low}, {T}), got values in [{int(t.min())}, {int(t.max())}]")
-    return t.to(torch.int64).contiguous()
+    return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
 
 
 def iso_lambda(value: object) -> float:
