@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 
 from setuptools import setup
@@ -32,7 +31,7 @@ def _log(msg: str) -> None:
 
 def _cxx_works() -> tuple[bool, str]:
     """Can the C++ compiler that setuptools will use compile a trivial file?"""
-    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    cxx = os.environ.get("CXX") or "c++"  # what torch.utils.cpp_extension's ninja build runs
     exe = cxx.split()[0]
     if shutil.which(exe) is None:
         return False, f"no C++ compiler ({exe!r} not found)"
@@ -79,6 +78,20 @@ def _cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def _cudart_dirs(cuda_home: str) -> list[str]:
+    """Where libcudart.so is: torch guesses CUDA_HOME from nvcc's path, which may be a wrapper
+    outside the toolkit (here /usr/local/bin/nvcc, toolkit in /usr/local/cuda/lib)."""
+    candidates = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
+    for home in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates += [os.path.join(home, "lib64"), os.path.join(home, "lib")]
+    found = []
+    for d in candidates:
+        if os.path.exists(os.path.join(d, "libcudart.so")) and d not in found:
+            found.append(d)
+    return found
+
+
 def _extensions() -> tuple[list, dict]:
     if os.environ.get("ISOFAST_NO_EXT") == "1":
         _log("ISOFAST_NO_EXT=1: pure-Python install")
@@ -106,9 +119,12 @@ def _extensions() -> tuple[list, dict]:
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu")))]
         define_macros.append(("ISOFAST_WITH_CUDA", "1"))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        from torch.utils.cpp_extension import CUDA_HOME
+
         ext = CUDAExtension(
             "isofast._C", sources, include_dirs=[os.path.join(ROOT, "csrc"), *_cuda_include_dirs()],
-            define_macros=define_macros, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+            library_dirs=_cudart_dirs(CUDA_HOME), define_macros=define_macros, extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
         )
     else:
         ext = CppExtension(

@@ -439,3 +439,49 @@ def test_torch_compile_fullgraph_cpu_loss_equals_eager():
     torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-7)
     for g, ge in zip([p.grad for p in model.parameters()], grads_eager, strict=True):
         torch.testing.assert_close(g, ge, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- CUDA kernels (on a GPU only)
+needs_cuda_kernels = pytest.mark.skipif(
+    not compiled.available("cuda")[0], reason=f"CUDA kernels not usable here: {compiled.available('cuda')[1]}"
+)
+
+
+@needs_cuda_kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (3, 7), (5, 8), (4, 3072), (2, 70001)])
+def test_cuda_primitives_equal_cpu(dtype, shape):
+    B, n = shape
+    seed, offset = 2**41 + 5, 2**35 + 7
+    dev = torch.device("cuda")
+    T = 30
+    gen = torch.Generator().manual_seed(B * n)
+    x, p, e = (rand(B, n, dtype, gen) for _ in range(3))
+    table, acp = _schedule(T, dtype)
+    ab = torch.rand(T, generator=gen, dtype=torch.float64).to(acc(dtype))
+    t = torch.randint(0, T, (B,), generator=gen)
+    t_prev = torch.clamp(t - 3, min=-1)
+    c1, c2 = (torch.randn(B, generator=gen, dtype=torch.float64).to(acc(dtype)) for _ in range(2))
+    key = torch.tensor([noise.to_signed(seed), noise.to_signed(offset)])
+    s, o = key.tolist()
+    cu = lambda z: None if z is None else z.to(dev)  # noqa: E731
+    for e_arg in (None, e):
+        pairs = [
+            (compiled.q_sample(x, t, ab.sqrt(), (1 - ab).sqrt(), e_arg, s, o),
+             compiled.q_sample(cu(x), cu(t), cu(ab.sqrt()), cu((1 - ab).sqrt()), cu(e_arg), s, o)),
+            (compiled.iso_grad(p, e_arg, s, o, c1, c2), compiled.iso_grad(cu(p), cu(e_arg), s, o, cu(c1), cu(c2))),
+            (compiled.ddpm_step(x, p, t, table, e_arg, key, True),
+             compiled.ddpm_step(cu(x), cu(p), cu(t), cu(table), cu(e_arg), cu(key), True)),
+            (compiled.ddim_step(x, p, t, t_prev, acp, 0.7, e_arg, key, False),
+             compiled.ddim_step(cu(x), cu(p), cu(t), cu(t_prev), cu(acp), 0.7, cu(e_arg), cu(key), False)),
+        ]
+        for want, got in pairs:
+            close(got.cpu(), want, dtype, extra_atol=20 * NOISE_ATOL)
+        sums_cpu, sums_gpu = compiled.iso_sums(p, e_arg, s, o), compiled.iso_sums(cu(p), cu(e_arg), s, o)
+        for want, got in zip(sums_cpu, sums_gpu, strict=True):
+            torch.testing.assert_close(got.cpu().double(), want.double(), rtol=1e-5, atol=1e-4)
+    like = torch.empty(n * B + 3)
+    assert torch.equal(torch.ops.isofast_C.philox_bits(like.to(dev), s, o).cpu(), torch.ops.isofast_C.philox_bits(like, s, o))
+    torch.testing.assert_close(torch.ops.isofast_C.philox_randn(like.to(dev), s, o).cpu(),
+                               noise.randn_contract(seed, offset, like.numel()), rtol=0, atol=NOISE_ATOL)

@@ -13,6 +13,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -96,7 +97,15 @@ __device__ __forceinline__ void noise_chunk(uint64_t seed, uint64_t offset, int6
 // Row of each element of the chunk starting at flat i0 (rows of n elements).
 template <int K>
 __device__ __forceinline__ void rows_of_chunk(int64_t i0, int64_t n, int64_t rows[K]) {
-  int64_t b = i0 / n, j = i0 - b * n;
+  int64_t b, j;
+  if (i0 <= INT32_MAX && n <= INT32_MAX) {  // 32-bit division: a few instructions instead of ~70
+    const uint32_t q = static_cast<uint32_t>(i0) / static_cast<uint32_t>(n);
+    b = q;
+    j = i0 - static_cast<int64_t>(q) * n;
+  } else {
+    b = i0 / n;
+    j = i0 - b * n;
+  }
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     rows[k] = b;
