@@ -283,6 +283,28 @@ def _git_commit() -> str | None:
         return None
 
 
+def _git_dirty() -> list[str] | None:
+    """Modified tracked files of the package and the extension: the run measured them, not the commit."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "isofast", "csrc"],
+                             cwd=os.path.dirname(here), capture_output=True, text=True, timeout=10)
+        return [line[3:] for line in out.stdout.splitlines()]
+    except Exception:
+        return None
+
+
+def _extension_built() -> str | None:
+    """Build time (UTC) of the compiled extension that was loaded, if any."""
+    try:
+        from isofast import _C
+
+        stamp = os.path.getmtime(_C.__file__)
+        return _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc).isoformat(timespec="seconds")
+    except Exception:
+        return None
+
+
 def machine_info(device: torch.device) -> dict:
     """Everything that identifies the run: device, host, versions, date, load."""
     info = {
@@ -296,6 +318,8 @@ def machine_info(device: torch.device) -> dict:
         "python": sys.version.split()[0],
         "versions": {m: _version(m) for m in ("torch", "triton", "diffusers", "numpy", "isofast")},
         "git_commit": _git_commit(),
+        "git_modified_files": _git_dirty(),
+        "isofast_C_built_utc": _extension_built(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":

@@ -42,7 +42,7 @@ from _rows import Row, Settings  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 RESULTS_DIR = os.path.join(_HERE, "results")
-_MEMORY_CALL_LIMIT_S = 10.0
+_MEMORY_CALL_LIMIT_S = 5.0
 
 
 def _sizes(device: torch.device, quick: bool) -> dict:
