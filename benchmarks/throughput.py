@@ -43,6 +43,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 RESULTS_DIR = os.path.join(_HERE, "results")
 _MEMORY_CALL_LIMIT_S = 5.0
+_RESOLUTION = {"tiny": 16, "flowers64": 64}  # image size of the UNet configs the rows use
 
 
 def _sizes(device: torch.device, quick: bool) -> dict:
@@ -97,20 +98,23 @@ def plan(settings: Settings) -> list[tuple[str, Callable[[], Row]]]:
                     lambda: rows_ops.ddpm_step_row(s, "fp32", small, comp and not quick)))
     n_points, mlp_T = size["mlp"]
     mlp_target = rows_ops.Target(vs_eager=10.0, variant_suffix="+graph") if s.device.type == "cuda" else None
-    entries.append((f"ddpm sampling/mlp-2d/{n_points}x2/{mlp_T} steps", lambda: rows_models.sampling_row(
-        s, "mlp-2d", _seeded(TimeMLP), (n_points, 2), mlp_T, target=mlp_target)))
+    entries.append((f"ddpm sampling/mlp-2d/{n_points}x2/{mlp_T} steps",
+                    lambda n_points=n_points, mlp_T=mlp_T, mlp_target=mlp_target: rows_models.sampling_row(
+                        s, "mlp-2d", _seeded(TimeMLP), (n_points, 2), mlp_T, target=mlp_target)))
+    # Builders run later: every value they use is bound now (default arguments), not looked up then.
     cfg, batch, unet_T = size["unet_sampling"]
-    res = {"tiny": 16, "flowers64": 64}[cfg]
-    entries.append((f"ddpm sampling/unet-{cfg}/{batch}x3x{res}x{res}/{unet_T} steps", lambda: rows_models.sampling_row(
-        s, f"unet-{cfg}", _seeded(build_unet, cfg), (batch, 3, res, res), unet_T)))
+    shape = (batch, 3, _RESOLUTION[cfg], _RESOLUTION[cfg])
+    entries.append((f"ddpm sampling/unet-{cfg}/{rows_ops.shape_text(shape)}/{unet_T} steps",
+                    lambda cfg=cfg, shape=shape, unet_T=unet_T: rows_models.sampling_row(
+                        s, f"unet-{cfg}", _seeded(build_unet, cfg), shape, unet_T)))
     ddim_steps = size["ddim_steps"]
-    entries.append((f"ddim sampling/unet-{cfg}/{batch}x3x{res}x{res}/{ddim_steps} of 1000 steps",
-                    lambda: rows_models.ddim_sampling_row(s, f"unet-{cfg}", _seeded(build_unet, cfg),
-                                                          (batch, 3, res, res), 1000, ddim_steps)))
+    entries.append((f"ddim sampling/unet-{cfg}/{rows_ops.shape_text(shape)}/{ddim_steps} of 1000 steps",
+                    lambda cfg=cfg, shape=shape, ddim_steps=ddim_steps: rows_models.ddim_sampling_row(
+                        s, f"unet-{cfg}", _seeded(build_unet, cfg), shape, 1000, ddim_steps)))
     cfg, batch = size["train"]
-    res = {"tiny": 16, "flowers64": 64}[cfg]
-    entries.append((f"train step/unet-{cfg}/{batch}x3x{res}x{res}", lambda: rows_models.train_row(
-        s, cfg, batch, size["trainer_modes"])))
+    shape = (batch, 3, _RESOLUTION[cfg], _RESOLUTION[cfg])
+    entries.append((f"train step/unet-{cfg}/{rows_ops.shape_text(shape)}",
+                    lambda cfg=cfg, batch=batch: rows_models.train_row(s, cfg, batch, size["trainer_modes"])))
     return entries
 
 
@@ -235,7 +239,8 @@ def main(argv=None) -> int:
     for name, build in bar:
         bar.set_postfix_str(name)
         row = build()
-        row.name = name
+        if row.name != name:  # the plan's name is what --only matched: it must describe what was built
+            raise RuntimeError(f"row built as {row.name!r} but planned as {name!r}")
         run_row(row, settings, args)
         rows.append(row)
     bar.close()
