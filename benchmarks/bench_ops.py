@@ -3,6 +3,7 @@
     pytest benchmarks/bench_ops.py --benchmark-only                      # everything
     pytest benchmarks/bench_ops.py --benchmark-only -k "noise_loss"      # one op
     pytest benchmarks/bench_ops.py --benchmark-only --benchmark-group-by=param:case
+    pytest benchmarks/bench_ops.py --benchmark-only --bench-threads 1            # on a shared machine
 
 The workloads are the rows of `throughput.py` at the small shape (B=64, 3x32x32, fp32): the same
 inputs, rotated between calls, and the same correctness check before any timing (a wrong answer

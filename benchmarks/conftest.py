@@ -10,3 +10,16 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 for path in (_HERE, os.path.dirname(_HERE)):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-threads", type=int, default=None,
+                     help="torch.set_num_threads for the benchmarks (use 1 on a machine shared with other jobs)")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--bench-threads", default=None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
