@@ -18,9 +18,18 @@ if [ -z "$so" ]; then
   echo "build_cuda: no isofast/_C*.so was produced" >&2
   exit 1
 fi
-# The CUDA kernels must be in the library, for both architectures.
-for arch in sm_80 sm_90; do
-  if ! cuobjdump --list-elf "$so" 2>/dev/null | grep -q "$arch"; then
+# The CUDA kernels must be in the library, for both architectures (cuobjdump when the toolkit
+# has it; otherwise the fat binary section and its per-architecture cubin tags).
+archs=$(echo "${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" | tr ';' '\n' | sed 's/+PTX//; s/\.//' | sed 's/^/sm_/')
+if command -v cuobjdump > /dev/null; then
+  listing=$(cuobjdump --list-elf "$so")
+else
+  readelf -S "$so" > "$TMP/sections"
+  grep -q '\.nv_fatbin' "$TMP/sections" || { echo "build_cuda: $so has no CUDA fat binary" >&2; exit 1; }
+  listing=$(strings "$so" | grep -o 'sm_[0-9]*' | sort -u)
+fi
+for arch in $archs; do
+  if ! grep -q "$arch" <<< "$listing"; then
     echo "build_cuda: $so has no $arch code" >&2
     exit 1
   fi

@@ -11,10 +11,10 @@
 // of fill_normals are vectorised in every clone ("loop vectorized using 64 byte vectors" for
 // x86-64-v4, 32 for v3, 16 for the baseline).
 //
-// Regenerate vs. materialise (measured, B=64 x 3072 fp32, 2 cores): fill_normals makes the
-// 196608 normals in about the time of one read+write pass over them, so regenerating eps in
-// iso_sums and iso_grad (as the GPU kernels do) costs about what storing it in q_sample and
-// reading it back twice would; see tests/test_compiled.py::test_bench notes and the issue.
+// Regenerate vs. materialise (measured, B=64 x 3072 float32, 2 cores): fill_normals makes the
+// 196608 normals in ~0.2 ms, about 5x the cost of reading them back from memory, so on the CPU
+// q_sample stores the eps it drew (isofast_C::q_sample_noise) and iso_sums/iso_grad read it
+// (isofast/ops/compiled.py has the numbers); the GPU kernels regenerate.
 #include "cpu_common.h"
 #include "../philox.h"
 

@@ -3,7 +3,8 @@
 // DDPM, sigma = 0 for DDIM) skip the generation: 0 * z adds nothing.
 //   ddpm: x0 = tab[0,t] x - tab[1,t] eps; [clip]; x_prev = tab[2,t] x0 + tab[3,t] x + [t>0] tab[4,t] z
 //   ddim: x0 = (x - sqrt(1-ab) eps) / sqrt(ab); [clip]; x_prev = sqrt(ab_prev) x0 + c_eps eps + sigma z
-// Vectorisation (-fopt-info-vec): the inner loops vectorise for float and double.
+// Vectorisation (g++ 12 -fopt-info-vec): the inner loops vectorise (SSE2 baseline) for float32,
+// float64 and bfloat16; float16 stays scalar (its conversion is a branchy routine without F16C).
 #include "cpu_common.h"
 #include "../checks.h"
 
