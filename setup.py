@@ -4,7 +4,7 @@
   installs as pure Python and ``isofast.ops.compiled.available`` says why.
 - The CUDA kernels are added when torch has CUDA, nvcc is found and a GPU is present, or
   when ``ISOFAST_CUDA=1`` (cross-compiling without a GPU; ``TORCH_CUDA_ARCH_LIST`` is
-  honoured, default "8.0;9.0"). ``ISOFAST_CUDA=0`` skips them. When CUDA was chosen, a
+  honoured, default "8.0;9.0" plus the local GPU's arch). ``ISOFAST_CUDA=0`` skips them. When CUDA was chosen, a
   CUDA compile error fails the build with the compiler's message: no silent fallback.
 - ``ISOFAST_NO_EXT=1`` skips the extension entirely (pure-Python install).
 
@@ -115,7 +115,14 @@ def _extensions() -> tuple[list, dict]:
     _log(f"CUDA kernels: {'yes' if use_cuda else 'no'} ({why_cuda})")
     extra = {"cxx": cxx_flags}
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            archs = ["8.0", "9.0"]
+            if torch.cuda.is_available():  # also the local GPU's, so the kernels run where they are built
+                major, minor = torch.cuda.get_device_capability()
+                if f"{major}.{minor}" not in archs:
+                    archs.append(f"{major}.{minor}")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+        _log(f"CUDA architectures: {os.environ['TORCH_CUDA_ARCH_LIST']}")
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu")))]
         define_macros.append(("ISOFAST_WITH_CUDA", "1"))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
