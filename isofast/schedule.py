@@ -7,7 +7,7 @@ accumulated in float32 (``alphas_cumprod`` is a product of up to T factors).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,9 @@ class NoiseSchedule:
     posterior_log_variance_clipped: torch.Tensor
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
+    # float64 master copies (CPU) of every table: casts in `.to(dtype=...)` start from these, so a
+    # float64 schedule made from a float32 one holds exact values, not float32-rounded ones.
+    masters: dict = field(default=None, repr=False, compare=False)
 
     # ----- constructors -------------------------------------------------------------------------
     @classmethod
@@ -83,7 +86,7 @@ class NoiseSchedule:
             "posterior_mean_coef1": b * ab_prev.sqrt() / (1.0 - ab),
             "posterior_mean_coef2": (1.0 - ab_prev) * a.sqrt() / (1.0 - ab),
         }
-        return cls(name=name, **{k: v.to(dtype) for k, v in tables.items()})
+        return cls(name=name, masters=tables, **{k: v.to(dtype) for k, v in tables.items()})
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, dtype: torch.dtype = torch.float32) -> NoiseSchedule:
@@ -123,9 +126,11 @@ class NoiseSchedule:
         return self.betas.dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NoiseSchedule:
-        """A copy with every table moved/cast (float64 casts are exact: tables were built in float64)."""
-        moved = {f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self) if f.name in _TABLES}
-        return NoiseSchedule(name=self.name, **moved)
+        """A copy with every table moved and/or cast; casts start from the float64 masters."""
+        dtype = dtype or self.dtype
+        masters = self.masters or {name: getattr(self, name).to(torch.float64) for name in _TABLES}
+        moved = {name: masters[name].to(device=device or self.device, dtype=dtype) for name in _TABLES}
+        return NoiseSchedule(name=self.name, masters=masters, **moved)
 
     def posterior_std(self, variance: str = "fixed_small") -> torch.Tensor:
         """Std of the noise a DDPM ancestral step adds: sqrt(posterior_variance) or sqrt(beta_t) ("fixed_large")."""

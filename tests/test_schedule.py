@@ -83,3 +83,12 @@ def test_bad_betas():
         NoiseSchedule.from_betas(torch.tensor([0.1, 1.5]))
     with pytest.raises(ValueError, match="variance"):
         NoiseSchedule.linear(4).posterior_std("learned")
+
+
+def test_float64_copy_of_a_float32_schedule_holds_exact_values():
+    s32 = NoiseSchedule.cosine(T=100)
+    s64 = NoiseSchedule.cosine(T=100, dtype=torch.float64)
+    promoted = s32.to(dtype=torch.float64)
+    for name in ("betas", "alphas_cumprod", "posterior_variance", "sqrt_recipm1_alphas_cumprod"):
+        assert torch.equal(getattr(promoted, name), getattr(s64, name)), name
+    assert torch.equal(promoted.to(dtype=torch.float32).alphas_cumprod, s32.alphas_cumprod)
