@@ -50,11 +50,14 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        """Half the interquartile range over the median (0.05 = +-5%)."""
-        return (self.q75 - self.q25) / (2 * self.median) if self.median > 0 else float("nan")
+        """Half the interquartile range over the median (0.05 = +-5%); NaN from a single sample."""
+        if len(self.samples) < 2 or self.median <= 0:
+            return float("nan")
+        return (self.q75 - self.q25) / (2 * self.median)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "spread": self.spread}
+        spread = self.spread
+        return {**asdict(self), "spread": None if math.isnan(spread) else spread}
 
 
 def synchronize(device: torch.device) -> None:

@@ -62,6 +62,10 @@ def _fmt_ratio(x) -> str:
     return f"{x:6.2f}x" if x is not None else "     - "
 
 
+def _fmt_spread(x: float) -> str:
+    return "n/a" if math.isnan(x) else "±" + format(x, ".0%")
+
+
 def _fmt_mb(b) -> str:
     return f"{b / 2**20:8.2f}" if b is not None else "       -"
 
@@ -94,7 +98,7 @@ def table(rows: list[Row], header: list[str]) -> str:
             pct = f"{d['copy_fraction']:6.0%}" if d.get("copy_fraction") is not None else "     -"
             ips = f"{d['items_per_s']:10.4g}" if "items_per_s" in d else "         -"
             lines.append(
-                f"  {v.name:<30} {_fmt_time(v.timing.median):>10} {'±' + format(v.timing.spread, '.0%'):>7} "
+                f"  {v.name:<30} {_fmt_time(v.timing.median):>10} {_fmt_spread(v.timing.spread):>7} "
                 f"{_fmt_ratio(d.get('x_eager')):>8} {_fmt_ratio(d.get('x_compile')):>10} {_fmt_mb(v.peak_bytes)} "
                 f"{gbs} {pct} {ips}  {_target_text(v)}"
             )
