@@ -400,19 +400,23 @@ def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None =
     ]
     for dataset in cfg.datasets:
         rows = [r for r in summary if r["dataset"] == dataset]
-        best = {m: np.nanmax([r[f"{m}_mean"] for r in rows]) if rows else math.nan for m in METRICS}
+        # best as displayed (3 decimals), so equal-looking values are all bold or none
+        best = {m: np.nanmax([round(r[f"{m}_mean"], 3) for r in rows]) if rows else math.nan for m in METRICS}
         for r in rows:
             cells = []
             for m in METRICS:
                 mean, std = r[f"{m}_mean"], r[f"{m}_std"]
                 text = f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
-                cells.append(f"**{text}**" if mean == best[m] and len(rows) > 1 else text)
+                cells.append(f"**{text}**" if round(mean, 3) == best[m] and len(rows) > 1 else text)
             lam = f"{r['lambda']:g}" + (" (DDPM)" if r["lambda"] == 0 else "")
             lines.append(f"| {dataset} | {lam} | " + " | ".join(cells) + " |")
     if elapsed:
+        earlier = elapsed.get("runs_finished_earlier", 0)
         lines += ["", f"{elapsed['runs']} runs: {elapsed['wall_s'] / 60:.1f} min wall, {elapsed['cpu_s'] / 60:.1f} min "
                       f"CPU time ({elapsed.get('jobs', 1)} job(s) of {elapsed['torch_threads']} torch thread(s), "
-                      f"{elapsed['cpu_count']} CPU cores)."]
+                      f"{elapsed['cpu_count']} CPU cores)"
+                      + (f"; {earlier} of them finished in an earlier invocation and are not timed here." if earlier
+                         else ".")]
     return "\n".join(lines) + "\n"
 
 
