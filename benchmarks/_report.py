@@ -45,7 +45,8 @@ def _target_marks(row: Row, v: Variant) -> dict:
     for key, need in (("x_eager", t.vs_eager), ("x_compile", t.vs_compile), ("copy_fraction", t.bandwidth_fraction)):
         if need:
             have = d.get(key)
-            marks[key] = {"need": need, "have": have, "pass": have is not None and have >= need}
+            # No baseline measured (e.g. --no-compile): the target is not judged, neither pass nor miss.
+            marks[key] = {"need": need, "have": have, "pass": None if have is None else have >= need}
     return marks
 
 
@@ -78,7 +79,8 @@ def _target_text(v: Variant) -> str:
     out = []
     for key, m in marks.items():
         need = f"{m['need']:.0%}" if key == "copy_fraction" else f"{m['need']:g}x"
-        out.append(f">={need} {names[key]} {'pass' if m['pass'] else 'MISS'}")
+        verdict = "n/a" if m["pass"] is None else ("pass" if m["pass"] else "MISS")
+        out.append(f">={need} {names[key]} {verdict}")
     return "; ".join(out)
 
 

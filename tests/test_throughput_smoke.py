@@ -122,3 +122,15 @@ def test_measure_interleaved_counts_and_rotation():
     (timing,) = H.measure_interleaved([seen.append], 3, torch.device("cpu"), warmup=2, repeat=4, min_sample_s=0)
     assert len(timing.samples) == 4 and timing.min <= timing.median
     assert seen == [0, 1, 2, 0, 1, 2, 0]  # warm-up 2, calibration 1, then 4 samples of one call each
+
+
+def test_target_without_its_baseline_is_not_judged():
+    v = _variant("isofast[cpu]", "isofast", None, None)
+    v.status, v.timing = "ok", H.Timing(1.0, 1.0, 1.0, 1.0, 1, [1.0])
+    eager = _variant("eager", "eager", None, None)
+    eager.status, eager.timing = "ok", H.Timing(3.0, 3.0, 3.0, 3.0, 1, [3.0])
+    row = _rows.Row("r", "noise+loss", {}, [eager, v], n_inputs=1, target=_rows.Target(vs_eager=2.0, vs_compile=1.2))
+    R.derive([row], copy_bytes_per_s=None)
+    assert v.derived["target"]["x_eager"]["pass"] is True
+    assert v.derived["target"]["x_compile"]["pass"] is None
+    assert ">=1.2x compile n/a" in R.table([row], [])
