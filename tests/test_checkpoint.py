@@ -198,3 +198,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "latest").write_text("../../etc\n")
     with pytest.raises(ck.CheckpointError, match="does not name a checkpoint"):
         ck.load_checkpoint(tmp_path)
+
+
+def test_atomic_write_gives_usual_permissions(tmp_path):
+    import os
+
+    from isofast.checkpoint import atomic_write_text
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "f.json", "{}")
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~mask

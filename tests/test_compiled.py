@@ -133,6 +133,28 @@ def test_iso_sums_multi_tile_rows(n):
     torch.testing.assert_close(x, eps, rtol=0, atol=NOISE_ATOL)
 
 
+@pytest.mark.parametrize("B,n", [(3000, 2), (1400, 3), (50, 301), (9, 1023)])
+def test_short_rows_packed_several_per_tile(B, n):
+    # Rows shorter than half a tile are packed several per tile with one noise fill per tile; tiles
+    # after the first start mid-stream (flat index not a multiple of 4 for odd n).
+    seed, offset = 2**40 + 5, 2**33 + 1
+    gen = torch.Generator().manual_seed(B * n)
+    p = torch.randn(B, n, generator=gen)
+    eps = eps_of(seed, offset, B, n)
+    sse, ssq = compiled.iso_sums(p, None, seed, offset)
+    want_sse, want_ssq = sums_expr(p.double(), eps.double())
+    torch.testing.assert_close(sse.double(), want_sse, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ssq.double(), want_ssq, rtol=1e-5, atol=1e-4)
+    g = compiled.iso_grad(p, None, seed, offset, torch.ones(B), torch.zeros(B))
+    torch.testing.assert_close(g, p - eps, rtol=0, atol=NOISE_ATOL)
+    t = torch.randint(0, 10, (B,), generator=gen)
+    t[::7] = 0  # rows with no noise (t = 0) beside rows with noise in the same tile
+    table = torch.rand(5, 10, generator=gen, dtype=torch.float32) + 0.1
+    key = torch.tensor([noise.to_signed(seed), noise.to_signed(offset)])
+    out = compiled.ddpm_step(p, p * 0.5, t, table, None, key, False)
+    torch.testing.assert_close(out, ddpm_expr(p, p * 0.5, t, table, eps, False), rtol=1e-5, atol=1e-5)
+
+
 def test_noise_is_regenerated_identically():
     # q_sample, iso_sums and iso_grad see bit-identical eps: with x0 = 0, sqrt_1mab = 1 the
     # q_sample output *is* eps, and iso_grad with c1 = -1, c2 = 1 returns eps too.

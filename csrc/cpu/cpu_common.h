@@ -40,6 +40,30 @@ inline void check_steps(const int64_t* t, int64_t B, int64_t T, bool allow_minus
 // when gen(b) is true, and is nullptr otherwise (explicit noise, or a row that needs none).
 template <typename Gen, typename Body>
 void for_each_tile(int64_t B, int64_t n, uint64_t seed, uint64_t offset, Gen&& gen, Body&& body) {
+  if (n < kTile / 2) {
+    // Short rows (2-D points: n = 2): a tile holds several whole rows, so one fill_normals call
+    // serves them all and neighbouring rows do not each recompute the Philox call they share.
+    const int64_t rows_per_tile = kTile / n;
+    const int64_t tiles = (B + rows_per_tile - 1) / rows_per_tile;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (rows_per_tile * n));
+    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) float buf[kTile + 8];
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t b0 = tile * rows_per_tile, b1 = std::min(B, b0 + rows_per_tile);
+        bool any = false;
+        for (int64_t b = b0; b < b1 && !any; ++b) any = gen(b);
+        const float* z = nullptr;
+        if (any) {
+          const int64_t i0 = b0 * n, i1 = b1 * n;
+          const int64_t c0 = i0 >> 2, c1 = (i1 + 3) >> 2;
+          fill_normals(seed, offset + static_cast<uint64_t>(c0), c1 - c0, buf);
+          z = buf + (i0 & 3);
+        }
+        for (int64_t b = b0; b < b1; ++b) body(b, 0, n, (any && gen(b)) ? z + (b - b0) * n : nullptr);
+      }
+    });
+    return;
+  }
   const int64_t tiles_per_row = (n + kTile - 1) / kTile;
   const int64_t tiles = B * tiles_per_row;
   // grain: enough tiles per task to amortise the thread hand-off (~32k elements).
