@@ -13,8 +13,8 @@ says which backends were skipped and why).
 Each check compares the fused op with ``backend="reference"`` on the same inputs and the same
 NoiseKey (the reference materialises the key's noise) by the error relative to the largest
 magnitude of the reference result: ``max|fused - ref| / max|ref| <= tol`` with tol 2e-5 for
-float32 and 1.6e-2 (about two ulp) for bfloat16, whose reference uses the noise rounded to
-bfloat16 where kernels keep it in float32.
+float32 and 1.6e-2 (about two ulp) for bfloat16, whose inputs and outputs are rounded to
+bfloat16 (both sides compute in float32 with the contract's float32 noise).
 """
 from __future__ import annotations
 
