@@ -3,13 +3,16 @@
 Kept out of the default test run: the repository's pytest testpaths is tests/ only. Makes the
 checkout's `isofast` and the benchmark helpers importable without installing.
 """
+import importlib.util
 import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-for path in (_HERE, os.path.dirname(_HERE)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+# The installed isofast (with its compiled extension) wins over the checkout's sources.
+if importlib.util.find_spec("isofast") is None:
+    sys.path.insert(1, os.path.dirname(_HERE))
 
 
 def pytest_addoption(parser):

@@ -20,6 +20,7 @@ depend on the machine and, on a shared machine, on its load (recorded in the JSO
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import sys
@@ -27,10 +28,11 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-# Run from a checkout without installing: make `import isofast` find the repository's package.
+# The installed isofast (with its compiled extension) wins; only a checkout that was never installed
+# falls back to the repository's sources, which then run without isofast._C.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-if os.path.join(_HERE, "..") not in sys.path:
+if importlib.util.find_spec("isofast") is None:
     sys.path.insert(1, os.path.abspath(os.path.join(_HERE, "..")))
 
 import _harness as H  # noqa: E402
