@@ -53,6 +53,21 @@ inline void check_table(const at::Tensor& c, const at::Tensor& x, int64_t dim, c
   TORCH_CHECK(c.numel() > 0, op, ": ", name, " must not be empty");
 }
 
+// Operands of iso_sums / iso_grad, shared by the CPU and CUDA implementations.
+inline void check_iso_sums_args(const at::Tensor& p, const std::optional<at::Tensor>& e, const char* op) {
+  check_data(p, op, "p");
+  if (e.has_value()) check_like(*e, p, op, "e");
+}
+
+inline void check_iso_grad_args(const at::Tensor& p, const std::optional<at::Tensor>& e, const at::Tensor& c1,
+                                const at::Tensor& c2, const char* op) {
+  check_iso_sums_args(p, e, op);
+  check_table(c1, p, 1, op, "c1");
+  check_table(c2, p, 1, op, "c2");
+  TORCH_CHECK(c1.numel() == p.size(0) && c2.numel() == p.size(0), op, ": c1 and c2 must have shape (", p.size(0),
+              ",), got ", c1.sizes(), " and ", c2.sizes());
+}
+
 inline void check_key(const std::optional<at::Tensor>& maybe_key, const std::optional<at::Tensor>& e,
                       const at::Tensor& x, const char* op) {
   if (e.has_value() && !maybe_key.has_value()) return;  // explicit noise: no key needed

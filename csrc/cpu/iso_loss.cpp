@@ -110,8 +110,7 @@ void iso_grad_kernel(const T* p, const T* e, uint64_t seed, uint64_t offset, con
 std::tuple<at::Tensor, at::Tensor> iso_sums_cpu(const at::Tensor& p, const std::optional<at::Tensor>& e, int64_t seed,
                                                 int64_t offset) {
   constexpr const char* op = "isofast_C::iso_sums";
-  check_data(p, op, "p");
-  if (e.has_value()) check_like(*e, p, op, "e");
+  check_iso_sums_args(p, e, op);
   const int64_t B = p.size(0), n = p.size(1);
   const auto acc = table_dtype(p.scalar_type());
   at::Tensor sse = at::empty({B}, p.options().dtype(acc)), ssq = at::empty({B}, p.options().dtype(acc));
@@ -132,12 +131,7 @@ std::tuple<at::Tensor, at::Tensor> iso_sums_cpu(const at::Tensor& p, const std::
 at::Tensor iso_grad_cpu(const at::Tensor& p, const std::optional<at::Tensor>& e, int64_t seed, int64_t offset,
                         const at::Tensor& c1, const at::Tensor& c2) {
   constexpr const char* op = "isofast_C::iso_grad";
-  check_data(p, op, "p");
-  if (e.has_value()) check_like(*e, p, op, "e");
-  check_table(c1, p, 1, op, "c1");
-  check_table(c2, p, 1, op, "c2");
-  TORCH_CHECK(c1.numel() == p.size(0) && c2.numel() == p.size(0), op, ": c1 and c2 must have shape (", p.size(0),
-              ",), got ", c1.sizes(), " and ", c2.sizes());
+  check_iso_grad_args(p, e, c1, c2, op);
   at::Tensor g = at::empty_like(p);
   if (p.numel() == 0) return g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "isofast_iso_grad_cpu", [&] {

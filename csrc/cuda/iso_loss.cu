@@ -105,8 +105,7 @@ __global__ void iso_grad_kernel(const T* __restrict__ p, const T* __restrict__ e
 std::tuple<at::Tensor, at::Tensor> iso_sums_cuda(const at::Tensor& p, const std::optional<at::Tensor>& e,
                                                  int64_t seed, int64_t offset) {
   constexpr const char* op = "isofast_C::iso_sums";
-  check_data(p, op, "p");
-  if (e.has_value()) check_like(*e, p, op, "e");
+  check_iso_sums_args(p, e, op);
   c10::cuda::CUDAGuard guard(p.device());
   const int64_t B = p.size(0), n = p.size(1);
   const auto acc = table_dtype(p.scalar_type());
@@ -148,12 +147,7 @@ std::tuple<at::Tensor, at::Tensor> iso_sums_cuda(const at::Tensor& p, const std:
 at::Tensor iso_grad_cuda(const at::Tensor& p, const std::optional<at::Tensor>& e, int64_t seed, int64_t offset,
                          const at::Tensor& c1, const at::Tensor& c2) {
   constexpr const char* op = "isofast_C::iso_grad";
-  check_data(p, op, "p");
-  if (e.has_value()) check_like(*e, p, op, "e");
-  check_table(c1, p, 1, op, "c1");
-  check_table(c2, p, 1, op, "c2");
-  TORCH_CHECK(c1.numel() == p.size(0) && c2.numel() == p.size(0), op, ": c1 and c2 must have shape (", p.size(0),
-              ",), got ", c1.sizes(), " and ", c2.sizes());
+  check_iso_grad_args(p, e, c1, c2, op);
   c10::cuda::CUDAGuard guard(p.device());
   at::Tensor g = at::empty_like(p);
   const int64_t N = p.numel(), n = p.size(1);
