@@ -83,6 +83,14 @@ def status(name: str) -> tuple[bool, str]:
     return module is not None, reason
 
 
+# torch.compile: fixed for the life of the process, so dynamo may bake the answer into the graph
+# instead of tracing the import machinery behind it.
+@torch.compiler.assume_constant_result
+def usable(name: str) -> bool:
+    """Whether backend ``name`` loaded and is available (`status` without the reason)."""
+    return status(name)[0]
+
+
 def resolve(backend: str | None, device: torch.device) -> str:
     """The backend an op runs on for tensors on ``device``.
 

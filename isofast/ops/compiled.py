@@ -158,6 +158,12 @@ def _register_fakes() -> None:
     def _(p, e, seed, offset, c1, c2):
         return torch.empty_like(p)
 
+    @torch.library.register_fake("isofast_C::iso_loss_tail")
+    def _(sse, ssq, n, weights, iso_lambda, iso_mode, reduction):
+        per = (sse.shape[0],) if reduction == "none" else ()
+        loss, mse, iso = (sse.new_empty(per) for _ in range(3))
+        return loss, mse, iso, sse.new_empty(()), torch.empty_like(sse), torch.empty_like(sse), torch.empty_like(sse)
+
     @torch.library.register_fake("isofast_C::ddpm_step")
     def _(x, eps_pred, t, table, e, key, clip_x0):
         return torch.empty_like(x)

@@ -32,6 +32,19 @@ def _choose(backend: str | None, device: torch.device, dtype: torch.dtype) -> st
     return name
 
 
+def run(op, backend: str, primitive: str, *args):
+    """Call kernel ``primitive`` of ``backend`` with ``args``; ``op`` is its torch.library custom op.
+
+    Eager calls go straight into the backend's kernel module: the custom-op layer costs 10-20 us
+    of Python per call, as much as a CPU kernel at training sizes (B=64 x 3072 float32: iso_sums
+    26 us, iso_grad 18 us). Under torch.compile the call goes through ``op``, opaque to dynamo, so it
+    traces neither the kernel launchers nor the CPU noise cache of ``isofast.ops.compiled``.
+    """
+    if torch.compiler.is_compiling():
+        return op(*args, backend)
+    return getattr(backends.kernels(backend), primitive)(*args)
+
+
 def needs_reference_autograd(*tensors: torch.Tensor | None) -> bool:
     """True when autograd must flow into an input that a fused op treats as constant."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -17,34 +17,36 @@ from . import backends, dispatch, validation
 def _q_sample_op(
     x0: torch.Tensor,
     t: torch.Tensor,
-    coefs: torch.Tensor,
+    sqrt_ab: torch.Tensor,
+    sqrt_1mab: torch.Tensor,
     noise: torch.Tensor | None,
     seed: int,
     offset: int,
     backend: str,
 ) -> torch.Tensor:
-    return backends.kernels(backend).q_sample(x0, t, coefs[0], coefs[1], noise, seed, offset)
+    return backends.kernels(backend).q_sample(x0, t, sqrt_ab, sqrt_1mab, noise, seed, offset)
 
 
 @_q_sample_op.register_fake
-def _(x0, t, coefs, noise, seed, offset, backend):
+def _(x0, t, sqrt_ab, sqrt_1mab, noise, seed, offset, backend):
     return torch.empty_like(x0)
 
 
-def _q_sample_setup(ctx, inputs, output):
-    _, t, coefs, noise, *_ = inputs
-    ctx.save_for_backward(t, coefs)
-    ctx.has_noise = noise is not None
+class _QSample(torch.autograd.Function):
+    """x_t from the fused kernel; linear in x0 (and in an explicit noise tensor), so backward is a scaling."""
 
+    @staticmethod
+    def forward(ctx, x0, t, coefs, noise, seed, offset, backend):
+        ctx.save_for_backward(t, coefs)
+        return dispatch.run(_q_sample_op, backend, "q_sample", x0, t, coefs[0], coefs[1], noise, seed, offset)
 
-def _q_sample_backward(ctx, grad):
-    t, coefs = ctx.saved_tensors
-    grad_x0 = (coefs[0][t].unsqueeze(1) * grad.to(coefs.dtype)).to(grad.dtype)
-    grad_noise = (coefs[1][t].unsqueeze(1) * grad.to(coefs.dtype)).to(grad.dtype) if ctx.has_noise else None
-    return grad_x0, None, None, grad_noise, None, None, None
-
-
-_q_sample_op.register_autograd(_q_sample_backward, setup_context=_q_sample_setup)
+    @staticmethod
+    def backward(ctx, grad):
+        t, coefs = ctx.saved_tensors
+        scale = coefs[:, t].unsqueeze(2) * grad.to(coefs.dtype)  # (2, B, n): d x_t / d x0, d x_t / d eps
+        grad_x0 = scale[0].to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_noise = scale[1].to(grad.dtype) if ctx.needs_input_grad[3] else None
+        return grad_x0, None, None, grad_noise, None, None, None
 
 
 def q_sample(
@@ -78,5 +80,5 @@ def q_sample(
         eps, seed, offset = None, to_signed(noise.seed), to_signed(noise.offset)
     else:
         eps, seed, offset = dispatch.rows(noise.to(x0.dtype)), 0, 0
-    x_t = _q_sample_op(dispatch.rows(x0), t, dispatch.table(sched, "q_sample", x0), eps, seed, offset, name)
+    x_t = _QSample.apply(dispatch.rows(x0), t, dispatch.table(sched, "q_sample", x0), eps, seed, offset, name)
     return x_t.reshape(x0.shape), noise
