@@ -5,6 +5,12 @@ seeds and offsets above 2**32 and near 2**64 (counter wrap-around), and for any 
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,6 +23,7 @@ if compiled._C is None:
     pytest.skip(compiled._IMPORT_ERROR, allow_module_level=True)
 
 ops = torch.ops.isofast_C
+ROOT = Path(__file__).resolve().parents[1]
 U64 = st.integers(0, 2**64 - 1)
 NORMAL_ATOL = 4e-6
 
@@ -56,6 +63,34 @@ def test_normals_match_reference(scalar, seed, offset, numel):
     ref = noise.randn_contract(seed, offset, numel)
     assert got.dtype == torch.float32 and got.shape == (numel,)
     torch.testing.assert_close(got, ref, atol=NORMAL_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("offset", [2**32 - 37, 2**64 - 37, 2**33 - 1])
+def test_normals_across_the_low_counter_word(offset):
+    # The vectorised generator splits the 64-bit counter into 32-bit lanes: a block that crosses
+    # 2**32 (or wraps at 2**64) must carry into the high word exactly as the reference does.
+    got = _normals(2**40 + 9, offset, 1001, False)
+    torch.testing.assert_close(got, noise.randn_contract(2**40 + 9, offset, 1001), atol=NORMAL_ATOL, rtol=0)
+
+
+def test_portable_generator_equals_the_default_one():
+    # ISOFAST_NO_AVX512=1 takes the portable generator (what CPUs without AVX-512 run), read once
+    # per process: compare it, in a subprocess, with the default one and the reference.
+    code = (
+        "import torch, isofast.ops.compiled; from isofast import noise;"
+        "x = torch.ops.isofast_C.philox_randn(torch.empty(5003), noise.to_signed(2**63 + 5), noise.to_signed(2**32 - 70));"
+        "torch.save(x, __import__('sys').argv[1])"
+    )
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("default", {}), ("portable", {"ISOFAST_NO_AVX512": "1"})):
+            path = os.path.join(tmp, f"{name}.pt")
+            env = {**os.environ, **extra}
+            subprocess.run([sys.executable, "-c", code, path], check=True, env=env, cwd=ROOT)
+            out[name] = torch.load(path)
+    ref = noise.randn_contract(2**63 + 5, 2**32 - 70, 5003)
+    torch.testing.assert_close(out["portable"], ref, atol=NORMAL_ATOL, rtol=0)
+    torch.testing.assert_close(out["default"], ref, atol=NORMAL_ATOL, rtol=0)
 
 
 def test_normals_many_draws_cover_tails():

@@ -10,9 +10,9 @@ Shapes: data ``(B, n)`` contiguous; ``t``/``t_prev`` int64 ``(B,)``; tables floa
 (float64 for float64 data). ``seed``/``offset`` are int64 bit patterns of uint64 values.
 
 Materialise-once on the CPU. On a GPU regenerating eps is free (Philox hides under the memory
-traffic); on a CPU it is not: one generation costs ~5x a read of the stored eps. Measured on
-2 cores, B=64 x 3072 float32 (min of 30): q_sample/iso_sums/iso_grad regenerating 0.23/0.21/0.19 ms
-(0.62 ms), vs reading eps 0.035/0.06/0.04 ms plus 0.03 ms to store it in q_sample (~0.37 ms).
+traffic); on a CPU it is not: one generation costs several reads of the stored eps. Measured on
+2 cores with AVX-512, B=64 x 3072 float32 (medians): q_sample/iso_sums/iso_grad regenerating
+0.12/0.13/0.12 ms (0.37 ms), vs q_sample storing eps 0.14 ms then reading it 0.03/0.03 ms (0.20 ms).
 So for float32/float64 CPU data, ``q_sample`` with a key also returns the eps it drew
 (``isofast_C::q_sample_noise``, one pass) and keeps it here, keyed by (seed, offset, shape,
 dtype); ``iso_sums``/``iso_grad`` with the same key read it instead of regenerating. The

@@ -112,7 +112,9 @@ def ddpm_step(
 def ddpm_step_keyed(x_t, eps_pred, t, sched, noise, key, clip_x0, variance, backend) -> torch.Tensor:
     """Graph-safe fused DDPM step: t int64 (B,) and key int64 (2,) already on the device, no checks."""
     table = dispatch.table(sched, variance, x_t)
-    out = _ddpm_step_op(dispatch.rows(x_t), dispatch.rows(eps_pred), t, table, noise, key, clip_x0, backend)
+    out = dispatch.run(
+        _ddpm_step_op, backend, "ddpm_step", dispatch.rows(x_t), dispatch.rows(eps_pred), t, table, noise, key, clip_x0
+    )
     return out.reshape(x_t.shape)
 
 
@@ -152,5 +154,6 @@ def ddim_step(
 def ddim_step_keyed(x_t, eps_pred, t, t_prev, sched, eta, noise, key, clip_x0, backend) -> torch.Tensor:
     """Graph-safe fused DDIM step: t, t_prev int64 (B,) and key int64 (2,) already on the device."""
     ab = dispatch.table(sched, "alphas_cumprod", x_t)[0]
-    out = _ddim_step_op(dispatch.rows(x_t), dispatch.rows(eps_pred), t, t_prev, ab, eta, noise, key, clip_x0, backend)
+    args = (dispatch.rows(x_t), dispatch.rows(eps_pred), t, t_prev, ab, eta, noise, key, clip_x0)
+    out = dispatch.run(_ddim_step_op, backend, "ddim_step", *args)
     return out.reshape(x_t.shape)
