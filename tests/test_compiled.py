@@ -418,6 +418,54 @@ def test_public_steps_cpu_equal_reference(dtype, shape, seed, keyed, clip, eta, 
     close(got, want, dtype, extra_atol=extra)
 
 
+LAYOUTS = ["contiguous", "transposed", "strided", "channels_last", "batch_stride"]
+
+
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x's values in a tensor with other strides (the kernels need row-major (B, n): ops must copy)."""
+    if layout == "transposed" and x.ndim >= 2:
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "strided":  # every other element of a wider buffer
+        big = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    if layout == "channels_last" and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "batch_stride":  # every other sample of a larger batch
+        big = torch.zeros(2 * x.shape[0], *x.shape[1:], dtype=x.dtype)
+        big[::2] = x
+        return big[::2]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@settings(max_examples=10, deadline=None)
+@given(shape=st.sampled_from([(2, 3), (3, 4, 5), (2, 3, 4, 5), (4, 2, 3, 3)]), seed=U64, keyed=st.booleans(),
+       layout=st.sampled_from(LAYOUTS), mode=st.sampled_from(["batch", "sample"]), weighted=st.booleans())
+def test_public_ops_cpu_take_any_strides(dtype, shape, seed, keyed, layout, mode, weighted):
+    """Non-contiguous inputs (views, channels_last, strided weights) give the reference's values and grads."""
+    g = torch.Generator().manual_seed(seed % 2**31)
+    sched = NoiseSchedule.linear(T=100, dtype=acc(dtype))
+    B = shape[0]
+    x0 = _laid_out(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
+    p0 = _laid_out(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
+    t = torch.randint(0, 100, (2 * B,), generator=g)[::2]
+    w = (torch.rand(2 * B, generator=g, dtype=torch.float64) + 0.5).to(acc(dtype))[::2] if weighted else None
+    noise = _key(shape, dtype, seed, 3) if keyed else _laid_out(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
+    extra = 4 * NOISE_ATOL if keyed else 0.0
+    results = {}
+    for backend in ("cpu", "reference"):
+        x_t, _ = isofast.q_sample(x0, t, sched, noise, backend=backend)
+        p = p0.detach().clone().requires_grad_()  # clone keeps the layout (preserve_format)
+        loss = isofast.iso_ddpm_loss(p, noise, 0.3, mode, w, backend=backend)
+        loss.backward()
+        step = isofast.ddpm_step(x0, p0, t, sched, noise, backend=backend)
+        results[backend] = (x_t, loss.detach(), p.grad, step)
+    for name, got, want in zip(("x_t", "loss", "grad", "ddpm_step"), results["cpu"], results["reference"], strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        close(got, want, dtype if name != "loss" else acc(dtype), extra_atol=extra + (1e-6 if name == "loss" else 0.0))
+
+
 def test_public_bad_input_same_errors_as_reference():
     sched = NoiseSchedule.linear(T=10)
     x0 = torch.randn(2, 3)
