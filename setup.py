@@ -141,5 +141,6 @@ def _extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
