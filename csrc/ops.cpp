@@ -27,9 +27,10 @@ TORCH_LIBRARY(isofast_C, m) {
   m.def(
       "ddim_step(Tensor x, Tensor eps_pred, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float eta, Tensor? e, "
       "Tensor? key, bool clip_x0) -> Tensor");
-  // Debug ops for the tests: the Philox words (int32 (ceil(N/4), 4)) and the normals (float32 (N,))
-  // of the draw (seed, offset) of N = like.numel() elements, on like's device. scalar=True uses
-  // philox.h's libm Box-Muller on the CPU instead of the vectorised generator of the kernels.
+  // The Philox words (int32 (ceil(N/4), 4); a debug op for the tests) and the normals (float32 (N,);
+  // also the CPU backend's materialised draw) of the draw (seed, offset) of N = like.numel()
+  // elements, on like's device. scalar=True uses philox.h's libm Box-Muller on the CPU instead of
+  // the vectorised generator of the kernels.
   m.def("philox_bits(Tensor like, int seed, int offset) -> Tensor");
   m.def("philox_randn(Tensor like, int seed, int offset, bool scalar=False) -> Tensor");
 }

@@ -169,15 +169,22 @@ def test_noise_is_regenerated_identically():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_materialised_eps_gives_the_regenerated_numbers(dtype):
-    # CPU q_sample keeps the eps it drew for iso_sums/iso_grad (compiled.py): bit-identical results
-    # to regenerating it, and the kept eps is exactly the kernel generator's draw.
+    # CPU q_sample (or iso_sums, on a key q_sample did not keep) keeps the eps it drew for
+    # iso_sums/iso_grad (compiled.py): bit-identical results to regenerating it in the kernels,
+    # and the kept eps is exactly the kernel generator's draw.
     B, n, seed, offset = 3, 1001, 2**45 + 9, 2**36 + 1
     t = torch.tensor([0, 5, 9])
     sa, sb = torch.rand(10, dtype=dtype), torch.rand(10, dtype=dtype)
     x0, p = torch.randn(B, n, dtype=dtype), torch.randn(B, n, dtype=dtype)
     c1, c2 = torch.randn(B, dtype=dtype), torch.randn(B, dtype=dtype)
+    ops = torch.ops.isofast_C
+    regen = (ops.iso_sums(p, None, seed, offset), ops.iso_grad(p, None, seed, offset, c1, c2))
     compiled.clear_noise_cache()
-    regen = (compiled.iso_sums(p, None, seed, offset), compiled.iso_grad(p, None, seed, offset, c1, c2))
+    alone = (compiled.iso_sums(p, None, seed, offset), compiled.iso_grad(p, None, seed, offset, c1, c2))
+    assert len(compiled._eps_cache) == 1  # the loss on its own drew and kept it once
+    assert torch.equal(regen[0][0], alone[0][0]) and torch.equal(regen[0][1], alone[0][1])
+    assert torch.equal(regen[1], alone[1])
+    compiled.clear_noise_cache()
     x_t = compiled.q_sample(x0, t, sa, sb, None, seed, offset)
     assert len(compiled._eps_cache) == 1
     kept = compiled._cached_eps(p, None, seed, offset)

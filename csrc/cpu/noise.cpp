@@ -236,8 +236,9 @@ at::Tensor philox_bits_cpu(const at::Tensor& like, int64_t seed, int64_t offset)
   return out;
 }
 
-// Debug op: the normals of the draw (seed, offset) of like.numel() elements, float32 (numel,).
-// scalar=false: the vectorised generator the kernels use; scalar=true: philox.h's randn4 (libm).
+// The normals of the draw (seed, offset) of like.numel() elements, float32 (numel,).
+// scalar=false: the vectorised generator the kernels use (also how the CPU backend materialises a
+// draw the loss needs, isofast/ops/compiled.py); scalar=true: philox.h's randn4 (libm), for tests.
 at::Tensor philox_randn_cpu(const at::Tensor& like, int64_t seed, int64_t offset, bool scalar) {
   const int64_t numel = like.numel(), calls = (numel + 3) / 4;
   at::Tensor out = at::empty({calls * 4}, like.options().dtype(at::kFloat));
@@ -247,7 +248,15 @@ at::Tensor philox_randn_cpu(const at::Tensor& like, int64_t seed, int64_t offset
       randn4(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset) + static_cast<uint64_t>(k), o + 4 * k);
     }
   } else {
-    fill_normals(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), calls, o);
+    // In parallel over chunks of calls: counter-based, so the chunking does not change a value.
+    constexpr int64_t kChunk = 4096;
+    at::parallel_for(0, (calls + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t c0 = chunk * kChunk, c1 = std::min(calls, c0 + kChunk);
+        fill_normals(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset) + static_cast<uint64_t>(c0), c1 - c0,
+                     o + 4 * c0);
+      }
+    });
   }
   return out.narrow(0, 0, numel);
 }

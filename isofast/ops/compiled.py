@@ -15,7 +15,8 @@ traffic); on a CPU it is not: one generation costs several reads of the stored e
 0.12/0.13/0.12 ms (0.37 ms), vs q_sample storing eps 0.14 ms then reading it 0.03/0.03 ms (0.20 ms).
 So for float32/float64 CPU data, ``q_sample`` with a key also returns the eps it drew
 (``isofast_C::q_sample_noise``, one pass) and keeps it here, keyed by (seed, offset, shape,
-dtype); ``iso_sums``/``iso_grad`` with the same key read it instead of regenerating. The
+dtype); ``iso_sums``/``iso_grad`` with the same key read it instead of regenerating, and
+``iso_sums`` with a key q_sample did not keep (the loss on its own) draws and keeps it itself. The
 values are the very floats the kernels would regenerate (same generator; float64 holds them
 exactly), so no number changes. 16-bit data always regenerates (storing eps in 16 bits would
 round it). At most ``_EPS_CACHE_SIZE`` draws are kept; ``clear_noise_cache()`` frees them.
@@ -63,14 +64,21 @@ def _cache_key(x: torch.Tensor, seed: int, offset: int) -> tuple:
 
 
 def _cached_eps(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) -> torch.Tensor | None:
-    """The explicit noise, else the stored draw (seed, offset) when q_sample kept one, else None."""
+    """The explicit noise, else the stored draw (seed, offset) when one was kept, else None."""
     if e is not None or not _materialises(p):
         return e
     return _eps_cache.get(_cache_key(p, seed, offset))
 
 
+def _keep(key: tuple, eps: torch.Tensor) -> None:
+    _eps_cache[key] = eps
+    _eps_cache.move_to_end(key)
+    while len(_eps_cache) > _EPS_CACHE_SIZE:
+        _eps_cache.popitem(last=False)
+
+
 def clear_noise_cache() -> None:
-    """Drop the eps draws kept by CPU ``q_sample`` (they are only a speed-up)."""
+    """Drop the eps draws kept by the CPU kernels (they are only a speed-up)."""
     _eps_cache.clear()
 
 
@@ -86,18 +94,22 @@ def q_sample(
     """x_t[b] = sqrt_ab[t[b]] * x0[b] + sqrt_1mab[t[b]] * eps[b]; (B, n) of x0's dtype."""
     if e is None and _materialises(x0):
         x_t, eps = torch.ops.isofast_C.q_sample_noise(x0, t, sqrt_ab, sqrt_1mab, seed, offset)
-        key = _cache_key(x0, seed, offset)
-        _eps_cache[key] = eps
-        _eps_cache.move_to_end(key)
-        while len(_eps_cache) > _EPS_CACHE_SIZE:
-            _eps_cache.popitem(last=False)
+        _keep(_cache_key(x0, seed, offset), eps)
         return x_t
     return torch.ops.isofast_C.q_sample(x0, t, sqrt_ab, sqrt_1mab, e, seed, offset)
 
 
 def iso_sums(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sse, ssq), float32 (B,) (float64 for float64): sum_j (p - eps)^2 and sum_j p^2 per row."""
-    return torch.ops.isofast_C.iso_sums(p, _cached_eps(p, e, seed, offset), seed, offset)
+    """(sse, ssq), float32 (B,) (float64 for float64): sum_j (p - eps)^2 and sum_j p^2 per row.
+
+    A draw that q_sample did not keep (the loss called on its own) is materialised here, once,
+    for the backward's ``iso_grad`` to read: one generation instead of two.
+    """
+    eps = _cached_eps(p, e, seed, offset)
+    if eps is None and _materialises(p):
+        eps = torch.ops.isofast_C.philox_randn(p, seed, offset).view(p.shape).to(p.dtype)
+        _keep(_cache_key(p, seed, offset), eps)
+    return torch.ops.isofast_C.iso_sums(p, eps, seed, offset)
 
 
 def iso_grad(

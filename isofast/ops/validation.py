@@ -70,8 +70,9 @@ def timesteps(name: str, t: object, batch: int, T: int, device: torch.device) ->
     if t.device.type != "cpu":
         same_device(name, t.device, "the data", device)
     if _check_values_now(t):
-        if bool(((t < low) | (t >= T)).any()):
-            raise ValueError(f"{name} must be in [{low}, {T}), got values in [{int(t.min())}, {int(t.max())}]")
+        t_min, t_max = torch.stack(torch.aminmax(t)).tolist()  # one reduction, one read (one sync on a GPU)
+        if t_min < low or t_max >= T:
+            raise ValueError(f"{name} must be in [{low}, {T}), got values in [{t_min}, {t_max}]")
     return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
 
 
