@@ -94,6 +94,8 @@ def test_compiled_tail_rejects_bad_arguments():
         tail(sse.half(), ssq.half(), 8, None, 0.3, "batch", "mean")
     with pytest.raises(RuntimeError, match="weights must be"):
         tail(sse, ssq, 8, torch.ones(3), 0.3, "batch", "mean")
+    with pytest.raises(RuntimeError, match="weights must be"):
+        tail(sse, ssq, 8, torch.ones(4, dtype=torch.float64), 0.3, "batch", "mean")
     with pytest.raises(RuntimeError, match="n must be positive"):
         tail(sse, ssq, 0, None, 0.3, "batch", "mean")
 

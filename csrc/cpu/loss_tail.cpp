@@ -12,24 +12,79 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
-#include <vector>
 
 namespace isofast::cpu {
 namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-std::vector<double> as_doubles(const at::Tensor& x) {
-  const at::Tensor d = x.to(at::kDouble).contiguous();
-  const double* p = d.data_ptr<double>();
-  return std::vector<double>(p, p + d.numel());
+// Element b of a (B,) tensor of the sums' dtype A, as a double.
+template <typename A>
+struct Reader {
+  const A* p;
+  double operator[](int64_t b) const { return static_cast<double>(p[b]); }
+};
+
+// Writes the double values of f(b), b < count, into a new tensor of the sums' dtype (0-dim if scalar).
+template <typename A, typename F>
+at::Tensor make(int64_t count, bool scalar, const at::TensorOptions& opts, F&& f) {
+  at::Tensor out = scalar ? at::empty({}, opts) : at::empty({count}, opts);
+  A* o = out.data_ptr<A>();
+  for (int64_t b = 0; b < count; ++b) o[b] = static_cast<A>(f(b));
+  return out;
 }
 
-at::Tensor filled(const std::vector<double>& v, bool scalar, const at::TensorOptions& opts) {
-  at::Tensor d = at::empty(scalar ? at::IntArrayRef{} : at::IntArrayRef{static_cast<int64_t>(v.size())},
-                           opts.dtype(at::kDouble));
-  std::copy(v.begin(), v.end(), d.data_ptr<double>());
-  return d.to(opts.dtype());
+template <typename A>
+Outputs tail(const at::Tensor& sse, const at::Tensor& ssq, int64_t n, const std::optional<at::Tensor>& weights,
+             double lambda, bool sample, bool none, bool mean) {
+  const int64_t B = sse.size(0);
+  const Reader<A> se{sse.data_ptr<A>()}, sq{ssq.data_ptr<A>()};
+  const A* wp = weights.has_value() ? weights->data_ptr<A>() : nullptr;
+  auto w = [&](int64_t b) { return wp != nullptr ? static_cast<double>(wp[b]) : 1.0; };
+  const double r = mean ? 1.0 / static_cast<double>(B) : 1.0, inv_n = 1.0 / static_cast<double>(n);
+  auto mse_b = [&](int64_t b) { return se[b] * inv_n; };
+  auto s_b = [&](int64_t b) { return sq[b] * inv_n; };
+  auto pen_b = [&](int64_t b) { return (s_b(b) - 1.0) * (s_b(b) - 1.0); };
+  double isotropy = 0;
+  for (int64_t b = 0; b < B; ++b) isotropy += s_b(b);
+  isotropy /= static_cast<double>(B);
+  const auto opts = sse.options();
+
+  at::Tensor loss, mse, iso, k2, d_w;
+  if (!sample) {
+    double m = 0;
+    for (int64_t b = 0; b < B; ++b) m += w(b) * mse_b(b);
+    m *= r;
+    const double pen = (isotropy - 1.0) * (isotropy - 1.0);
+    const double slope_s = 2.0 * lambda * (isotropy - 1.0) / static_cast<double>(B);
+    loss = make<A>(1, true, opts, [&](int64_t) { return m + lambda * pen; });
+    mse = make<A>(1, true, opts, [&](int64_t) { return m; });
+    iso = make<A>(1, true, opts, [&](int64_t) { return pen; });
+    k2 = make<A>(B, false, opts, [&](int64_t) { return 2.0 * inv_n * slope_s; });
+    d_w = make<A>(B, false, opts, [&](int64_t b) { return r * mse_b(b); });
+  } else {
+    auto per = [&](int64_t b) { return w(b) * (mse_b(b) + lambda * pen_b(b)); };
+    if (none) {
+      loss = make<A>(B, false, opts, per);
+      mse = make<A>(B, false, opts, [&](int64_t b) { return w(b) * mse_b(b); });
+      iso = make<A>(B, false, opts, pen_b);
+    } else {
+      double l = 0, m = 0, p = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        l += per(b);
+        m += w(b) * mse_b(b);
+        p += w(b) * pen_b(b);
+      }
+      loss = make<A>(1, true, opts, [&](int64_t) { return r * l; });
+      mse = make<A>(1, true, opts, [&](int64_t) { return r * m; });
+      iso = make<A>(1, true, opts, [&](int64_t) { return r * p; });
+    }
+    k2 = make<A>(B, false, opts, [&](int64_t b) { return 2.0 * inv_n * 2.0 * lambda * r * w(b) * (s_b(b) - 1.0); });
+    d_w = make<A>(B, false, opts, [&](int64_t b) { return r * (mse_b(b) + lambda * pen_b(b)); });
+  }
+  at::Tensor k1 = make<A>(B, false, opts, [&](int64_t b) { return 2.0 * inv_n * r * w(b); });
+  at::Tensor iso_out = make<A>(1, true, opts, [&](int64_t) { return isotropy; });
+  return {loss, mse, iso, iso_out, k1, k2, d_w};
 }
 
 // Returns (loss, mse, iso, isotropy, k1, k2, d_w):
@@ -53,65 +108,16 @@ Outputs iso_loss_tail_cpu(const at::Tensor& sse, const at::Tensor& ssq, int64_t 
   const bool sample = iso_mode == "sample", none = reduction == "none";
   TORCH_CHECK(!none || sample, op, ": reduction 'none' needs iso_mode 'sample'");
   const int64_t B = sse.size(0);
+  TORCH_CHECK(sse.is_contiguous() && ssq.is_contiguous(), op, ": sse and ssq must be contiguous");
   if (weights.has_value()) {
-    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == B && weights->device() == sse.device(), op,
-                ": weights must be a (", B, ",) tensor on ", sse.device(), ", got ", weights->sizes());
+    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == B && weights->device() == sse.device() &&
+                    weights->scalar_type() == sse.scalar_type() && weights->is_contiguous(),
+                op, ": weights must be a contiguous (", B, ",) tensor of dtype ", sse.scalar_type(), " on ",
+                sse.device(), ", got ", weights->scalar_type(), " ", weights->sizes());
   }
-  const std::vector<double> se = as_doubles(sse), sq = as_doubles(ssq);
-  const std::vector<double> w = weights.has_value() ? as_doubles(*weights) : std::vector<double>(B, 1.0);
-  const double r = reduction == "mean" ? 1.0 / static_cast<double>(B) : 1.0;
-  const double inv_n = 1.0 / static_cast<double>(n);
-
-  std::vector<double> mse_b(B), s_b(B), k1(B), k2(B), d_w(B);
-  double isotropy = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    mse_b[b] = se[b] * inv_n;
-    s_b[b] = sq[b] * inv_n;
-    isotropy += s_b[b];
-  }
-  isotropy /= static_cast<double>(B);
-
-  std::vector<double> loss(1), mse(1, 0.0), iso(1, 0.0);
-  if (!sample) {
-    for (int64_t b = 0; b < B; ++b) mse[0] += w[b] * mse_b[b];
-    mse[0] *= r;
-    iso[0] = (isotropy - 1.0) * (isotropy - 1.0);
-    loss[0] = mse[0] + lambda * iso[0];
-    const double slope_s = 2.0 * lambda * (isotropy - 1.0) / static_cast<double>(B);
-    for (int64_t b = 0; b < B; ++b) {
-      k1[b] = 2.0 * inv_n * r * w[b];
-      k2[b] = 2.0 * inv_n * slope_s;
-      d_w[b] = r * mse_b[b];
-    }
-  } else {
-    std::vector<double> per(B), wmse(B), pen(B);
-    for (int64_t b = 0; b < B; ++b) {
-      pen[b] = (s_b[b] - 1.0) * (s_b[b] - 1.0);
-      wmse[b] = w[b] * mse_b[b];
-      per[b] = w[b] * (mse_b[b] + lambda * pen[b]);
-      k1[b] = 2.0 * inv_n * r * w[b];
-      k2[b] = 2.0 * inv_n * 2.0 * lambda * r * w[b] * (s_b[b] - 1.0);
-      d_w[b] = r * (mse_b[b] + lambda * pen[b]);
-    }
-    if (none) {
-      loss = per;
-      mse = wmse;
-      iso = pen;
-    } else {
-      loss[0] = mse[0] = iso[0] = 0.0;
-      for (int64_t b = 0; b < B; ++b) {
-        loss[0] += per[b];
-        mse[0] += wmse[b];
-        iso[0] += w[b] * pen[b];
-      }
-      loss[0] *= r;
-      mse[0] *= r;
-      iso[0] *= r;
-    }
-  }
-  const auto opts = sse.options();
-  return {filled(loss, !none, opts), filled(mse, !none, opts), filled(iso, !none, opts),
-          filled({isotropy}, true, opts), filled(k1, false, opts), filled(k2, false, opts), filled(d_w, false, opts)};
+  const bool mean = reduction == "mean";
+  if (sse.scalar_type() == at::kDouble) return tail<double>(sse, ssq, n, weights, lambda, sample, none, mean);
+  return tail<float>(sse, ssq, n, weights, lambda, sample, none, mean);
 }
 
 }  // namespace

@@ -81,7 +81,7 @@ def _tail(sse, ssq, n, weights, iso_lambda, iso_mode, reduction):
     elsewhere the torch ops of the oracle (a GPU launches them asynchronously, no host sync).
     """
     if sse.device.type == "cpu" and backends.usable("cpu"):
-        w = None if weights is None else weights.to(sse.dtype)
+        w = None if weights is None else weights.to(sse.dtype).contiguous()
         return torch.ops.isofast_C.iso_loss_tail(sse, ssq, n, w, iso_lambda, iso_mode, reduction)
     mse_b, s_b = sse / n, ssq / n
     loss, parts = reference.loss_from_terms(mse_b, s_b, iso_lambda, iso_mode, weights, reduction)
