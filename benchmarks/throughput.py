@@ -195,6 +195,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="warm-up calls per variant (op rows)")
     p.add_argument("--min-sample-s", type=float, default=None, help="min seconds per timed sample (default 0.05; quick 0.02)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--out-dir", default=None, help="folder for the default-named JSON and PNG (default benchmarks/results)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device-name>.json, <device-name>-quick.json with --quick)")
     p.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")
     p.add_argument("--list", action="store_true", help="print the row names and exit")
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
 
     # --quick writes beside, not over, the full table of the same machine
     suffix = "-quick" if args.quick else ""
-    out = args.out or os.path.join(RESULTS_DIR, f"{machine['device_name']}{suffix}.json")
+    out = args.out or os.path.join(args.out_dir or RESULTS_DIR, f"{machine['device_name']}{suffix}.json")
     meta.update(
         mode="quick" if args.quick else "default", only=args.only, note=args.note, copy_bandwidth_bytes_per_s=copy_bw,
         copy_bandwidth_buffer_bytes=ceiling_bytes, backends=backend_report, memory_method=memory_note,
