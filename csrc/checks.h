@@ -26,12 +26,17 @@ inline void check_data(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-inline void check_like(const at::Tensor& y, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
-              " like the data, got ", y.scalar_type());
+// y on x's device, of x's shape, contiguous (any dtype).
+inline void check_placed_like(const at::Tensor& y, const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(y.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", y.device());
   TORCH_CHECK(y.sizes() == x.sizes(), op, ": ", name, " must have shape ", x.sizes(), ", got ", y.sizes());
   TORCH_CHECK(y.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_like(const at::Tensor& y, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
+              " like the data, got ", y.scalar_type());
+  check_placed_like(y, x, op, name);
 }
 
 inline void check_index(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
@@ -53,15 +58,28 @@ inline void check_table(const at::Tensor& c, const at::Tensor& x, int64_t dim, c
   TORCH_CHECK(c.numel() > 0, op, ": ", name, " must not be empty");
 }
 
-// Operands of iso_sums / iso_grad, shared by the CPU and CUDA implementations.
-inline void check_iso_sums_args(const at::Tensor& p, const std::optional<at::Tensor>& e, const char* op) {
+// True for a float32 noise tensor beside 16-bit data: the CPU backend's stored draw, which keeps
+// the generator's float32 values instead of rounding them to the data dtype (cpu/iso_loss.cpp).
+inline bool is_float32_noise_for(const at::Tensor& e, const at::Tensor& p) {
+  return e.scalar_type() == at::kFloat && (p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf);
+}
+
+// Operands of iso_sums / iso_grad, shared by the CPU and CUDA implementations. e has p's dtype;
+// with float32_noise_ok (CPU) it may also be float32 beside 16-bit p.
+inline void check_iso_sums_args(const at::Tensor& p, const std::optional<at::Tensor>& e, const char* op,
+                                bool float32_noise_ok = false) {
   check_data(p, op, "p");
-  if (e.has_value()) check_like(*e, p, op, "e");
+  if (!e.has_value()) return;
+  if (float32_noise_ok && is_float32_noise_for(*e, p)) {
+    check_placed_like(*e, p, op, "e");
+  } else {
+    check_like(*e, p, op, "e");
+  }
 }
 
 inline void check_iso_grad_args(const at::Tensor& p, const std::optional<at::Tensor>& e, const at::Tensor& c1,
-                                const at::Tensor& c2, const char* op) {
-  check_iso_sums_args(p, e, op);
+                                const at::Tensor& c2, const char* op, bool float32_noise_ok = false) {
+  check_iso_sums_args(p, e, op, float32_noise_ok);
   check_table(c1, p, 1, op, "c1");
   check_table(c2, p, 1, op, "c2");
   TORCH_CHECK(c1.numel() == p.size(0) && c2.numel() == p.size(0), op, ": c1 and c2 must have shape (", p.size(0),

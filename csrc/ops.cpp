@@ -12,8 +12,8 @@ TORCH_LIBRARY(isofast_C, m) {
   m.def(
       "q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor? e, int seed, int offset) "
       "-> Tensor");
-  // CPU: q_sample that also returns the eps it drew (float32/float64 data only), so the CPU
-  // backend can hand it to iso_sums/iso_grad instead of regenerating it (see compiled.py).
+  // CPU: q_sample that also returns the eps it drew (float64 for float64 data, float32 otherwise),
+  // so the CPU backend can hand it to iso_sums/iso_grad instead of regenerating it (see compiled.py).
   m.def(
       "q_sample_noise(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, int seed, int offset) "
       "-> (Tensor, Tensor)");

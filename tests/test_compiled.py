@@ -167,18 +167,19 @@ def test_noise_is_regenerated_identically():
     assert torch.equal(sse, torch.zeros(B))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_materialised_eps_gives_the_regenerated_numbers(dtype):
     # CPU q_sample (or iso_sums, on a key q_sample did not keep) keeps the eps it drew for
     # iso_sums/iso_grad (compiled.py): bit-identical results to regenerating it in the kernels,
-    # and the kept eps is exactly the kernel generator's draw.
+    # and the kept eps is exactly the kernel generator's draw, in float32 (float64 for float64).
     B, n, seed, offset = 3, 1001, 2**45 + 9, 2**36 + 1
     t = torch.tensor([0, 5, 9])
-    sa, sb = torch.rand(10, dtype=dtype), torch.rand(10, dtype=dtype)
-    x0, p = torch.randn(B, n, dtype=dtype), torch.randn(B, n, dtype=dtype)
-    c1, c2 = torch.randn(B, dtype=dtype), torch.randn(B, dtype=dtype)
+    sa, sb = torch.rand(10, dtype=acc(dtype)), torch.rand(10, dtype=acc(dtype))
+    x0, p = torch.randn(B, n).to(dtype), torch.randn(B, n).to(dtype)
+    c1, c2 = torch.randn(B, dtype=acc(dtype)), torch.randn(B, dtype=acc(dtype))
     ops = torch.ops.isofast_C
     regen = (ops.iso_sums(p, None, seed, offset), ops.iso_grad(p, None, seed, offset, c1, c2))
+    regen_x_t = ops.q_sample(x0, t, sa, sb, None, seed, offset)
     compiled.clear_noise_cache()
     alone = (compiled.iso_sums(p, None, seed, offset), compiled.iso_grad(p, None, seed, offset, c1, c2))
     assert len(compiled._eps_cache) == 1  # the loss on its own drew and kept it once
@@ -186,17 +187,50 @@ def test_materialised_eps_gives_the_regenerated_numbers(dtype):
     assert torch.equal(regen[1], alone[1])
     compiled.clear_noise_cache()
     x_t = compiled.q_sample(x0, t, sa, sb, None, seed, offset)
+    assert torch.equal(x_t, regen_x_t)
     assert len(compiled._eps_cache) == 1
     kept = compiled._cached_eps(p, None, seed, offset)
-    assert torch.equal(kept, torch.ops.isofast_C.philox_randn(x0, seed, offset).reshape(B, n).to(dtype))
+    assert torch.equal(kept, torch.ops.isofast_C.philox_randn(x0, seed, offset).reshape(B, n).to(acc(dtype)))
     stored = (compiled.iso_sums(p, None, seed, offset), compiled.iso_grad(p, None, seed, offset, c1, c2))
     assert torch.equal(regen[0][0], stored[0][0]) and torch.equal(regen[0][1], stored[0][1])
     assert torch.equal(regen[1], stored[1])
-    compiled.clear_noise_cache()
-    assert torch.equal(x_t, compiled.q_sample(x0, t, sa, sb, kept, 0, 0))
     # another key never sees this draw
     assert compiled._cached_eps(p, None, seed, offset + 1) is None
     compiled.clear_noise_cache()
+
+
+@pytest.mark.parametrize("loss_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_draw_kept_for_float32_data_serves_a_loss_of_another_dtype(loss_dtype):
+    # Mixed precision: float32 x0 through q_sample, eps_pred in bf16 (autocast) or float64. The loss
+    # reads the float32 draw (converted exactly) and equals the regenerating kernels bit for bit.
+    B, n, seed, offset = 4, 777, 2**50 + 3, 11
+    t = torch.tensor([1, 2, 3, 4])
+    x0 = torch.randn(B, n)
+    p = torch.randn(B, n).to(loss_dtype)
+    c1, c2 = torch.randn(B, dtype=acc(loss_dtype)), torch.randn(B, dtype=acc(loss_dtype))
+    ops = torch.ops.isofast_C
+    compiled.clear_noise_cache()
+    compiled.q_sample(x0, t, torch.rand(10), torch.rand(10), None, seed, offset)
+    assert len(compiled._eps_cache) == 1
+    got = (compiled.iso_sums(p, None, seed, offset), compiled.iso_grad(p, None, seed, offset, c1, c2))
+    assert len(compiled._eps_cache) == 1  # served from the kept draw, nothing new drawn
+    want = (ops.iso_sums(p, None, seed, offset), ops.iso_grad(p, None, seed, offset, c1, c2))
+    assert torch.equal(got[0][0], want[0][0]) and torch.equal(got[0][1], want[0][1])
+    assert torch.equal(got[1], want[1])
+    compiled.clear_noise_cache()
+
+
+def test_float32_noise_beside_16bit_data_is_checked():
+    p = torch.randn(3, 8).to(torch.bfloat16)
+    ops = torch.ops.isofast_C
+    with pytest.raises(RuntimeError, match="e must have shape"):
+        ops.iso_sums(p, torch.randn(3, 7), 0, 0)
+    with pytest.raises(RuntimeError, match="e must have dtype"):
+        ops.iso_sums(p, torch.randn(3, 8, dtype=torch.float64), 0, 0)
+    with pytest.raises(RuntimeError, match="e must have dtype"):
+        ops.iso_sums(torch.randn(3, 8), torch.randn(3, 8).to(torch.bfloat16), 0, 0)
+    with pytest.raises(RuntimeError, match="e must be contiguous"):
+        ops.iso_grad(p, torch.randn(8, 3).t(), 0, 0, torch.ones(3), torch.ones(3))
 
 
 # ---------------------------------------------------------------- sampler steps

@@ -1,4 +1,5 @@
-// The Iso-Diffusion loss on the CPU, as two one-pass kernels that regenerate eps per tile:
+// The Iso-Diffusion loss on the CPU, as two one-pass kernels that regenerate eps per tile (or read
+// it: the data's dtype, or float32 beside 16-bit data when it is the backend's stored draw):
 //   iso_sums: sse[b] = sum_j (p[b,j] - eps[b,j])^2,  ssq[b] = sum_j p[b,j]^2   (float32 / float64 (B,))
 //   iso_grad: g[b,j] = c1[b] (p[b,j] - eps[b,j]) + c2[b] p[b,j]                (data dtype)
 // Sums are accumulated per tile in the arithmetic type in 16 fixed lanes (vectorised), then the
@@ -87,8 +88,8 @@ inline void row_sums(const P* __restrict__ p, const E* __restrict__ eps, int64_t
   *s_sq = sq[0];
 }
 
-template <typename T>
-void iso_sums_kernel(const T* p, const T* e, uint64_t seed, uint64_t offset, acc_t<T>* sse, acc_t<T>* ssq, int64_t B,
+template <typename T, typename E>
+void iso_sums_kernel(const T* p, const E* e, uint64_t seed, uint64_t offset, acc_t<T>* sse, acc_t<T>* ssq, int64_t B,
                      int64_t n) {
   using A = acc_t<T>;
   const int64_t tiles_per_row = (n + kTile - 1) / kTile;
@@ -116,8 +117,8 @@ void iso_sums_kernel(const T* p, const T* e, uint64_t seed, uint64_t offset, acc
   }
 }
 
-template <typename T>
-void iso_grad_kernel(const T* p, const T* e, uint64_t seed, uint64_t offset, const acc_t<T>* c1, const acc_t<T>* c2,
+template <typename T, typename E>
+void iso_grad_kernel(const T* p, const E* e, uint64_t seed, uint64_t offset, const acc_t<T>* c1, const acc_t<T>* c2,
                      T* g, int64_t B, int64_t n) {
   using A = acc_t<T>;
   for_each_tile(B, n, seed, offset, [&](int64_t) { return e == nullptr; },
@@ -132,7 +133,7 @@ void iso_grad_kernel(const T* p, const T* e, uint64_t seed, uint64_t offset, con
                       gr[j] = static_cast<T>(k1 * (pv - static_cast<A>(z[j])) + k2 * pv);
                     }
                   } else {
-                    const T* er = e + b * n;
+                    const E* er = e + b * n;
                     for (int64_t j = j0; j < j1; ++j) {
                       const A pv = static_cast<A>(pr[j]);
                       gr[j] = static_cast<T>(k1 * (pv - static_cast<A>(er[j])) + k2 * pv);
@@ -144,7 +145,7 @@ void iso_grad_kernel(const T* p, const T* e, uint64_t seed, uint64_t offset, con
 std::tuple<at::Tensor, at::Tensor> iso_sums_cpu(const at::Tensor& p, const std::optional<at::Tensor>& e, int64_t seed,
                                                 int64_t offset) {
   constexpr const char* op = "isofast_C::iso_sums";
-  check_iso_sums_args(p, e, op);
+  check_iso_sums_args(p, e, op, /*float32_noise_ok=*/true);
   const int64_t B = p.size(0), n = p.size(1);
   const auto acc = table_dtype(p.scalar_type());
   at::Tensor sse = at::empty({B}, p.options().dtype(acc)), ssq = at::empty({B}, p.options().dtype(acc));
@@ -155,9 +156,15 @@ std::tuple<at::Tensor, at::Tensor> iso_sums_cpu(const at::Tensor& p, const std::
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "isofast_iso_sums_cpu", [&] {
     using A = acc_t<scalar_t>;
-    iso_sums_kernel<scalar_t>(p.data_ptr<scalar_t>(), e.has_value() ? e->data_ptr<scalar_t>() : nullptr,
-                              static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), sse.data_ptr<A>(),
-                              ssq.data_ptr<A>(), B, n);
+    const auto run = [&](const auto* noise) {
+      iso_sums_kernel<scalar_t>(p.data_ptr<scalar_t>(), noise, static_cast<uint64_t>(seed),
+                                static_cast<uint64_t>(offset), sse.data_ptr<A>(), ssq.data_ptr<A>(), B, n);
+    };
+    if (e.has_value() && is_float32_noise_for(*e, p)) {
+      run(e->data_ptr<float>());
+    } else {
+      run(e.has_value() ? e->data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr));
+    }
   });
   return {sse, ssq};
 }
@@ -165,14 +172,21 @@ std::tuple<at::Tensor, at::Tensor> iso_sums_cpu(const at::Tensor& p, const std::
 at::Tensor iso_grad_cpu(const at::Tensor& p, const std::optional<at::Tensor>& e, int64_t seed, int64_t offset,
                         const at::Tensor& c1, const at::Tensor& c2) {
   constexpr const char* op = "isofast_C::iso_grad";
-  check_iso_grad_args(p, e, c1, c2, op);
+  check_iso_grad_args(p, e, c1, c2, op, /*float32_noise_ok=*/true);
   at::Tensor g = at::empty_like(p);
   if (p.numel() == 0) return g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "isofast_iso_grad_cpu", [&] {
     using A = acc_t<scalar_t>;
-    iso_grad_kernel<scalar_t>(p.data_ptr<scalar_t>(), e.has_value() ? e->data_ptr<scalar_t>() : nullptr,
-                              static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), c1.data_ptr<A>(),
-                              c2.data_ptr<A>(), g.data_ptr<scalar_t>(), p.size(0), p.size(1));
+    const auto run = [&](const auto* noise) {
+      iso_grad_kernel<scalar_t>(p.data_ptr<scalar_t>(), noise, static_cast<uint64_t>(seed),
+                                static_cast<uint64_t>(offset), c1.data_ptr<A>(), c2.data_ptr<A>(),
+                                g.data_ptr<scalar_t>(), p.size(0), p.size(1));
+    };
+    if (e.has_value() && is_float32_noise_for(*e, p)) {
+      run(e->data_ptr<float>());
+    } else {
+      run(e.has_value() ? e->data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr));
+    }
   });
   return g;
 }

@@ -35,8 +35,8 @@ void q_sample_kernel(const T* x0, const int64_t* t, const acc_t<T>* sa, const ac
 }
 
 // q_sample that also returns the eps it generated (float32, or float64 for float64 data: the
-// same values the loss kernels would regenerate, converted exactly), for the CPU backend's
-// materialise-once path (isofast/ops/compiled.py).
+// same values the loss kernels would regenerate, converted exactly; float32 for 16-bit data too,
+// so nothing is rounded), for the CPU backend's materialise-once path (isofast/ops/compiled.py).
 template <typename T>
 void q_sample_noise_kernel(const T* x0, const int64_t* t, const acc_t<T>* sa, const acc_t<T>* sb, uint64_t seed,
                            uint64_t offset, T* out, acc_t<T>* eps, int64_t B, int64_t n) {
@@ -61,21 +61,20 @@ std::tuple<at::Tensor, at::Tensor> q_sample_noise_cpu(const at::Tensor& x0, cons
                                                       int64_t seed, int64_t offset) {
   constexpr const char* op = "isofast_C::q_sample_noise";
   check_data(x0, op, "x0");
-  TORCH_CHECK(x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble, op,
-              ": x0 must be float32 or float64 (16-bit data would round the stored eps), got ", x0.scalar_type());
   check_index(t, x0, op, "t");
   check_table(sqrt_ab, x0, 1, op, "sqrt_ab");
   check_table(sqrt_1mab, x0, 1, op, "sqrt_1mab");
   TORCH_CHECK(sqrt_ab.numel() == sqrt_1mab.numel(), op, ": sqrt_ab and sqrt_1mab must have the same length");
   const int64_t B = x0.size(0), n = x0.size(1);
   check_steps(t.data_ptr<int64_t>(), B, sqrt_ab.numel(), false, op, "t");
-  at::Tensor out = at::empty_like(x0), eps = at::empty_like(x0);
+  at::Tensor out = at::empty_like(x0), eps = at::empty_like(x0, x0.options().dtype(table_dtype(x0.scalar_type())));
   if (x0.numel() == 0) return {out, eps};
-  AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "isofast_q_sample_noise_cpu", [&] {
-    q_sample_noise_kernel<scalar_t>(x0.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), sqrt_ab.data_ptr<scalar_t>(),
-                                    sqrt_1mab.data_ptr<scalar_t>(), static_cast<uint64_t>(seed),
-                                    static_cast<uint64_t>(offset), out.data_ptr<scalar_t>(),
-                                    eps.data_ptr<scalar_t>(), B, n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "isofast_q_sample_noise_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    q_sample_noise_kernel<scalar_t>(x0.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), sqrt_ab.data_ptr<A>(),
+                                    sqrt_1mab.data_ptr<A>(), static_cast<uint64_t>(seed),
+                                    static_cast<uint64_t>(offset), out.data_ptr<scalar_t>(), eps.data_ptr<A>(), B,
+                                    n);
   });
   return {out, eps};
 }

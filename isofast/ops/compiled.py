@@ -13,13 +13,12 @@ Materialise-once on the CPU. On a GPU regenerating eps is free (Philox hides und
 traffic); on a CPU it is not: one generation costs several reads of the stored eps. Measured on
 2 cores with AVX-512, B=64 x 3072 float32 (medians): q_sample/iso_sums/iso_grad regenerating
 0.12/0.13/0.12 ms (0.37 ms), vs q_sample storing eps 0.14 ms then reading it 0.03/0.03 ms (0.20 ms).
-So for float32/float64 CPU data, ``q_sample`` with a key also returns the eps it drew
-(``isofast_C::q_sample_noise``, one pass) and keeps it here, keyed by (seed, offset, shape,
-dtype); ``iso_sums``/``iso_grad`` with the same key read it instead of regenerating, and
-``iso_sums`` with a key q_sample did not keep (the loss on its own) draws and keeps it itself. The
-values are the very floats the kernels would regenerate (same generator; float64 holds them
-exactly), so no number changes. 16-bit data always regenerates (storing eps in 16 bits would
-round it). At most ``_EPS_CACHE_SIZE`` draws are kept; ``clear_noise_cache()`` frees them.
+So for CPU data, ``q_sample`` with a key also returns the eps it drew (``isofast_C::q_sample_noise``,
+one pass) and keeps it here, keyed by (seed, offset, shape); ``iso_sums``/``iso_grad`` with the same
+key read it instead of regenerating, and ``iso_sums`` with a key q_sample did not keep (the loss on
+its own) draws and keeps it itself. A draw is stored in float32 (float64 for float64 data; 16-bit
+data reads float32 noise, never a rounded copy): the very floats the kernels would regenerate, so
+no number changes. At most ``_EPS_CACHE_SIZE`` draws are kept; ``clear_noise_cache()`` frees them.
 """
 from __future__ import annotations
 
@@ -56,18 +55,27 @@ _eps_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
 def _materialises(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return x.device.type == "cpu"
+
+
+def _noise_dtype(x: torch.Tensor) -> torch.dtype:
+    """How a draw for x is stored: float64 for float64 data, else float32 (the generator's own values)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _cache_key(x: torch.Tensor, seed: int, offset: int) -> tuple:
-    return (seed, offset, tuple(x.shape), x.dtype)
+    return (seed, offset, tuple(x.shape))
 
 
 def _cached_eps(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) -> torch.Tensor | None:
-    """The explicit noise, else the stored draw (seed, offset) when one was kept, else None."""
+    """The explicit noise, else the stored draw (seed, offset) when one was kept, else None.
+
+    A draw kept for data of another dtype (float32 x0, bfloat16 eps_pred under autocast) is
+    converted, exactly: it holds float32 values either way."""
     if e is not None or not _materialises(p):
         return e
-    return _eps_cache.get(_cache_key(p, seed, offset))
+    eps = _eps_cache.get(_cache_key(p, seed, offset))
+    return None if eps is None else eps.to(_noise_dtype(p))
 
 
 def _keep(key: tuple, eps: torch.Tensor) -> None:
@@ -107,7 +115,7 @@ def iso_sums(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) ->
     """
     eps = _cached_eps(p, e, seed, offset)
     if eps is None and _materialises(p):
-        eps = torch.ops.isofast_C.philox_randn(p, seed, offset).view(p.shape).to(p.dtype)
+        eps = torch.ops.isofast_C.philox_randn(p, seed, offset).view(p.shape).to(_noise_dtype(p))
         _keep(_cache_key(p, seed, offset), eps)
     return torch.ops.isofast_C.iso_sums(p, eps, seed, offset)
 
@@ -159,7 +167,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("isofast_C::q_sample_noise")
     def _(x0, t, sqrt_ab, sqrt_1mab, seed, offset):
-        return torch.empty_like(x0), torch.empty_like(x0)
+        return torch.empty_like(x0), torch.empty_like(x0, dtype=_acc_dtype(x0.dtype))
 
     @torch.library.register_fake("isofast_C::iso_sums")
     def _(p, e, seed, offset):
