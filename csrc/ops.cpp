@@ -8,6 +8,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_common.h"
+
 TORCH_LIBRARY(isofast_C, m) {
   m.def(
       "q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor? e, int seed, int offset) "
@@ -47,8 +49,11 @@ bool has_cuda() {
 
 PyObject* py_has_cuda(PyObject*, PyObject*) { return PyBool_FromLong(has_cuda() ? 1 : 0); }
 
+PyObject* py_noise_isa(PyObject*, PyObject*) { return PyUnicode_FromString(isofast::cpu::noise_isa()); }
+
 PyMethodDef kMethods[] = {
     {"has_cuda", py_has_cuda, METH_NOARGS, "True when isofast._C was built with its CUDA kernels."},
+    {"noise_isa", py_noise_isa, METH_NOARGS, "The instruction set of the CPU noise generator on this machine."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -22,6 +22,9 @@ constexpr int64_t kTile = 2048;
 // Vectorised across calls; dispatched at load time to the widest ISA of the machine (noise.cpp).
 void fill_normals(uint64_t seed, uint64_t counter, int64_t ncalls, float* out);
 
+// The instruction set fill_normals runs with on this CPU ("AVX-512", "AVX2", ...), for `isofast info`.
+const char* noise_isa();
+
 // Arithmetic type of a data type: float64 for float64, float32 otherwise.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;

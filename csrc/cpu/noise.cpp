@@ -214,13 +214,34 @@ void fill_normals_portable(uint64_t seed, uint64_t counter, int64_t ncalls, floa
 
 }  // namespace
 
-void fill_normals(uint64_t seed, uint64_t counter, int64_t ncalls, float* out) {
+namespace {
+
+bool use_avx512() {
 #if defined(__x86_64__)
   // ISOFAST_NO_AVX512=1 takes the portable path on an AVX-512 machine (for tests and comparisons).
   static const bool avx512 = __builtin_cpu_supports("x86-64-v4") && std::getenv("ISOFAST_NO_AVX512") == nullptr;
-  if (avx512) return fill_normals_avx512(seed, counter, ncalls, out);
+  return avx512;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+void fill_normals(uint64_t seed, uint64_t counter, int64_t ncalls, float* out) {
+#if defined(__x86_64__)
+  if (use_avx512()) return fill_normals_avx512(seed, counter, ncalls, out);
 #endif
   fill_normals_portable(seed, counter, ncalls, out);
+}
+
+const char* noise_isa() {
+  if (use_avx512()) return "AVX-512";
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("x86-64-v3") ? "AVX2" : "x86-64 baseline";
+#else
+  return "portable C++";
+#endif
 }
 
 namespace {
