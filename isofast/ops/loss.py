@@ -21,6 +21,7 @@ sync to test grad_output == 1; the two-primitive scheme is cheaper on both count
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import reference
 from ..noise import NoiseKey, to_signed
@@ -102,6 +103,7 @@ class _IsoLoss(torch.autograd.Function):
         return loss, mse, iso, isotropy
 
     @staticmethod
+    @once_differentiable  # iso_grad has no derivative of its own: no double backward through the loss
     def backward(ctx, grad_loss, *_):
         p, e, k1, k2, d_w = ctx.saved_tensors
         seed, offset, backend = ctx.key
