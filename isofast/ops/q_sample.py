@@ -1,7 +1,8 @@
 """`q_sample`: the DDPM forward (noising) process, fused, with the noise generated in-kernel.
 
-Fused path: one pass that reads x0 and writes x_t; the noise exists only in registers and is
-described by the returned `NoiseKey`, from which the loss regenerates it.
+Fused path: one pass that reads x0 and writes x_t; on a GPU the noise exists only in registers and
+is described by the returned `NoiseKey`, from which the loss regenerates it. On a CPU, where
+generating costs several reads, the kernel also stores it once for the loss (`ops.compiled`).
 """
 from __future__ import annotations
 
