@@ -58,6 +58,17 @@ inline void check_table(const at::Tensor& c, const at::Tensor& x, int64_t dim, c
   TORCH_CHECK(c.numel() > 0, op, ": ", name, " must not be empty");
 }
 
+// Operands of q_sample / q_sample_noise (e: explicit noise or none), shared by CPU and CUDA.
+inline void check_q_sample_args(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                                const at::Tensor& sqrt_1mab, const std::optional<at::Tensor>& e, const char* op) {
+  check_data(x0, op, "x0");
+  check_index(t, x0, op, "t");
+  check_table(sqrt_ab, x0, 1, op, "sqrt_ab");
+  check_table(sqrt_1mab, x0, 1, op, "sqrt_1mab");
+  TORCH_CHECK(sqrt_ab.numel() == sqrt_1mab.numel(), op, ": sqrt_ab and sqrt_1mab must have the same length");
+  if (e.has_value()) check_like(*e, x0, op, "e");
+}
+
 // True for a float32 noise tensor beside 16-bit data: the CPU backend's stored draw, which keeps
 // the generator's float32 values instead of rounding them to the data dtype (cpu/iso_loss.cpp).
 inline bool is_float32_noise_for(const at::Tensor& e, const at::Tensor& p) {

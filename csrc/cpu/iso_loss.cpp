@@ -142,6 +142,19 @@ void iso_grad_kernel(const T* p, const E* e, uint64_t seed, uint64_t offset, con
                 });
 }
 
+// Calls kernel(noise) with the noise as the kernels read it: nullptr (generate), the data's dtype
+// (explicit noise), or float32 beside 16-bit data (the backend's stored draw).
+template <typename T, typename Kernel>
+void with_noise(const std::optional<at::Tensor>& e, const at::Tensor& p, Kernel&& kernel) {
+  if (!e.has_value()) {
+    kernel(static_cast<const T*>(nullptr));
+  } else if (is_float32_noise_for(*e, p)) {
+    kernel(static_cast<const float*>(e->data_ptr<float>()));
+  } else {
+    kernel(static_cast<const T*>(e->data_ptr<T>()));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> iso_sums_cpu(const at::Tensor& p, const std::optional<at::Tensor>& e, int64_t seed,
                                                 int64_t offset) {
   constexpr const char* op = "isofast_C::iso_sums";
@@ -156,15 +169,10 @@ std::tuple<at::Tensor, at::Tensor> iso_sums_cpu(const at::Tensor& p, const std::
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "isofast_iso_sums_cpu", [&] {
     using A = acc_t<scalar_t>;
-    const auto run = [&](const auto* noise) {
+    with_noise<scalar_t>(e, p, [&](const auto* noise) {
       iso_sums_kernel<scalar_t>(p.data_ptr<scalar_t>(), noise, static_cast<uint64_t>(seed),
                                 static_cast<uint64_t>(offset), sse.data_ptr<A>(), ssq.data_ptr<A>(), B, n);
-    };
-    if (e.has_value() && is_float32_noise_for(*e, p)) {
-      run(e->data_ptr<float>());
-    } else {
-      run(e.has_value() ? e->data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr));
-    }
+    });
   });
   return {sse, ssq};
 }
@@ -177,16 +185,11 @@ at::Tensor iso_grad_cpu(const at::Tensor& p, const std::optional<at::Tensor>& e,
   if (p.numel() == 0) return g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "isofast_iso_grad_cpu", [&] {
     using A = acc_t<scalar_t>;
-    const auto run = [&](const auto* noise) {
+    with_noise<scalar_t>(e, p, [&](const auto* noise) {
       iso_grad_kernel<scalar_t>(p.data_ptr<scalar_t>(), noise, static_cast<uint64_t>(seed),
                                 static_cast<uint64_t>(offset), c1.data_ptr<A>(), c2.data_ptr<A>(),
                                 g.data_ptr<scalar_t>(), p.size(0), p.size(1));
-    };
-    if (e.has_value() && is_float32_noise_for(*e, p)) {
-      run(e->data_ptr<float>());
-    } else {
-      run(e.has_value() ? e->data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr));
-    }
+    });
   });
   return g;
 }

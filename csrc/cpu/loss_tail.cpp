@@ -91,8 +91,9 @@ Outputs tail(const at::Tensor& sse, const at::Tensor& ssq, int64_t n, const std:
 //   loss, mse, iso: 0-dim, or (B,) for reduction "none" (mode "sample" only); isotropy: 0-dim;
 //   k1, k2: the iso_grad coefficients for a unit upstream gradient, (2/n) dL/dmse_b and (2/n) dL/ds_b;
 //   d_w: dL/dw_b (the weights' gradient for a unit upstream gradient).
-Outputs iso_loss_tail_cpu(const at::Tensor& sse, const at::Tensor& ssq, int64_t n, const std::optional<at::Tensor>& weights,
-                          double lambda, std::string_view iso_mode, std::string_view reduction) {
+Outputs iso_loss_tail_cpu(const at::Tensor& sse, const at::Tensor& ssq, int64_t n,
+                          const std::optional<at::Tensor>& weights, double lambda, std::string_view iso_mode,
+                          std::string_view reduction) {
   constexpr const char* op = "isofast_C::iso_loss_tail";
   TORCH_CHECK(sse.scalar_type() == at::kFloat || sse.scalar_type() == at::kDouble, op,
               ": sse must be float32 or float64, got ", sse.scalar_type());

@@ -94,8 +94,9 @@ inline float radius_of(float u) {
 // The Philox words of calls start .. start + kCalls - 1 as uniforms: u_w[k] from word w of call k.
 // Portable: philox.h's scalar code, which the compiler vectorises across the calls (64-bit
 // products of zero-extended lanes; the AVX-512 block below is ~2x faster).
-[[gnu::always_inline]] inline void philox_block_portable(uint64_t seed, uint64_t start, float* __restrict__ u0, float* __restrict__ u1,
-                                  float* __restrict__ u2, float* __restrict__ u3) {
+[[gnu::always_inline]] inline void philox_block_portable(uint64_t seed, uint64_t start, float* __restrict__ u0,
+                                                         float* __restrict__ u1, float* __restrict__ u2,
+                                                         float* __restrict__ u3) {
   for (int k = 0; k < kCalls; ++k) {
     uint32_t r[4];
     philox4x32_10(seed, start + static_cast<uint64_t>(k), r);
@@ -108,9 +109,10 @@ inline float radius_of(float u) {
 
 // Box-Muller of a block: (n0, n1) from (u0, u1), (n2, n3) from (u2, u3).
 // __restrict__: with eight unrelated pointers GCC will not version the loop for aliasing.
-[[gnu::always_inline]] inline void normals_block(const float* __restrict__ u0, const float* __restrict__ u1, const float* __restrict__ u2,
-                          const float* __restrict__ u3, float* __restrict__ n0, float* __restrict__ n1,
-                          float* __restrict__ n2, float* __restrict__ n3) {
+[[gnu::always_inline]] inline void normals_block(const float* __restrict__ u0, const float* __restrict__ u1,
+                                                 const float* __restrict__ u2, const float* __restrict__ u3,
+                                                 float* __restrict__ n0, float* __restrict__ n1,
+                                                 float* __restrict__ n2, float* __restrict__ n3) {
   for (int k = 0; k < kCalls; ++k) {
     const float ra = radius_of(u0[k]), rb = radius_of(u2[k]);
     float sa, ca, sb, cb;
@@ -124,8 +126,9 @@ inline float radius_of(float u) {
 }
 
 // The first m calls of a block in the contract's order: out[4k + w] = n_w[k].
-[[gnu::always_inline]] inline void store_block(const float* __restrict__ n0, const float* __restrict__ n1, const float* __restrict__ n2,
-                        const float* __restrict__ n3, int64_t m, float* __restrict__ out) {
+[[gnu::always_inline]] inline void store_block(const float* __restrict__ n0, const float* __restrict__ n1,
+                                               const float* __restrict__ n2, const float* __restrict__ n3, int64_t m,
+                                               float* __restrict__ out) {
   for (int64_t k = 0; k < m; ++k) {
     out[4 * k + 0] = n0[k];
     out[4 * k + 1] = n1[k];
@@ -211,10 +214,6 @@ void fill_normals_portable(uint64_t seed, uint64_t counter, int64_t ncalls, floa
     store_block(z[0], z[1], z[2], z[3], std::min<int64_t>(kCalls, ncalls - base), out + 4 * base);
   }
 }
-
-}  // namespace
-
-namespace {
 
 bool use_avx512() {
 #if defined(__x86_64__)

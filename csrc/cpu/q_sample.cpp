@@ -60,11 +60,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_noise_cpu(const at::Tensor& x0, cons
                                                       const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab,
                                                       int64_t seed, int64_t offset) {
   constexpr const char* op = "isofast_C::q_sample_noise";
-  check_data(x0, op, "x0");
-  check_index(t, x0, op, "t");
-  check_table(sqrt_ab, x0, 1, op, "sqrt_ab");
-  check_table(sqrt_1mab, x0, 1, op, "sqrt_1mab");
-  TORCH_CHECK(sqrt_ab.numel() == sqrt_1mab.numel(), op, ": sqrt_ab and sqrt_1mab must have the same length");
+  check_q_sample_args(x0, t, sqrt_ab, sqrt_1mab, std::nullopt, op);
   const int64_t B = x0.size(0), n = x0.size(1);
   check_steps(t.data_ptr<int64_t>(), B, sqrt_ab.numel(), false, op, "t");
   at::Tensor out = at::empty_like(x0), eps = at::empty_like(x0, x0.options().dtype(table_dtype(x0.scalar_type())));
@@ -82,12 +78,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_noise_cpu(const at::Tensor& x0, cons
 at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
                         const at::Tensor& sqrt_1mab, const std::optional<at::Tensor>& e, int64_t seed, int64_t offset) {
   constexpr const char* op = "isofast_C::q_sample";
-  check_data(x0, op, "x0");
-  check_index(t, x0, op, "t");
-  check_table(sqrt_ab, x0, 1, op, "sqrt_ab");
-  check_table(sqrt_1mab, x0, 1, op, "sqrt_1mab");
-  TORCH_CHECK(sqrt_ab.numel() == sqrt_1mab.numel(), op, ": sqrt_ab and sqrt_1mab must have the same length");
-  if (e.has_value()) check_like(*e, x0, op, "e");
+  check_q_sample_args(x0, t, sqrt_ab, sqrt_1mab, e, op);
   const int64_t B = x0.size(0), n = x0.size(1);
   check_steps(t.data_ptr<int64_t>(), B, sqrt_ab.numel(), false, op, "t");
   at::Tensor out = at::empty_like(x0);

@@ -53,11 +53,7 @@ at::Tensor q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Te
                          const at::Tensor& sqrt_1mab, const std::optional<at::Tensor>& e, int64_t seed,
                          int64_t offset) {
   constexpr const char* op = "isofast_C::q_sample";
-  check_data(x0, op, "x0");
-  check_index(t, x0, op, "t");
-  check_table(sqrt_ab, x0, 1, op, "sqrt_ab");
-  check_table(sqrt_1mab, x0, 1, op, "sqrt_1mab");
-  if (e.has_value()) check_like(*e, x0, op, "e");
+  check_q_sample_args(x0, t, sqrt_ab, sqrt_1mab, e, op);
   c10::cuda::CUDAGuard guard(x0.device());
   at::Tensor out = at::empty_like(x0);
   const int64_t N = x0.numel(), n = x0.size(1);
