@@ -425,6 +425,27 @@ def test_public_loss_cpu_equals_reference_forward_backward(dtype, shape, seed, k
     close(g_cpu, g_ref, dtype, extra_atol=extra)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_public_q_sample_cpu_gradient_in_x0(dtype):
+    # x_t is linear in x0: the fused op's backward scales the upstream gradient by sqrt(ab_t) per sample.
+    sched = NoiseSchedule.linear(T=100, dtype=acc(dtype))
+    shape, t = (3, 2, 5), torch.tensor([0, 41, 99])
+    key = _key(shape, dtype, 2**40 + 7, 3)
+    upstream = torch.randn(shape, dtype=torch.float64).to(dtype)
+    grads = []
+    for backend in ("cpu", "reference"):
+        x0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        x0.requires_grad_()
+        x_t, _ = isofast.q_sample(x0, t, sched, key, backend=backend)
+        (x_t * upstream).sum().backward()
+        grads.append(x0.grad)
+    assert grads[0].dtype == dtype
+    close(grads[0], grads[1], dtype)
+    if dtype == torch.float64:
+        x0 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: isofast.q_sample(x, t, sched, key, backend="cpu")[0], (x0,))
+
+
 def test_public_loss_gradcheck_float64_cpu():
     shape = (3, 2, 5)
     key = _key(shape, torch.float64, 2**40 + 1, 2**33)

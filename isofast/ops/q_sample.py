@@ -44,9 +44,12 @@ class _QSample(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         t, coefs = ctx.saved_tensors
-        scale = coefs[:, t].unsqueeze(2) * grad.to(coefs.dtype)  # (2, B, n): d x_t / d x0, d x_t / d eps
-        grad_x0 = scale[0].to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_noise = scale[1].to(grad.dtype) if ctx.needs_input_grad[3] else None
+
+        def scaled(row):  # d x_t / d x0 (row 0) or d x_t / d eps (row 1), applied to grad
+            return (coefs[row][t].unsqueeze(1) * grad.to(coefs.dtype)).to(grad.dtype)
+
+        grad_x0 = scaled(0) if ctx.needs_input_grad[0] else None
+        grad_noise = scaled(1) if ctx.needs_input_grad[3] else None
         return grad_x0, None, None, grad_noise, None, None, None
 
 
