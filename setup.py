@@ -107,7 +107,7 @@ def _extensions() -> tuple[list, dict]:
         _log(f"{why}; pure-Python install without isofast._C")
         return [], {}
 
-    sources = [os.path.relpath(p, ROOT) for p in ["csrc/ops.cpp", *sorted(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]]
+    sources = [os.path.relpath(p, ROOT) for p in ["csrc/ops.cpp", "csrc/autograd.cpp", *sorted(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]]
     cxx_flags = ["-O3", "-g0", "-fopenmp", "-fno-math-errno"]  # -g0: Python's CFLAGS add -g (a 9 MB .so)
     # Portable: baseline x86-64 code; the noise generator carries its own AVX2/AVX-512 clones.
     define_macros = []

@@ -13,7 +13,7 @@ high word even when the product's top bit is set.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -115,6 +115,13 @@ class NoiseKey:
 
     ``materialize()`` returns the tensor of ``shape``/``dtype`` on ``device`` that every
     backend regenerates from ``(seed, offset)``: element i (row-major) of the draw.
+
+    ``kept``: the draw as a CPU kernel generated it (float32; float64 for float64 data), or None.
+    On a GPU regenerating the noise is free (Philox hides under the memory traffic); on a CPU one
+    generation costs several reads of the stored values, so `q_sample` on the "cpu" backend returns
+    a key that carries its draw and the loss reads it instead of drawing again. The values are the
+    ones the kernels would regenerate, so no number depends on it; it is freed with the key.
+    Not part of the key's identity (equality, hash, repr).
     """
 
     seed: int
@@ -122,6 +129,7 @@ class NoiseKey:
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    kept: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_u64("seed", self.seed)
@@ -130,6 +138,10 @@ class NoiseKey:
         object.__setattr__(self, "device", torch.device(self.device))
         if not self.dtype.is_floating_point:
             raise TypeError(f"NoiseKey dtype must be a floating dtype, got {self.dtype}")
+
+    def keeping(self, draw: torch.Tensor | None) -> NoiseKey:
+        """This key carrying ``draw`` (its values as a CPU kernel generated them; None: carrying nothing)."""
+        return replace(self, kept=draw)
 
     @property
     def numel(self) -> int:

@@ -12,14 +12,12 @@ with `NoiseKey.draw`, in this order:
   step, at the largest t) uses ``NoiseKey(seed, offset=i * calls_for(numel), shape)``, so the
   steps read consecutive, disjoint stretches of one Philox stream (`step_key`).
 
-The eager path passes those keys to the public `isofast.ddpm_step` / `isofast.ddim_step`
-(fused kernels where available). The CUDA-graph path computes the very same keys on the
-device, ``key_i = [seed, 0] + [0, i * calls_for(numel)]``, so both paths give the same samples.
-
-CUDA graph: one step is captured (model forward, fused step, copy back into the static x
-buffer, ``i += 1`` on a device counter) and replayed once per step. Everything a step reads
-(x, the timestep table, the base key, the step counter) lives in static device tensors, so
-the host only resets them between chunks and calls ``replay()``; there is no host sync per step.
+Every loop keeps its state on the device (`StepLoop`): x, the timesteps, the step counter and
+the keys, ``key_i = [seed, 0] + [0, i * calls_for(numel)]`` (`step_key`'s, computed on the device),
+and one step is ``x <- update(x, model(x, t_i), t_i, t_prev_i, key_i)``, the fused step op. On CUDA
+that step is captured once as a CUDA graph (`isofast.cuda_graph.capture`) and replayed once per
+step: the host only resets the buffers between chunks, no host sync per step. Elsewhere the same
+step runs eagerly, so both paths give the same samples.
 """
 from __future__ import annotations
 
@@ -29,16 +27,18 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import ops
+from . import cuda_graph
 from .noise import NoiseKey, calls_for, to_signed
-from .ops import backends, dispatch, validation
+from .ops import backends
 from .ops.steps import ddim_step_keyed, ddpm_step_keyed
 from .schedule import NoiseSchedule
 
 __all__ = ["ddpm_sample", "ddim_sample", "ddpm_timesteps", "ddim_timesteps", "step_key"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_WARMUP_STEPS = 3  # side-stream warm-up before capture: Triton compilation, cuBLAS workspaces, allocator
+# update(x, eps_pred, t, t_prev, key, backend) -> x_prev: one step op, graph-safe (device tensors only)
+Update = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor]
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 # ----- timesteps and keys ------------------------------------------------------------------------------
@@ -107,10 +107,15 @@ def ddpm_sample(
     Returns:
         (B, ...) tensor of ``dtype`` on ``device``: the samples x_0.
     """
-    validation.choice("variance", variance, ("fixed_small", "fixed_large"))
-    t_seq, t_prev_seq = ddpm_timesteps(_check_sched(sched).T)
-    return _sample("ddpm", model, shape, sched, t_seq, t_prev_seq, 0.0, clip_x0, variance, generator,
-                   device, dtype, cuda_graph, progress, backend, batch_size)
+    sched = _check_sched(sched)
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"variance must be one of ('fixed_small', 'fixed_large'), got {variance!r}")
+
+    def update(x, eps, t, t_prev, key, name):
+        return ddpm_step_keyed(x, eps, t, sched, None, key, bool(clip_x0), variance, name)
+
+    loop = _Loop.plan(model, shape, generator, device, dtype, cuda_graph, progress, backend, batch_size)
+    return loop.sample(model, update, *ddpm_timesteps(sched.T), "ddpm sampling")
 
 
 def ddim_sample(
@@ -139,15 +144,71 @@ def ddim_sample(
     """
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < float("inf"):
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
-    t_seq, t_prev_seq = ddim_timesteps(_check_sched(sched).T, steps)
-    return _sample("ddim", model, shape, sched, t_seq, t_prev_seq, float(eta), clip_x0, "fixed_small",
-                   generator, device, dtype, cuda_graph, progress, backend, batch_size)
+    sched, eta = _check_sched(sched), float(eta)
+    t_seq, t_prev_seq = ddim_timesteps(sched.T, steps)
+
+    def update(x, eps, t, t_prev, key, name):
+        return ddim_step_keyed(x, eps, t, t_prev, sched, eta, None, key, bool(clip_x0), name)
+
+    loop = _Loop.plan(model, shape, generator, device, dtype, cuda_graph, progress, backend, batch_size)
+    return loop.sample(model, update, t_seq, t_prev_seq, "ddim sampling")
 
 
-# ----- shared driver ------------------------------------------------------------------------------------
+# ----- the shared driver: chunks, keys, graph or eager --------------------------------------------------
 def _check_sched(sched: object) -> NoiseSchedule:
-    validation.schedule(sched)
-    return sched  # type: ignore[return-value]
+    if not isinstance(sched, NoiseSchedule):
+        raise TypeError(f"sched must be a NoiseSchedule, got {type(sched).__name__}")
+    return sched
+
+
+class _Loop:
+    """How a sampler runs, decided once from its arguments: device, dtype, backend, graph, chunks."""
+
+    def __init__(self, shape, generator, device, dtype, backend, use_graph, chunk, progress) -> None:
+        self.shape, self.generator, self.device, self.dtype = shape, generator, device, dtype
+        self.backend, self.use_graph, self.chunk, self.progress = backend, use_graph, chunk, progress
+
+    @classmethod
+    def plan(cls, model, shape, generator, device, dtype, cuda_graph, progress, backend, batch_size) -> _Loop:
+        shape = _check_shape(shape)
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be a floating dtype {FLOAT_DTYPES}, got {dtype}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        device = torch.device(device) if device is not None else _model_device(model)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        name = backends.resolve(backend, device, dtype)
+        chunk = shape[0] if batch_size is None else min(batch_size, shape[0])
+        progress = sys.stderr.isatty() if progress is None else progress
+        return cls(shape, generator, device, dtype, name, _use_graph(cuda_graph, device, name), chunk, progress)
+
+    def sample(self, model: Model, update: Update, t_seq: list[int], t_prev_seq: list[int], desc: str) -> torch.Tensor:
+        """All chunks: per chunk, x_T and the step seed drawn in that order, then the step loop."""
+        shape, chunk = self.shape, self.chunk
+        out = torch.empty(shape, dtype=self.dtype, device=self.device) if chunk < shape[0] else None
+        loops: dict[int, StepLoop] = {}  # one loop (and graph) per chunk size, reused with new keys
+        bar = tqdm(total=len(t_seq) * -(-shape[0] // chunk), desc=desc, disable=not self.progress, leave=False,
+                   unit="step")
+        with torch.no_grad():
+            for start in range(0, shape[0], chunk):
+                cshape = (min(chunk, shape[0] - start), *shape[1:])
+                x_T = NoiseKey.draw(cshape, self.dtype, self.device, self.generator).materialize()
+                noise_seed = NoiseKey.draw(cshape, self.dtype, self.device, self.generator).seed
+                loop = loops.get(cshape[0])
+                if loop is None:
+                    loop = loops[cshape[0]] = StepLoop(model, update, x_T, t_seq, t_prev_seq, self.backend)
+                    if self.use_graph:
+                        loop.capture()
+                x = loop.run(x_T, noise_seed, bar)
+                if out is None:
+                    out = x  # one chunk: no copy
+                else:
+                    out[start:start + cshape[0]] = x
+        bar.close()
+        return out
 
 
 def _check_shape(shape: object) -> tuple[int, ...]:
@@ -167,52 +228,6 @@ def _model_device(model: object) -> torch.device:
     return torch.device("cpu")
 
 
-def _sample(kind, model, shape, sched, t_seq, t_prev_seq, eta, clip_x0, variance, generator, device, dtype,
-            cuda_graph, progress, backend, batch_size) -> torch.Tensor:
-    shape = _check_shape(shape)
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
-    if dtype not in validation.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be a floating dtype {validation.FLOAT_DTYPES}, got {dtype}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    name = dispatch.choose(backend, torch.empty(0, dtype=dtype, device=device))
-    use_graph = _use_graph(cuda_graph, device, name)
-    if progress is None:
-        progress = sys.stderr.isatty()
-
-    chunk = shape[0] if batch_size is None else min(batch_size, shape[0])
-    out = torch.empty(shape, dtype=dtype, device=device) if chunk < shape[0] else None
-    graphs: dict[int, _StepLoop] = {}  # one captured loop per chunk size, reused with new keys
-    bar = tqdm(total=len(t_seq) * -(-shape[0] // chunk), desc=f"{kind} sampling", disable=not progress,
-               leave=False, unit="step")
-    with torch.no_grad():
-        for start in range(0, shape[0], chunk):
-            cshape = (min(chunk, shape[0] - start), *shape[1:])
-            x_key = NoiseKey.draw(cshape, dtype, device, generator)
-            noise_seed = NoiseKey.draw(cshape, dtype, device, generator).seed
-            x = x_key.materialize()
-            if use_graph:
-                loop = graphs.get(cshape[0])
-                if loop is None:
-                    loop = graphs[cshape[0]] = _StepLoop(kind, model, sched, x, t_seq, t_prev_seq, eta, clip_x0,
-                                                         variance, name)
-                    loop.capture()
-                x = loop.run(x, noise_seed, bar)
-            else:
-                x = _eager_loop(kind, model, sched, x, noise_seed, t_seq, t_prev_seq, eta, clip_x0, variance,
-                                name, bar)
-            if out is None:
-                out = x  # one chunk: no copy
-            else:
-                out[start:start + cshape[0]] = x
-    bar.close()
-    return out
-
-
 def _use_graph(cuda_graph: bool | None, device: torch.device, backend: str) -> bool:
     if device.type != "cuda":
         return False  # CUDA graphs exist only on CUDA; CPU always runs eagerly
@@ -224,21 +239,8 @@ def _use_graph(cuda_graph: bool | None, device: torch.device, backend: str) -> b
     return bool(cuda_graph)
 
 
-def _eager_loop(kind, model, sched, x, noise_seed, t_seq, t_prev_seq, eta, clip_x0, variance, backend, bar):
-    batch = x.shape[0]
-    for i, (t, t_prev) in enumerate(zip(t_seq, t_prev_seq, strict=True)):
-        noise = step_key(noise_seed, i, x.shape, x.dtype, x.device)
-        eps = model(x, torch.full((batch,), t, dtype=torch.int64, device=x.device)).to(x.dtype)
-        if kind == "ddpm":
-            x = ops.ddpm_step(x, eps, t, sched, noise, clip_x0=clip_x0, variance=variance, backend=backend)
-        else:
-            x = ops.ddim_step(x, eps, t, t_prev, sched, eta, noise, clip_x0=clip_x0, backend=backend)
-        bar.update(1)
-    return x
-
-
-class _StepLoop:
-    """The device-resident state of one sampling loop, and its step as a graph-safe function.
+class StepLoop:
+    """One sampling loop's device-resident state, and its step as a graph-safe function.
 
     Static tensors on the device: ``x`` (the current sample), ``t_seq``/``t_prev_seq`` int64 (S,),
     ``key_base`` int64 (2,) = [seed, 0] and ``key_steps`` int64 (S, 2) = [0, i * calls_for(numel)]
@@ -246,12 +248,10 @@ class _StepLoop:
     `step` reads only these, so it can be captured once and replayed with new contents.
     """
 
-    def __init__(self, kind, model, sched, x, t_seq, t_prev_seq, eta, clip_x0, variance, backend) -> None:
-        if backend == "reference":
-            raise ValueError("the static step loop needs a fused backend, got 'reference'")
+    def __init__(self, model: Model, update: Update, x: torch.Tensor, t_seq: list[int], t_prev_seq: list[int],
+                 backend: str) -> None:
         device = x.device
-        self.kind, self.model, self.sched = kind, model, sched
-        self.eta, self.clip_x0, self.variance, self.backend = eta, bool(clip_x0), variance, backend
+        self.model, self.update, self.backend = model, update, backend
         self.num_steps = len(t_seq)
         self.x = x.clone()
         self.t_seq = torch.tensor(t_seq, dtype=torch.int64, device=device)
@@ -268,18 +268,15 @@ class _StepLoop:
         return self.key_base + self.key_steps.index_select(0, self.index).reshape(2)
 
     def step(self) -> None:
-        """One step x <- step(x, model(x, t_i), t_i, key_i); index += 1. Graph-safe: no host reads."""
+        """One step x <- update(x, model(x, t_i), t_i, t_prev_i, key_i); index += 1. No host reads."""
         batch = self.x.shape[0]
         t = self.t_seq.index_select(0, self.index).expand(batch).contiguous()
-        key = self.current_key()
+        t_prev = self.t_prev_seq.index_select(0, self.index).expand(batch).contiguous()
         eps = self.model(self.x, t).to(self.x.dtype)
-        if self.kind == "ddpm":
-            x_prev = ddpm_step_keyed(self.x, eps, t, self.sched, None, key, self.clip_x0, self.variance, self.backend)
-        else:
-            t_prev = self.t_prev_seq.index_select(0, self.index).expand(batch).contiguous()
-            x_prev = ddim_step_keyed(self.x, eps, t, t_prev, self.sched, self.eta, None, key, self.clip_x0,
-                                     self.backend)
-        self.x.copy_(x_prev)
+        if eps.shape != self.x.shape:  # shapes are host metadata: checking them is graph-safe
+            raise ValueError(f"model output eps_pred must have the shape of x_t {tuple(self.x.shape)}, "
+                             f"got {tuple(eps.shape)}")
+        self.x.copy_(self.update(self.x, eps, t, t_prev, self.current_key(), self.backend))
         self.index.add_(1)
 
     def reset(self, x_T: torch.Tensor, noise_seed: int) -> None:
@@ -289,23 +286,10 @@ class _StepLoop:
         self.index.zero_()
 
     def capture(self) -> None:
-        """Warm up on a side stream (compiles kernels, sets up cuBLAS), then capture one step."""
+        """Capture `step` as a CUDA graph (the buffers are reset before every run)."""
         x_T = self.x.clone()
-        # Shape errors surface here, eagerly, with the step op's clear messages (not inside capture).
-        eps = self.model(self.x, self.t_seq[:1].expand(self.x.shape[0]).contiguous())
-        validation.same_shape("model output eps_pred", eps, "x_t", self.x)
-        side = torch.cuda.Stream(device=self.x.device)
-        side.wait_stream(torch.cuda.current_stream(self.x.device))
-        with torch.cuda.stream(side):
-            for _ in range(_WARMUP_STEPS):
-                self.index.zero_()
-                self.step()
-        torch.cuda.current_stream(self.x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
-        self.x.copy_(x_T)  # capture records without running, but the warm-up moved x and index
-        self.index.zero_()
+        self.graph = cuda_graph.capture(self.step, self.x.device)
+        self.reset(x_T, 0)
 
     def run(self, x_T: torch.Tensor, noise_seed: int, bar) -> torch.Tensor:
         """The whole loop from x_T with step noise keyed by ``noise_seed``; returns a copy of x_0."""
@@ -314,18 +298,6 @@ class _StepLoop:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self.step()  # uncaptured: the same step eagerly (how CPU tests exercise this path)
+                self.step()
             bar.update(1)
         return self.x.clone()
-
-
-def _available_fused_backends(device: torch.device) -> list[str]:
-    """Fused backends that can run on ``device`` (for tests and `isofast info`-style reports)."""
-    names = []
-    for name in ("triton", "cpu", "cuda"):
-        try:
-            if backends.resolve(name, device) == name:
-                names.append(name)
-        except (RuntimeError, ValueError):
-            pass
-    return names

@@ -1,4 +1,4 @@
-"""The loss's O(B) tail of the fused path (isofast/ops/loss.py): from the per-sample sums to the
+"""The loss's O(B) tail of the fused path (isofast/ops/iso_loss.py): from the per-sample sums to the
 loss, its parts and the backward coefficients.
 
 Two implementations: torch ops (`_tail` on non-CPU tensors, closed-form slopes `_slopes`) and the
@@ -16,7 +16,7 @@ import torch
 import isofast
 from isofast import NoiseKey, reference
 from isofast.ops import backends
-from isofast.ops import loss as loss_mod
+from isofast.ops import iso_loss as loss_mod
 
 CASES = [(m, r) for m, r in itertools.product(("batch", "sample"), ("mean", "sum", "none")) if (m, r) != ("batch", "none")]
 needs_compiled = pytest.mark.skipif(not backends.usable("cpu"), reason="isofast._C is not built")

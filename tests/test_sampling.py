@@ -8,6 +8,8 @@ import torch
 from isofast import NoiseKey, NoiseSchedule, reference, sampling
 from isofast.noise import calls_for, to_signed
 from isofast.ops import backends
+from isofast.ops.steps import ddim_step_keyed as ddim_step
+from isofast.ops.steps import ddpm_step_keyed as ddpm_step
 
 CPU = torch.device("cpu")
 
@@ -127,8 +129,8 @@ def test_step_keys_of_graph_loop_equal_eager_keys():
     shape = (5, 3)  # 15 elements: 4 Philox calls per step, so offsets are not a multiple of numel
     sched = NoiseSchedule.linear(T=6)
     seed = 2**64 - 12345  # above 2^63: exercises the signed bit-pattern encoding
-    loop = sampling._StepLoop("ddpm", ToyModel(shape[1:], 6), sched, torch.zeros(shape), *sampling.ddpm_timesteps(6),
-                              0.0, False, "fixed_small", "cpu" if _fused("cpu") else "triton")
+    loop = sampling.StepLoop(ToyModel(shape[1:], 6), None, torch.zeros(shape), *sampling.ddpm_timesteps(6),
+                             "cpu" if _fused("cpu") else "triton")
     loop.reset(torch.zeros(shape), seed)
     for i in range(6):
         loop.index.fill_(i)
@@ -139,7 +141,7 @@ def test_step_keys_of_graph_loop_equal_eager_keys():
 
 
 def _fused(name):
-    return name in sampling._available_fused_backends(CPU)
+    return name in backends.fused("cpu")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -161,8 +163,13 @@ def test_static_step_loop_equals_eager_loop(backend, kind):
     torch.manual_seed(21)
     x_key = NoiseKey.draw(shape)
     step_seed = NoiseKey.draw(shape).seed
-    loop = sampling._StepLoop(kind, model, sched, x_key.materialize(), t_seq, t_prev, 0.8, False, "fixed_small",
-                              backend)
+    if kind == "ddpm":
+        def update(x, eps, t, t_prev, key, name):
+            return ddpm_step(x, eps, t, sched, None, key, False, "fixed_small", name)
+    else:
+        def update(x, eps, t, t_prev, key, name):
+            return ddim_step(x, eps, t, t_prev, sched, 0.8, None, key, False, name)
+    loop = sampling.StepLoop(model, update, x_key.materialize(), t_seq, t_prev, backend)
     with torch.no_grad():
         static = loop.run(x_key.materialize(), step_seed, _NoBar())
     assert torch.equal(static, eager)
@@ -296,7 +303,7 @@ def test_cuda_graph_with_reference_backend_is_refused():
 
 
 def test_backend_list_helper_sees_cpu_backends():
-    names = sampling._available_fused_backends(CPU)
+    names = backends.fused("cpu")
     assert set(names) <= {"cpu", "triton"}
     assert ("cpu" in names) == backends.status("cpu")[0]
 

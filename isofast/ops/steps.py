@@ -2,57 +2,19 @@
 
 Fresh noise comes from the contract with a key read from device memory (an int64 (2,)
 tensor), so a CUDA-graph-captured sampling loop replays with new noise when the key tensor is
-overwritten between replays. The `*_keyed` functions are that graph-safe entry point: no
-argument checks that read device values, no host-side randomness.
+overwritten between replays. The `*_keyed` functions are that graph-safe entry point (no
+argument checks that read device values, no host-side randomness); the samplers call them on
+every backend, the reference included (which reads the key on the host: never captured).
+The fused steps have no autograd: differentiable inputs go to the reference.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import reference
-from ..noise import NoiseKey
+from ..noise import NoiseKey, to_unsigned
 from ..schedule import NoiseSchedule
-from . import backends, dispatch, validation
-
-
-@torch.library.custom_op("isofast::ddpm_step", mutates_args=())
-def _ddpm_step_op(
-    x: torch.Tensor,
-    eps_pred: torch.Tensor,
-    t: torch.Tensor,
-    table: torch.Tensor,
-    noise: torch.Tensor | None,
-    key: torch.Tensor | None,
-    clip_x0: bool,
-    backend: str,
-) -> torch.Tensor:
-    return backends.kernels(backend).ddpm_step(x, eps_pred, t, table, noise, key, clip_x0)
-
-
-@_ddpm_step_op.register_fake
-def _(x, eps_pred, t, table, noise, key, clip_x0, backend):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("isofast::ddim_step", mutates_args=())
-def _ddim_step_op(
-    x: torch.Tensor,
-    eps_pred: torch.Tensor,
-    t: torch.Tensor,
-    t_prev: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    eta: float,
-    noise: torch.Tensor | None,
-    key: torch.Tensor | None,
-    clip_x0: bool,
-    backend: str,
-) -> torch.Tensor:
-    return backends.kernels(backend).ddim_step(x, eps_pred, t, t_prev, alphas_cumprod, eta, noise, key, clip_x0)
-
-
-@_ddim_step_op.register_fake
-def _(x, eps_pred, t, t_prev, alphas_cumprod, eta, noise, key, clip_x0, backend):
-    return torch.empty_like(x)
+from . import backends, operands, validation
 
 
 def _check_step_inputs(x_t, eps_pred, sched):
@@ -74,7 +36,7 @@ def _fused_noise_args(noise, x_t):
     """(explicit noise rows or None, device key tensor or None) for the kernels."""
     if isinstance(noise, NoiseKey):
         return None, noise.as_tensor(x_t.device)
-    return dispatch.rows(noise.to(x_t.dtype)), None
+    return operands.rows(noise.to(x_t.dtype)), None
 
 
 def ddpm_step(
@@ -100,9 +62,9 @@ def ddpm_step(
     t = validation.timesteps("t", t, x_t.shape[0], sched.T, x_t.device)
     variance = validation.choice("variance", variance, ("fixed_small", "fixed_large"))
     noise = _resolve_noise(noise, x_t, generator)
-    name = dispatch.choose(backend, x_t)
+    name = backends.resolve(backend, x_t.device, x_t.dtype)
     noise_tensor = noise if isinstance(noise, torch.Tensor) else None
-    if name == "reference" or dispatch.needs_reference_autograd(x_t, eps_pred, noise_tensor):
+    if name == "reference" or operands.needs_reference_autograd(x_t, eps_pred, noise_tensor):
         z = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
         return reference.ddpm_step(x_t, eps_pred, t, sched, z, clip_x0, variance)
     e, key = _fused_noise_args(noise, x_t)
@@ -110,11 +72,12 @@ def ddpm_step(
 
 
 def ddpm_step_keyed(x_t, eps_pred, t, sched, noise, key, clip_x0, variance, backend) -> torch.Tensor:
-    """Graph-safe fused DDPM step: t int64 (B,) and key int64 (2,) already on the device, no checks."""
-    table = dispatch.table(sched, variance, x_t)
-    out = dispatch.run(
-        _ddpm_step_op, backend, "ddpm_step", dispatch.rows(x_t), dispatch.rows(eps_pred), t, table, noise, key, clip_x0
-    )
+    """Graph-safe DDPM step: t int64 (B,) and key int64 (2,) (or explicit noise) on the device, no checks."""
+    if backend == "reference":
+        return reference.ddpm_step(x_t, eps_pred, t, sched, _reference_noise(noise, key, x_t), clip_x0, variance)
+    table = operands.table(sched, variance, x_t)
+    rows = operands.rows
+    out = backends.library(backend).ddpm_step(rows(x_t), rows(eps_pred), t, table, noise, key, clip_x0)
     return out.reshape(x_t.shape)
 
 
@@ -142,9 +105,9 @@ def ddim_step(
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0 or eta != eta or eta == float("inf"):
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
     noise = _resolve_noise(noise, x_t, generator)
-    name = dispatch.choose(backend, x_t)
+    name = backends.resolve(backend, x_t.device, x_t.dtype)
     noise_tensor = noise if isinstance(noise, torch.Tensor) else None
-    if name == "reference" or dispatch.needs_reference_autograd(x_t, eps_pred, noise_tensor):
+    if name == "reference" or operands.needs_reference_autograd(x_t, eps_pred, noise_tensor):
         z = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
         return reference.ddim_step(x_t, eps_pred, t, t_prev, sched, float(eta), z, clip_x0)
     e, key = _fused_noise_args(noise, x_t)
@@ -152,8 +115,29 @@ def ddim_step(
 
 
 def ddim_step_keyed(x_t, eps_pred, t, t_prev, sched, eta, noise, key, clip_x0, backend) -> torch.Tensor:
-    """Graph-safe fused DDIM step: t, t_prev int64 (B,) and key int64 (2,) already on the device."""
-    ab = dispatch.table(sched, "alphas_cumprod", x_t)[0]
-    args = (dispatch.rows(x_t), dispatch.rows(eps_pred), t, t_prev, ab, eta, noise, key, clip_x0)
-    out = dispatch.run(_ddim_step_op, backend, "ddim_step", *args)
+    """Graph-safe DDIM step: t, t_prev int64 (B,) and key int64 (2,) (or explicit noise) on the device."""
+    if backend == "reference":
+        z = _reference_noise(noise, key, x_t)
+        return reference.ddim_step(x_t, eps_pred, t, t_prev, sched, eta, z, clip_x0)
+    ab = operands.table(sched, "alphas_cumprod", x_t)[0]
+    rows = operands.rows
+    out = backends.library(backend).ddim_step(rows(x_t), rows(eps_pred), t, t_prev, ab, eta, noise, key, clip_x0)
     return out.reshape(x_t.shape)
+
+
+def _reference_noise(noise: torch.Tensor | None, key: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The explicit noise, else the draw of the device key (read on the host)."""
+    if noise is not None:
+        return noise
+    seed, offset = (to_unsigned(v) for v in key.tolist())
+    return NoiseKey(seed, offset, like.shape, device=like.device).materialize(torch.float32)
+
+
+@backends.register_fake("ddpm_step")
+def _(x, eps_pred, t, table, e, key, clip_x0):
+    return torch.empty_like(x)
+
+
+@backends.register_fake("ddim_step")
+def _(x, eps_pred, t, t_prev, alphas_cumprod, eta, e, key, clip_x0):
+    return torch.empty_like(x)

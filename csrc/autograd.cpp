@@ -1,0 +1,193 @@
+// Autograd of the differentiable isofast_C ops, registered on the ops themselves (as torchvision
+// does in csrc/ops/autograd/): one registration for CPU and CUDA tensors alike, and no Python on
+// the training step's hot path (a Python autograd kernel costs ~40 us a call on a 2-core CPU, as
+// much as the loss's kernels at training sizes).
+//
+// The rules (each input's gradient is computed only when autograd asks for it):
+//   q_sample:       x_t = sqrt_ab[t] x0 + sqrt_1mab[t] e   ->  dx0 = sqrt_ab[t] g,  de = sqrt_1mab[t] g
+//   q_sample_noise: the same for x0; its eps output is the draw, not differentiable
+//   iso_sums:       sse = sum (p - e)^2, ssq = sum p^2     ->  dp = iso_grad(p, e, 2 g_sse, 2 g_ssq),
+//                                                               de = -2 g_sse (p - e)
+//   iso_loss_tail:  the loss from the sums                 ->  dsse = k1 g / 2, dssq = k2 g / 2, dw = d_w g
+//                   (k1 = (2/n) dL/dmse_b, k2 = (2/n) dL/ds_b, d_w = dL/dw_b are its own outputs)
+// The sampler steps and the Philox ops have no autograd: isofast.ops sends differentiable step
+// inputs to the reference.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+namespace isofast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The op's kernel below autograd (CPU or CUDA by the tensors' device).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> kernel(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// table[t] (B, 1) times grad, in the table's dtype (float32, float64 for float64 data), back in grad's dtype.
+at::Tensor gather_scale(const at::Tensor& table, const at::Tensor& t, const at::Tensor& grad) {
+  return (table.index_select(0, t).unsqueeze(1) * grad.to(table.scalar_type())).to(grad.scalar_type());
+}
+
+using QSampleSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, int64_t, int64_t);
+
+class QSample : public torch::autograd::Function<QSample> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x0, const at::Tensor& t,
+                            const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab,
+                            const std::optional<at::Tensor>& e, int64_t seed, int64_t offset) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto op = kernel<QSampleSig>("isofast_C::q_sample");
+    ctx->save_for_backward({t, sqrt_ab, sqrt_1mab});
+    ctx->saved_data["has_e"] = e.has_value();
+    return op.call(x0, t, sqrt_ab, sqrt_1mab, e, seed, offset);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &t = saved[0], &sqrt_ab = saved[1], &sqrt_1mab = saved[2];
+    const at::Tensor& g = grads[0];
+    // Edges are the tensor inputs: x0, t, sqrt_ab, sqrt_1mab, then e when given.
+    at::Tensor dx0 = ctx->needs_input_grad(0) ? gather_scale(sqrt_ab, t, g) : at::Tensor();
+    at::Tensor de;
+    if (ctx->saved_data["has_e"].toBool() && ctx->needs_input_grad(4)) de = gather_scale(sqrt_1mab, t, g);
+    return {dx0, at::Tensor(), at::Tensor(), at::Tensor(), de, at::Tensor(), at::Tensor()};
+  }
+};
+
+using QSampleNoiseSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                           const at::Tensor&, int64_t, int64_t);
+
+class QSampleNoise : public torch::autograd::Function<QSampleNoise> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x0, const at::Tensor& t,
+                               const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab, int64_t seed, int64_t offset) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto op = kernel<QSampleNoiseSig>("isofast_C::q_sample_noise");
+    auto [x_t, eps] = op.call(x0, t, sqrt_ab, sqrt_1mab, seed, offset);
+    ctx->save_for_backward({t, sqrt_ab});
+    ctx->mark_non_differentiable({eps});
+    return {x_t, eps};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor dx0 = ctx->needs_input_grad(0) ? gather_scale(saved[1], saved[0], grads[0]) : at::Tensor();
+    return {dx0, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+using IsoSumsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                                                      int64_t);
+using IsoGradSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                              const at::Tensor&, const at::Tensor&);
+
+class IsoSums : public torch::autograd::Function<IsoSums> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& p, const std::optional<at::Tensor>& e,
+                               int64_t seed, int64_t offset) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto op = kernel<IsoSumsSig>("isofast_C::iso_sums");
+    auto [sse, ssq] = op.call(p, e, seed, offset);
+    // e is saved as an undefined tensor when absent: backward regenerates the draw from the key.
+    ctx->save_for_backward({p, e.has_value() ? *e : at::Tensor()});
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["offset"] = offset;
+    return {sse, ssq};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto iso_grad = kernel<IsoGradSig>("isofast_C::iso_grad");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &p = saved[0], &e = saved[1];
+    // Autograd materialises an unused output's gradient as zeros; expanded gradients become dense.
+    const at::Tensor c1 = (2 * grads[0]).contiguous(), c2 = (2 * grads[1]).contiguous();
+    const std::optional<at::Tensor> noise = e.defined() ? std::optional<at::Tensor>(e) : std::nullopt;
+    at::Tensor dp, de;
+    if (ctx->needs_input_grad(0)) {
+      dp = iso_grad.call(p, noise, ctx->saved_data["seed"].toInt(), ctx->saved_data["offset"].toInt(), c1, c2);
+    }
+    if (e.defined() && ctx->needs_input_grad(1)) {
+      const auto acc = c1.scalar_type();
+      de = (-c1.unsqueeze(1) * (p.to(acc) - e.to(acc))).to(e.scalar_type());
+    }
+    return {dp, de, at::Tensor(), at::Tensor()};
+  }
+};
+
+using TailSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&, double, std::string_view,
+    std::string_view);
+
+class IsoLossTail : public torch::autograd::Function<IsoLossTail> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& sse, const at::Tensor& ssq, int64_t n,
+                               const std::optional<at::Tensor>& weights, double iso_lambda, std::string_view iso_mode,
+                               std::string_view reduction) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto op = kernel<TailSig>("isofast_C::iso_loss_tail");
+    auto [loss, mse, iso, isotropy, k1, k2, d_w] = op.call(sse, ssq, n, weights, iso_lambda, iso_mode, reduction);
+    ctx->save_for_backward({k1, k2, d_w});
+    ctx->saved_data["has_weights"] = weights.has_value();
+    ctx->mark_non_differentiable({mse, iso, isotropy, k1, k2, d_w});
+    return {loss, mse, iso, isotropy, k1, k2, d_w};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& g = grads[0];  // 0-dim, or (B,) for reduction "none"
+    // Halved: mse_b = sse_b / n, and k1, k2 carry the factor 2/n of d(sse)/dp, d(ssq)/dp.
+    at::Tensor dsse = ctx->needs_input_grad(0) ? saved[0] * 0.5 * g : at::Tensor();
+    at::Tensor dssq = ctx->needs_input_grad(1) ? saved[1] * 0.5 * g : at::Tensor();
+    at::Tensor dw;
+    if (ctx->saved_data["has_weights"].toBool() && ctx->needs_input_grad(2)) dw = saved[2] * g;
+    return {dsse, dssq, at::Tensor(), dw, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor q_sample_autograd(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                             const at::Tensor& sqrt_1mab, const std::optional<at::Tensor>& e, int64_t seed,
+                             int64_t offset) {
+  return QSample::apply(x0, t, sqrt_ab, sqrt_1mab, e, seed, offset);
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_noise_autograd(const at::Tensor& x0, const at::Tensor& t,
+                                                           const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab,
+                                                           int64_t seed, int64_t offset) {
+  auto out = QSampleNoise::apply(x0, t, sqrt_ab, sqrt_1mab, seed, offset);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> iso_sums_autograd(const at::Tensor& p, const std::optional<at::Tensor>& e,
+                                                     int64_t seed, int64_t offset) {
+  auto out = IsoSums::apply(p, e, seed, offset);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> iso_loss_tail_autograd(
+    const at::Tensor& sse, const at::Tensor& ssq, int64_t n, const std::optional<at::Tensor>& weights,
+    double iso_lambda, std::string_view iso_mode, std::string_view reduction) {
+  auto out = IsoLossTail::apply(sse, ssq, n, weights, iso_lambda, iso_mode, reduction);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(isofast_C, Autograd, m) {
+  m.impl("q_sample", &q_sample_autograd);
+  m.impl("q_sample_noise", &q_sample_noise_autograd);
+  m.impl("iso_sums", &iso_sums_autograd);
+  m.impl("iso_loss_tail", &iso_loss_tail_autograd);
+}
+
+}  // namespace isofast

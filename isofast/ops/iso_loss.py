@@ -1,0 +1,167 @@
+"""`iso_ddpm_loss`: noise-prediction MSE plus the Iso-Diffusion isotropy penalty.
+
+Two primitives serve every mode, weighting and reduction: ``iso_sums(p, e, seed, offset)`` reduces
+each sample to sse_b = sum_i (p - eps)^2 and ssq_b = sum_i p^2, and its autograd is the other,
+``iso_grad``, which writes g = c1_b (p - eps) + c2_b p with c1 = 2 dL/dsse_b, c2 = 2 dL/dssq_b.
+Between them is the loss's O(B) tail (`_tail`): the oracle's formula (`reference.loss_from_terms`)
+and its closed-form slopes, so the backward is one ``iso_grad`` pass and no autograd graph over
+~20 tiny ops. On the CPU the tail is one compiled op (``isofast_C::iso_loss_tail``: in torch ops it
+costs more than both kernels at training sizes); elsewhere `_LossTail` below, in torch ops.
+
+Memory traffic (B x n elements of e bytes): forward reads eps_pred once (plus eps if given as a
+tensor); backward reads eps_pred again (usually from L2: it runs right after the forward) and
+writes the gradient once: 3 B n e bytes with a NoiseKey, 5 B n e with an explicit eps tensor.
+Autograd saves eps_pred (a reference, no copy; plus eps if explicit or kept) and nothing else of
+size B x n. Mode "sample" could skip the second read by writing the gradient in the forward
+(Liger-Kernel style), but then backward must rescale it by grad_output: one more read+write pass,
+or a host sync to test grad_output == 1; the two-primitive scheme is cheaper on both counts.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import reference
+from ..noise import NoiseKey
+from ..reference import LossParts
+from . import backends, extension, operands, validation
+
+
+def iso_ddpm_loss(
+    eps_pred: torch.Tensor,
+    noise: torch.Tensor | NoiseKey,
+    iso_lambda: float = 0.3,
+    iso_mode: str = "batch",
+    weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    return_parts: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
+    """The Iso-Diffusion loss of ``eps_pred`` (B, ...) against the true noise (a NoiseKey or tensor).
+
+    With mse_b = mean_i (eps_pred - eps)^2 and s_b = mean_i eps_pred^2 per sample:
+    mode "batch": mean_b(w_b mse_b) + iso_lambda ((1/B) sum_b s_b - 1)^2;
+    mode "sample": mean_b(w_b (mse_b + iso_lambda (s_b - 1)^2)).
+    reduction "sum" sums over b instead of averaging; "none" (mode "sample" only) returns the
+    (B,) per-sample terms. ``weights`` (B,) default to 1 (e.g. min-SNR-gamma). Accumulation is in
+    float32 (float64 for float64 input); the loss has that dtype. NaN in eps_pred gives a NaN loss:
+    nothing is masked. ``return_parts=True`` also returns the detached `LossParts` at no extra pass.
+    """
+    eps_pred = validation.float_tensor("eps_pred", eps_pred)
+    noise = validation.noise_for(noise, eps_pred)
+    iso_lambda = validation.iso_lambda(iso_lambda)
+    iso_mode = validation.choice("iso_mode", iso_mode, validation.ISO_MODES)
+    reduction = validation.choice("reduction", reduction, validation.REDUCTIONS)
+    if reduction == "none" and iso_mode == "batch":
+        raise ValueError('reduction="none" needs iso_mode="sample": the batch penalty is not a per-sample term')
+    weights = validation.weights(weights, eps_pred.shape[0], eps_pred.device)
+
+    name = backends.resolve(backend, eps_pred.device, eps_pred.dtype)
+    if name == "reference" or (isinstance(noise, torch.Tensor) and operands.needs_reference_autograd(noise)):
+        eps = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
+        loss, parts = reference.iso_ddpm_loss(eps_pred, eps, iso_lambda, iso_mode, weights, reduction)
+        return (loss, parts) if return_parts else loss
+    p = operands.rows(eps_pred)
+    keeps = name in backends.KEEPS_DRAW
+    e, seed, offset = operands.noise(noise, p, use_kept=keeps)
+    if e is None and keeps and not torch.compiler.is_compiling():
+        e = extension.draw(p, seed, offset)  # the loss on its own: draw once, for iso_sums and iso_grad
+    sse, ssq = backends.library(name).iso_sums(p, e, seed, offset)
+    loss, *terms = _tail(sse, ssq, p.shape[1], weights, iso_lambda, iso_mode, reduction)[:4]
+    return (loss, LossParts(*terms)) if return_parts else loss
+
+
+def _tail(sse, ssq, n, weights, iso_lambda, iso_mode, reduction):
+    """(loss, mse, iso, isotropy, k1, k2, d_w) from the sums, differentiable in sse, ssq and weights.
+
+    k1 = (2/n) dL/dmse_b, k2 = (2/n) dL/ds_b and d_w = dL/dw_b are the slopes for a unit upstream
+    gradient (``iso_grad``'s coefficients are k1 g and k2 g). On the CPU one compiled op with its
+    autograd in C++; elsewhere `_LossTail` (a GPU launches its small ops asynchronously, no host sync).
+    """
+    w = None if weights is None else weights.to(sse.dtype).contiguous()
+    if sse.device.type == "cpu" and backends.usable("cpu"):
+        return torch.ops.isofast_C.iso_loss_tail(sse, ssq, n, w, iso_lambda, iso_mode, reduction)
+    return _LossTail.apply(sse, ssq, n, w, iso_lambda, iso_mode, reduction)
+
+
+def _slopes(mse_b, s_b, iso_lambda, iso_mode, weights, reduction):
+    """(dL/dmse_b, dL/ds_b, dL/dw_b) of `reference.loss_from_terms`, each (B,).
+
+    With r = 1/B for reduction "mean", else 1, and S = (1/B) sum_b s_b:
+    batch: dL/dmse_b = r w_b, dL/ds_b = 2 lambda (S - 1) / B, dL/dw_b = r mse_b;
+    sample: dL/dmse_b = r w_b, dL/ds_b = 2 lambda r w_b (s_b - 1), dL/dw_b = r (mse_b + lambda (s_b - 1)^2).
+    For reduction "none" these are the derivatives of each sample's own term (r = 1).
+    """
+    B = s_b.shape[0]
+    r = 1.0 / B if reduction == "mean" else 1.0
+    w = torch.ones_like(s_b) if weights is None else weights.to(s_b.dtype)
+    if iso_mode == "batch":
+        d_s = ((2.0 * iso_lambda / B) * (s_b.mean() - 1.0)).expand(B)
+        d_w = r * mse_b
+    else:
+        d_s = (2.0 * iso_lambda * r) * w * (s_b - 1.0)
+        d_w = r * (mse_b + iso_lambda * (s_b - 1.0) ** 2)
+    return r * w, d_s, d_w
+
+
+class _LossTail(torch.autograd.Function):
+    """The tail in torch ops (the twin of csrc/cpu/iso_loss_tail.cpp, held to it by the tests)."""
+
+    @staticmethod
+    def forward(ctx, sse, ssq, n, weights, iso_lambda, iso_mode, reduction):
+        mse_b, s_b = sse / n, ssq / n
+        loss, parts = reference.loss_from_terms(mse_b, s_b, iso_lambda, iso_mode, weights, reduction)
+        d_mse, d_s, d_w = _slopes(mse_b, s_b, iso_lambda, iso_mode, weights, reduction)
+        k1, k2 = (2.0 / n) * d_mse, ((2.0 / n) * d_s).contiguous()
+        ctx.save_for_backward(k1, k2, d_w)
+        outputs = (loss, *parts, k1, k2, d_w)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    @once_differentiable  # iso_grad has no derivative of its own: no double backward through the loss
+    def backward(ctx, grad_loss, *_):
+        k1, k2, d_w = ctx.saved_tensors
+        # Halved: mse_b = sse_b / n, and k1, k2 carry the factor 2/n of d(sse)/dp and d(ssq)/dp.
+        grad_sse = 0.5 * k1 * grad_loss if ctx.needs_input_grad[0] else None
+        grad_ssq = 0.5 * k2 * grad_loss if ctx.needs_input_grad[1] else None
+        grad_w = d_w * grad_loss if ctx.needs_input_grad[3] else None
+        return grad_sse, grad_ssq, None, grad_w, None, None, None
+
+
+@backends.register_fake("iso_sums")
+def _(p, e, seed, offset):
+    acc = reference.compute_dtype(p.dtype)
+    return p.new_empty(p.shape[0], dtype=acc), p.new_empty(p.shape[0], dtype=acc)
+
+
+@backends.register_fake("iso_grad")
+def _(p, e, seed, offset, c1, c2):
+    return torch.empty_like(p)
+
+
+@backends.register_fake("iso_loss_tail")
+def _(sse, ssq, n, weights, iso_lambda, iso_mode, reduction):
+    per = (sse.shape[0],) if reduction == "none" else ()
+    loss, mse, iso = (sse.new_empty(per) for _ in range(3))
+    return loss, mse, iso, sse.new_empty(()), torch.empty_like(sse), torch.empty_like(sse), torch.empty_like(sse)
+
+
+def _setup_context(ctx, inputs, output):
+    p, e, seed, offset = inputs
+    ctx.save_for_backward(p, e)
+    ctx.key = (seed, offset)
+
+
+def _backward(ctx, grad_sse, grad_ssq):
+    """dp = iso_grad(p, e, 2 g_sse, 2 g_ssq); de = -2 g_sse (p - e) (the rule of csrc/autograd.cpp)."""
+    p, e = ctx.saved_tensors
+    c1, c2 = (2 * grad_sse).contiguous(), (2 * grad_ssq).contiguous()
+    grad_p = torch.ops.isofast_triton.iso_grad(p, e, *ctx.key, c1, c2) if ctx.needs_input_grad[0] else None
+    grad_e = None
+    if e is not None and ctx.needs_input_grad[1]:
+        grad_e = (-c1.unsqueeze(1) * (p.to(c1.dtype) - e.to(c1.dtype))).to(e.dtype)
+    return grad_p, grad_e, None, None
+
+
+torch.library.register_autograd("isofast_triton::iso_sums", _backward, setup_context=_setup_context)

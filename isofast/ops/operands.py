@@ -1,0 +1,61 @@
+"""How the public arguments become the operands of a primitive: rows, coefficient tables, noise."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..noise import NoiseKey, to_signed
+from ..reference import compute_dtype
+from ..schedule import NoiseSchedule
+from . import extension
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous (B, n) tensor: row-major element order is what the noise contract indexes."""
+    return x.reshape(x.shape[0], -1).contiguous()
+
+
+def needs_reference_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd must flow into an input that a fused op treats as constant."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def noise(noise: torch.Tensor | NoiseKey, like: torch.Tensor, use_kept: bool) -> tuple[torch.Tensor | None, int, int]:
+    """(e, seed, offset) of the primitives for ``noise`` beside data rows ``like`` (B, n).
+
+    A tensor is passed as rows of the data dtype (seed and offset unused); a key as its seed and
+    offset (int64 bit patterns), with e = the draw it carries (`NoiseKey.kept`) if ``use_kept``.
+    """
+    if isinstance(noise, torch.Tensor):
+        return rows(noise.to(like.dtype)), 0, 0
+    kept = None if noise.kept is None or not use_kept else noise.kept.view(like.shape).to(extension.noise_dtype(like.dtype))
+    return kept, to_signed(noise.seed), to_signed(noise.offset)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_table(sched: NoiseSchedule, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if key == "q_sample":
+        parts = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+    elif key in ("fixed_small", "fixed_large"):
+        parts = (
+            sched.sqrt_recip_alphas_cumprod,
+            sched.sqrt_recipm1_alphas_cumprod,
+            sched.posterior_mean_coef1,
+            sched.posterior_mean_coef2,
+            sched.posterior_std(key),
+        )
+    elif key == "alphas_cumprod":
+        parts = (sched.alphas_cumprod,)
+    else:
+        raise KeyError(key)
+    return torch.stack([p.to(torch.float64) for p in parts]).to(device=device, dtype=dtype).contiguous()
+
+
+def table(sched: NoiseSchedule, key: str, like: torch.Tensor) -> torch.Tensor:
+    """Stacked coefficient rows of ``sched`` on like's device in its compute dtype, cached per schedule.
+
+    Cached so a training loop does not re-upload the (T,) tables every step. Schedules are
+    immutable (frozen dataclass hashed by identity), so the cache cannot go stale.
+    """
+    return _cached_table(sched, key, like.device, compute_dtype(like.dtype))
