@@ -439,7 +439,8 @@ class Trainer:
         """One optimizer step on this rank's batch x0 (B/W, ...) (the data iterator supplies it)."""
         cfg = self.config
         t_cpu, noise = self._noise_for_step(tuple(x0.shape))
-        x_t, _ = q_sample(x0, t_cpu, self.schedule, noise, backend=cfg.backend)
+        # The returned noise is what the loss reads: on a CPU the key carries the draw (NoiseKey.kept).
+        x_t, noise = q_sample(x0, t_cpu, self.schedule, noise, backend=cfg.backend)
         t = t_cpu.to(self.device, non_blocking=True)
         if cfg.channels_last and x_t.ndim == 4:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
