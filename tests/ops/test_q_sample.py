@@ -252,6 +252,24 @@ def _key(shape, dtype, seed, offset, device):
     return NoiseKey(seed=seed, offset=offset, shape=shape, dtype=dtype, device=device)
 
 
+def test_public_q_sample_bad_input_same_errors_as_reference(backend):
+    sched = NoiseSchedule.linear(T=10)
+    dev = backend.device
+    x0 = torch.randn(2, 3, device=dev)
+    cases = [
+        lambda b: isofast.q_sample(x0.int(), torch.zeros(2, dtype=torch.int64, device=dev), sched, backend=b),
+        lambda b: isofast.q_sample(x0, torch.tensor([0, 10], device=dev), sched, backend=b),
+        lambda b: isofast.q_sample(x0, torch.zeros(3, dtype=torch.int64, device=dev), sched, backend=b),
+    ]
+    for case in cases:
+        errors = []
+        for name in (backend.name, "reference"):
+            with pytest.raises((ValueError, TypeError)) as info:
+                case(name)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_public_q_sample_equals_reference(backend, dtype):
     backend.skip_unless_takes(dtype)
