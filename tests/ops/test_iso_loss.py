@@ -665,6 +665,31 @@ def test_public_loss_saves_nothing_beyond_eps_pred(backend, keyed, mode):
     assert p.grad is not None and p.grad.shape == p.shape
 
 
+def test_public_loss_second_derivative_raises_or_equals_reference(backend):
+    """A gradient penalty differentiates the loss's gradient again. iso_grad has no derivative of its own,
+    so the fused loss must refuse instead of silently dropping the loss's second-order term.
+    (once_differentiable refuses only when the upstream gradient itself requires grad: not the usual
+    ``torch.autograd.grad(loss, w, create_graph=True)``, whose upstream gradient is a constant one.)"""
+    torch.manual_seed(0)
+    dev = backend.device
+    lin = torch.nn.Linear(5, 5).to(dev)
+    x = torch.randn(3, 5, device=dev)
+    key = NoiseKey(seed=1, offset=2, shape=(3, 5), device=dev)
+
+    def penalty_grad(name):
+        loss = isofast.iso_ddpm_loss(lin(x), key, 0.3, backend=name)
+        (g_w,) = torch.autograd.grad(loss, lin.weight, create_graph=True)
+        (h,) = torch.autograd.grad((g_w**2).sum() + lin.weight.sum(), lin.weight)
+        return h
+
+    want = penalty_grad("reference")
+    try:
+        got = penalty_grad(backend.name)
+    except RuntimeError:
+        return  # refused: fine
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_public_loss_bad_input_same_errors_as_reference(backend):
     x0 = torch.randn(2, 3, device=backend.device)
     cases = [
