@@ -8,8 +8,8 @@ test to some of them. The reference (`isofast.reference`, plain PyTorch, or the 
 is the oracle beside each.
 
 Hypothesis runs inside a test (`check`), so each backend family keeps its own example count, shapes
-and tolerances: the compiled ops ("cpu", "cuda") those of the old tests/test_compiled.py, Triton
-those of tests/test_kernels_triton.py (the interpreter runs programs one by one: small shapes).
+and tolerances: the compiled ops ("cpu", "cuda") those of the former tests/test_compiled.py, Triton
+those of the former tests/test_kernels_triton.py (the interpreter runs programs one by one: small shapes).
 """
 from __future__ import annotations
 

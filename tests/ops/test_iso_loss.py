@@ -39,7 +39,7 @@ from isofast import NoiseKey, NoiseSchedule, noise, reference
 from isofast.ops import backends, extension, operands
 from isofast.ops import iso_loss as loss_mod
 
-TOL = PRIMITIVE_TOL["compiled"]  # (rtol, atol) of an output in the data dtype (tests/test_compiled.py's TOL)
+TOL = PRIMITIVE_TOL["compiled"]  # (rtol, atol) of an output in the data dtype, as for the compiled primitives
 LOSS_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2),
             torch.float16: (2e-3, 2e-3)}
 IMAGE_SHAPES = st.sampled_from([(1, 1), (2, 2), (3, 5), (1, 3, 4, 4), (4, 3, 5, 3), (2, 7, 3)])

@@ -33,7 +33,7 @@ import isofast
 from isofast import NoiseKey, NoiseSchedule, noise
 from isofast.ops import operands
 
-# (rtol, atol) of the public op against the reference, in the data dtype (tests/test_compiled.py's TOL)
+# (rtol, atol) of the public op against the reference, in the data dtype, as for the compiled primitives
 TOL = PRIMITIVE_TOL["compiled"]
 IMAGE_SHAPES = st.sampled_from([(1, 1), (2, 2), (3, 5), (1, 3, 4, 4), (4, 3, 5, 3), (2, 7, 3)])
 

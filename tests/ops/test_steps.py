@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 import isofast
 from isofast import NoiseKey, NoiseSchedule, noise
 
-TOL = PRIMITIVE_TOL["compiled"]  # (rtol, atol) of an output in the data dtype (tests/test_compiled.py's TOL)
+TOL = PRIMITIVE_TOL["compiled"]  # (rtol, atol) of an output in the data dtype, as for the compiled primitives
 IMAGE_SHAPES = st.sampled_from([(1, 1), (2, 2), (3, 5), (1, 3, 4, 4), (4, 3, 5, 3), (2, 7, 3)])
 LENGTHS = st.sampled_from([1, 2, 3, 5, 7, 31, 33, 64, 70]) | st.integers(1, 70)
 
