@@ -40,8 +40,8 @@ grep "isofast setup" "$OUT/build.log"
 stage selfcheck 600 $PY -m isofast.selfcheck
 # The tests that exercise kernels on the GPU (Triton for real, CUDA kernels, CUDA graphs); the
 # rest of the suite is device-independent and runs in CI.
-stage tests 900 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_compiled.py \
-  tests/test_cross_backend.py tests/test_noise.py tests/test_sampling.py tests/test_api.py
+stage tests 900 $PY -m pytest -q -p no:cacheprovider tests/ops \
+  tests/test_noise.py tests/test_sampling.py tests/test_api.py
 stage throughput 1200 $PY benchmarks/throughput.py $QUICK --out-dir "$OUT/results"
 
 echo "== selfcheck (last lines)"; tail -n 25 "$OUT/selfcheck.log"

@@ -24,6 +24,10 @@
 namespace isofast {
 namespace {
 
+constexpr const char* kOnceDifferentiable =
+    "iso_ddpm_loss: the fused loss is differentiable once (its backward, iso_grad, has no derivative); "
+    "for higher-order gradients (create_graph=True) use backend='reference'";
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -108,6 +112,9 @@ class IsoSums : public torch::autograd::Function<IsoSums> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto iso_grad = kernel<IsoGradSig>("isofast_C::iso_grad");
+    // Grad mode is on in a backward only under create_graph=True (a gradient penalty, a Hessian):
+    // iso_grad has no derivative, so refuse rather than drop the second-order term silently.
+    TORCH_CHECK(!at::GradMode::is_enabled(), kOnceDifferentiable);
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &p = saved[0], &e = saved[1];
     // Autograd materialises an unused output's gradient as zeros; expanded gradients become dense.

@@ -129,7 +129,8 @@ class NoiseKey:
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    kept: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # init=False: `dataclasses.replace` (another offset, say) gives a key that carries nothing.
+    kept: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_u64("seed", self.seed)
@@ -141,7 +142,9 @@ class NoiseKey:
 
     def keeping(self, draw: torch.Tensor | None) -> NoiseKey:
         """This key carrying ``draw`` (its values as a CPU kernel generated them; None: carrying nothing)."""
-        return replace(self, kept=draw)
+        key = replace(self)
+        object.__setattr__(key, "kept", draw)
+        return key
 
     @property
     def numel(self) -> int:

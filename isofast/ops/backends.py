@@ -103,6 +103,8 @@ def library(name: str):
 def fused(name: str) -> list[str]:
     """Fused backends that can run on device type ``name`` ("cpu" or "cuda"), for tests and reports."""
     device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
     return [b for b in ("triton", "cpu", "cuda") if status(b)[0] and _supports_device(b, device)]
 
 

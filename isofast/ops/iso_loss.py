@@ -27,6 +27,10 @@ from ..reference import LossParts
 from . import backends, extension, operands, validation
 
 
+ONCE_DIFFERENTIABLE = ("iso_ddpm_loss: the fused loss is differentiable once (its backward, iso_grad, has no "
+                       "derivative); for higher-order gradients (create_graph=True) use backend='reference'")
+
+
 def iso_ddpm_loss(
     eps_pred: torch.Tensor,
     noise: torch.Tensor | NoiseKey,
@@ -155,6 +159,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_sse, grad_ssq):
     """dp = iso_grad(p, e, 2 g_sse, 2 g_ssq); de = -2 g_sse (p - e) (the rule of csrc/autograd.cpp)."""
+    if torch.is_grad_enabled():  # create_graph=True: iso_grad has no derivative (as in csrc/autograd.cpp)
+        raise RuntimeError(ONCE_DIFFERENTIABLE)
     p, e = ctx.saved_tensors
     c1, c2 = (2 * grad_sse).contiguous(), (2 * grad_ssq).contiguous()
     grad_p = torch.ops.isofast_triton.iso_grad(p, e, *ctx.key, c1, c2) if ctx.needs_input_grad[0] else None
