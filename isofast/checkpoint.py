@@ -48,6 +48,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .schedule import NoiseSchedule
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
@@ -476,8 +478,6 @@ def load_trained_model(path: str | Path, which: str = "ema", device: str | torch
     ``which``: "ema" (the EMA weights; the raw ones when the run had no EMA) or "model".
     Returns (model in eval mode on ``device``, the run's `NoiseSchedule` on ``device``, the checkpoint meta).
     """
-    from .schedule import NoiseSchedule
-
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     ckpt = load_checkpoint(path)
@@ -490,5 +490,5 @@ def load_trained_model(path: str | Path, which: str = "ema", device: str | torch
     name = "ema.safetensors" if weights is ckpt.ema else "model.safetensors"
     load_state_dict_checked(model, weights, ckpt.path / name)
     config = ckpt.meta.get("config", {})
-    sched = getattr(NoiseSchedule, config.get("schedule", "linear"))(T=int(config.get("T", 1000)))
+    sched = NoiseSchedule.from_name(config.get("schedule", "linear"), int(config.get("T", 1000)))
     return model.to(device).eval(), sched.to(device), ckpt.meta

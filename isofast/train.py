@@ -59,7 +59,7 @@ from .ema import EMA
 from .noise import NoiseKey
 from .ops import iso_ddpm_loss, q_sample
 from .reference import LossParts
-from .schedule import NoiseSchedule
+from .schedule import SCHEDULES, NoiseSchedule
 
 __all__ = [
     "METRIC_FIELDS",
@@ -68,12 +68,10 @@ __all__ = [
     "Trainer",
     "epoch_permutation",
     "make_noise_generator",
-    "make_schedule",
 ]
 
 METRIC_FIELDS = ("step", "loss", "mse", "iso", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s",
                  "elapsed_s")
-SCHEDULES = ("linear", "cosine", "scaled_linear")
 OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("fp32", "bf16")
 ISO_MODES = ("batch", "sample")
@@ -225,12 +223,6 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def make_schedule(name: str, T: int) -> NoiseSchedule:
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
-    return getattr(NoiseSchedule, name)(T=T)
-
-
 class _EpochOrder:
     """Global batch indices of step s: B consecutive entries of the epoch's permutation (tail dropped)."""
 
@@ -326,7 +318,7 @@ class Trainer:
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model_spec = model_spec if model_spec is not None else ckpt_io.model_spec_of(model)
-        self.schedule = make_schedule(config.schedule, config.T).to(self.device)
+        self.schedule = NoiseSchedule.from_name(config.schedule, config.T).to(self.device)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
         self.optimizer = self._make_optimizer()
         self.noise_generator = make_noise_generator(config.seed)

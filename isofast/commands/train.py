@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from ..train import OPTIMIZERS, SCHEDULES, TrainConfig, Trainer
+from ..schedule import SCHEDULES
+from ..train import OPTIMIZERS, TrainConfig, Trainer
 
 
 def _non_negative_float(text: str) -> float:

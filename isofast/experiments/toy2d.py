@@ -469,9 +469,9 @@ def plot_isotropy(path: Path, cfg: SweepConfig, dataset: str) -> Path:
     """The forward process's measured isotropy on the training data vs 1 + (iso_0 - 1) ab_t."""
     from ..data.toy2d import make_dataset
     from ..metrics.isotropy import forward_isotropy_curve, plot_isotropy_curve
-    from ..train import make_schedule
+    from ..schedule import NoiseSchedule
 
-    sched = make_schedule("linear", cfg.T)
+    sched = NoiseSchedule.linear(cfg.T)
     x0 = make_dataset(dataset, cfg.n_train, seed=cfg.seeds[0])
     measured, theory = forward_isotropy_curve(x0, sched, generator=torch.Generator().manual_seed(0))
     plot_isotropy_curve(measured, theory, np.arange(cfg.T), path,
