@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import checkpoint as ckpt_io
 from . import distributed
 from .ema import EMA
+from .io import atomic_write, atomic_write_text, check_writable_dir
 from .noise import NoiseKey
 from .ops import iso_ddpm_loss, q_sample
 from .reference import LossParts
@@ -479,7 +480,7 @@ class Trainer:
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= keep_upto]
             text_rows = [",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
-            ckpt_io.atomic_write_text(path, ",".join(METRIC_FIELDS) + "\n" + "".join(r + "\n" for r in text_rows))
+            atomic_write_text(path, ",".join(METRIC_FIELDS) + "\n" + "".join(r + "\n" for r in text_rows))
         new = not path.exists()
         self._csv = open(path, "a", newline="")
         self._csv_writer = csv.DictWriter(self._csv, fieldnames=METRIC_FIELDS)
@@ -626,10 +627,7 @@ class Trainer:
         error = None
         if self.dist.is_main:
             try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.out_dir / ".write_test"
-                probe.write_text("ok")
-                probe.unlink()
+                check_writable_dir(self.out_dir)
             except OSError as exc:
                 error = f"out_dir {str(self.out_dir)!r} is not writable: {exc}"
         error = distributed.all_gather_objects(error)[0]
@@ -670,9 +668,9 @@ class Trainer:
                             "fit(resume=PATH), --resume PATH)") if good else ""
                     raise ckpt_io.CheckpointError(f"{exc}{hint}") from exc
         if self.dist.is_main:
-            ckpt_io.atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
             if self.model_spec is not None:
-                ckpt_io.atomic_write_text(self.out_dir / "model.json", json.dumps(self.model_spec, indent=1) + "\n")
+                atomic_write_text(self.out_dir / "model.json", json.dumps(self.model_spec, indent=1) + "\n")
         self._open_logs(resumed)
         self._fit_start = time.perf_counter()
         self._window_start = time.perf_counter()
@@ -748,4 +746,4 @@ def write_samples(samples: torch.Tensor, path: str | Path) -> None:
             plt.close(fig)
     else:
         raise ValueError(f"samples must be images (B, 1 or 3, H, W) or 2D points (B, 2), got {tuple(samples.shape)}")
-    ckpt_io._atomic_write(path, write)
+    atomic_write(path, write)

@@ -1,4 +1,4 @@
-"""Checkpoint files: lossless round trips, atomic writes, clear errors for damaged or mismatched checkpoints."""
+"""Checkpoint files: lossless round trips, clear errors for damaged or mismatched checkpoints."""
 import copy
 import json
 import random
@@ -65,28 +65,6 @@ def test_flatten_round_trip_keeps_types_keys_and_tensors():
 def test_flatten_refuses_unknown_objects():
     with pytest.raises(TypeError, match=r"at a\.b"):
         ck.flatten_state({"a": {"b": object()}})
-
-
-def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
-    path = tmp_path / "f.txt"
-    ck.atomic_write_text(path, "old")
-    ck.atomic_write_text(path, "new content")
-    assert path.read_text() == "new content"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
-
-
-def test_atomic_write_keeps_old_file_when_the_write_fails(tmp_path):
-    path = tmp_path / "f.bin"
-    ck.atomic_write_bytes(path, b"good")
-
-    def boom(tmp):
-        tmp.write_bytes(b"partial")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        ck._atomic_write(path, boom)
-    assert path.read_bytes() == b"good"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
 def _save(root, step, model, ema=None, **kw):
@@ -198,14 +176,3 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "latest").write_text("../../etc\n")
     with pytest.raises(ck.CheckpointError, match="does not name a checkpoint"):
         ck.load_checkpoint(tmp_path)
-
-
-def test_atomic_write_gives_usual_permissions(tmp_path):
-    import os
-
-    from isofast.checkpoint import atomic_write_text
-
-    mask = os.umask(0o022)
-    os.umask(mask)
-    atomic_write_text(tmp_path / "f.json", "{}")
-    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~mask

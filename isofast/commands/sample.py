@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write_bytes, load_trained_model
+from ..checkpoint import CheckpointError, load_trained_model
+from ..io import atomic_write_bytes
 
 
 def sample_shape(meta: dict) -> tuple[int, ...]:

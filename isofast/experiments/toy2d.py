@@ -219,7 +219,7 @@ def train_and_evaluate(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: 
 
 
 def _save_run(folder: Path, result: RunResult) -> None:
-    from ..checkpoint import atomic_write_bytes, atomic_write_text
+    from ..io import atomic_write_bytes, atomic_write_text
 
     buffer = io.BytesIO()
     np.save(buffer, result.samples)
@@ -245,13 +245,12 @@ def prepare_output(cfg: SweepConfig, resume: bool) -> Path:
     created or written, FileExistsError when it holds runs of a sweep and ``resume`` is False, or
     ValueError when resuming a sweep whose recorded training settings differ.
     """
+    from ..io import check_writable_dir
+
     cfg.validate()
     out = Path(cfg.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        check_writable_dir(out)
     except OSError as exc:
         raise PermissionError(f"output folder {str(out)!r} is not writable: {exc}") from exc
     recorded = out / "sweep.json"
@@ -294,7 +293,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     (at least 1). Small MLPs use cores better as parallel single-threaded runs than as one multi-threaded
     run; the results do not depend on ``jobs``.
     """
-    from ..checkpoint import atomic_write_text
+    from ..io import atomic_write_text
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
@@ -368,7 +367,7 @@ def summarize(results: list[RunResult], cfg: SweepConfig) -> list[dict]:
 
 def write_tables(out: Path, cfg: SweepConfig, results: list[RunResult], summary: list[dict], elapsed: dict) -> None:
     """results.csv and runs.csv (machine-readable), results.md (mean ± std, best per dataset in bold)."""
-    from ..checkpoint import atomic_write_text
+    from ..io import atomic_write_text
 
     def csv_text(rows: list[dict]) -> str:
         buffer = io.StringIO()
@@ -422,7 +421,7 @@ def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None =
 
 # ----- figures ------------------------------------------------------------------------------------------
 def _save_figure(fig, path: Path) -> None:
-    from ..checkpoint import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
