@@ -29,7 +29,6 @@ missing, unexpected and mis-shaped keys.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import random
@@ -46,13 +45,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .io import atomic_write_tensors, atomic_write_text
+from .models.registry import build_model
 from .schedule import NoiseSchedule
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
     "CheckpointError",
-    "build_model",
     "capture_rng",
     "check_state_dict",
     "flatten_state",
@@ -60,7 +59,6 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict_checked",
     "load_trained_model",
-    "model_spec_of",
     "resolve_checkpoint",
     "restore_rng",
     "save_checkpoint",
@@ -371,38 +369,6 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], s
 
 
 # ----- rebuilding a trained model -----------------------------------------------------------------------
-def model_spec_of(model: nn.Module) -> dict | None:
-    """A JSON description from which `build_model` rebuilds ``model``'s architecture (None if unknown)."""
-    from .models.mlp import TimeMLP
-
-    try:
-        from .models.unet import UNet
-    except ImportError:  # pragma: no cover - the UNet module is optional for 2D work
-        UNet = ()  # type: ignore[assignment]
-    if isinstance(model, TimeMLP):
-        return {"kind": "mlp", "config": {"data_dim": model.data_dim, "hidden": model.hidden,
-                                          "n_layers": model.n_layers, "emb_dim": model.emb_dim,
-                                          "max_period": model.max_period}}
-    if UNet and isinstance(model, UNet):
-        return {"kind": "unet", "config": dataclasses.asdict(model.config)}
-    return None
-
-
-def build_model(spec: dict) -> nn.Module:
-    """The (untrained) model a `model_spec_of` description describes."""
-    if not isinstance(spec, dict) or "kind" not in spec:
-        raise ValueError(f"model spec must be a dict with a 'kind', got {spec!r}")
-    if spec["kind"] == "mlp":
-        from .models.mlp import TimeMLP
-
-        return TimeMLP(**spec.get("config", {}))
-    if spec["kind"] == "unet":
-        from .models.unet import UNet, UNetConfig
-
-        return UNet(UNetConfig(**spec["config"]))
-    raise ValueError(f"unknown model kind {spec['kind']!r} in model spec (known: 'mlp', 'unet')")
-
-
 def load_trained_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu"):
     """Rebuild the model of a checkpoint written by the Trainer and load its weights.
 

@@ -57,6 +57,7 @@ from . import checkpoint as ckpt_io
 from . import distributed
 from .ema import EMA
 from .io import atomic_write, atomic_write_text, check_writable_dir
+from .models.registry import model_spec_of
 from .noise import NoiseKey
 from .ops import iso_ddpm_loss, q_sample
 from .reference import LossParts
@@ -280,7 +281,7 @@ class Trainer:
     (under a forked RNG, so it cannot change training): (B, C, H, W) images in [-1, 1] are written as a PNG
     grid, (B, 2) points as a scatter plot, to ``out_dir/samples/step_XXXXXXX.png``.
     model_spec: JSON description of the architecture stored in checkpoints (default:
-    `isofast.checkpoint.model_spec_of`) so `load_trained_model` can rebuild it.
+    `isofast.models.model_spec_of`) so `isofast.checkpoint.load_trained_model` can rebuild it.
 
     Attributes: ``model`` (the unwrapped module, trained in place), ``ema_model``, ``step`` (optimizer
     steps done), ``schedule`` (`NoiseSchedule` on the device), ``optimizer``, ``dist`` (`DistInfo`),
@@ -318,7 +319,7 @@ class Trainer:
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.model_spec = model_spec if model_spec is not None else ckpt_io.model_spec_of(model)
+        self.model_spec = model_spec if model_spec is not None else model_spec_of(model)
         self.schedule = NoiseSchedule.from_name(config.schedule, config.T).to(self.device)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
         self.optimizer = self._make_optimizer()
