@@ -10,9 +10,8 @@ One optimizer step on a global batch of B samples x0 (B, ...) of n elements each
 
 Randomness, and why resume is exact. Three streams, all restored from a checkpoint:
 
-* data order: epoch e visits the samples in ``epoch_permutation(N, seed, e)`` (a generator seeded from
-  (seed, e) alone), B at a time, the incomplete tail dropped; so step s's batch is a pure function of
-  (seed, s) and needs no saved state (resuming mid-epoch costs nothing, whatever the world size);
+* data order: step s's global batch is a pure function of (seed, s) (`isofast.data.order`), so it needs
+  no saved state (resuming mid-epoch costs nothing, whatever the world size);
 * t and noise keys: one CPU ``torch.Generator`` seeded from ``seed`` (`make_noise_generator`), saved;
 * torch's global RNG (dropout, random flips with ``num_workers=0``), numpy's and Python's: saved (per
   rank; a resume with another world size restores rank 0's and reseeds the others from (seed, rank, step)).
@@ -44,17 +43,17 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from . import checkpoint as ckpt_io
 from . import distributed
+from .data.order import EpochOrder, first_item, global_seed, make_noise_generator, seed_global_rngs, step_batches
 from .ema import EMA
 from .io import atomic_write, atomic_write_text, check_writable_dir
 from .models.registry import model_spec_of
@@ -65,11 +64,8 @@ from .schedule import SCHEDULES, NoiseSchedule
 
 __all__ = [
     "METRIC_FIELDS",
-    "StepBatchSampler",
     "TrainConfig",
     "Trainer",
-    "epoch_permutation",
-    "make_noise_generator",
 ]
 
 METRIC_FIELDS = ("step", "loss", "mse", "iso", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s",
@@ -203,73 +199,6 @@ class TrainConfig:
         return cls(**d)
 
 
-# ----- deterministic streams ------------------------------------------------------------------------------
-def _mix_seed(*words: int) -> int:
-    """A 63-bit seed mixed from integers (numpy's SeedSequence: well spread, platform independent)."""
-    return int(np.random.SeedSequence([int(w) & 0xFFFFFFFFFFFFFFFF for w in words]).generate_state(1, np.uint64)[0] >> 1)
-
-
-_NOISE_STREAM = 0x150F  # domain tags keep the data, noise and global streams independent
-_DATA_STREAM = 0xDA7A
-_GLOBAL_STREAM = 0x610B
-
-
-def make_noise_generator(seed: int) -> torch.Generator:
-    """The CPU generator of timesteps and noise keys of a run with ``seed`` (identical on every rank)."""
-    return torch.Generator(device="cpu").manual_seed(_mix_seed(seed, _NOISE_STREAM))
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """int64 (n,): the order in which epoch ``epoch`` visits a dataset of n samples."""
-    g = torch.Generator(device="cpu").manual_seed(_mix_seed(seed, _DATA_STREAM, epoch))
-    return torch.randperm(n, generator=g)
-
-
-class _EpochOrder:
-    """Global batch indices of step s: B consecutive entries of the epoch's permutation (tail dropped)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        if n < batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds the dataset size {n}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = n // batch_size
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
-
-    def indices(self, step: int) -> torch.Tensor:
-        epoch, pos = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, epoch_permutation(self.n, self.seed, epoch)
-        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Yields, for steps ``start_step, start_step + 1, ...`` (forever), this rank's rows of the global batch.
-
-    The distributed sampler of the trainer: like ``DistributedSampler`` it shards every batch over ranks,
-    but the shards of one step together are exactly the 1-process batch, and it can start mid-epoch.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rows: slice, start_step: int = 0) -> None:
-        self.order = _EpochOrder(n, batch_size, seed)
-        self.rows = rows
-        self.start_step = start_step
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        while True:
-            yield self.order.indices(step)[self.rows].tolist()
-            step += 1
-
-
-def _first_item(batch: object) -> torch.Tensor:
-    """Datasets may yield x or (x, label, ...); the trainer uses x."""
-    if isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"the dataset must yield tensors (or tuples whose first item is one), got {type(batch).__name__}")
-    return batch
-
-
 # ----- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
     """Train ``model`` (``model(x_t, t) -> eps_pred``) on ``data`` with the Iso-Diffusion objective.
@@ -349,16 +278,13 @@ class Trainer:
             if not data.is_floating_point() or data.ndim < 2:
                 raise ValueError(f"tensor data must be a float tensor (N, ...) with N samples, got {data.dtype} "
                                  f"of shape {tuple(data.shape)}")
-            self._order = _EpochOrder(data.shape[0], cfg.batch_size, cfg.seed)
-            self._tensor_data = data.to(self.device, torch.float32)
-            self._dataset = None
+            self._order = EpochOrder(data.shape[0], cfg.batch_size, cfg.seed)
+            self._data = data.to(self.device, torch.float32)
             self.sample_shape = tuple(data.shape[1:])
         else:
-            n = len(data)
-            self._order = _EpochOrder(n, cfg.batch_size, cfg.seed)
-            self._tensor_data = None
-            self._dataset = data
-            self.sample_shape = tuple(_first_item(data[0]).shape)
+            self._order = EpochOrder(len(data), cfg.batch_size, cfg.seed)
+            self._data = data
+            self.sample_shape = tuple(first_item(data[0]).shape)
 
     @property
     def ema_model(self) -> nn.Module:
@@ -380,24 +306,6 @@ class Trainer:
         """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant."""
         warm = self.config.warmup_steps
         return self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
-
-    # ----- data --------------------------------------------------------------------------------------
-    def _batches(self, start_step: int) -> Iterator[torch.Tensor]:
-        """This rank's x0 for steps start_step, start_step + 1, ... on the device."""
-        if self._tensor_data is not None:
-            step = start_step
-            while True:
-                idx = self._order.indices(step)[self.rows].to(self.device, non_blocking=True)
-                yield self._tensor_data.index_select(0, idx)
-                step += 1
-        cfg = self.config
-        sampler = StepBatchSampler(self._order.n, cfg.batch_size, cfg.seed, self.rows, start_step)
-        loader_gen = torch.Generator().manual_seed(_mix_seed(cfg.seed, self.dist.rank, start_step))
-        loader = DataLoader(self._dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=loader_gen,
-                            persistent_workers=False)
-        for batch in loader:
-            yield _first_item(batch).to(self.device, torch.float32, non_blocking=True)
 
     # ----- one step ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -609,10 +517,10 @@ class Trainer:
             rng.update(by_rank[0])
         else:
             rng["torch_cpu"] = torch.Generator().manual_seed(
-                _mix_seed(self.config.seed, _GLOBAL_STREAM, self.dist.rank, ck.step)).get_state()
+                global_seed(self.config.seed, self.dist.rank, ck.step)).get_state()
         ckpt_io.restore_rng(rng, {"noise": self.noise_generator}, self.device)
         if "torch_cuda" not in rng and self.device.type == "cuda":  # another world size: a fresh, seeded stream
-            torch.cuda.manual_seed(_mix_seed(self.config.seed, _GLOBAL_STREAM, self.dist.rank, ck.step))
+            torch.cuda.manual_seed(global_seed(self.config.seed, self.dist.rank, ck.step))
         window = state.get("window", {})
         for k, v in window.get("sums", {}).items():
             if k in self._window:
@@ -651,15 +559,13 @@ class Trainer:
             if ckpt_io.list_checkpoints(ckpt_root) or (ckpt_root / ckpt_io.LATEST).exists():
                 raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True (--resume) to "
                                       "continue that run, or choose another out_dir")
-            torch.manual_seed(_mix_seed(cfg.seed, _GLOBAL_STREAM, self.dist.rank))
-            np.random.seed(_mix_seed(cfg.seed, _GLOBAL_STREAM, self.dist.rank) % 2**32)
+            seed_global_rngs(cfg.seed, self.dist.rank)
         else:
             source = ckpt_root if resume is True else Path(resume)
             if resume is True and not (ckpt_root / ckpt_io.LATEST).exists():
                 if self.dist.is_main:
                     print(f"isofast: no checkpoint in {ckpt_root}; starting a fresh run", file=sys.stderr)
-                torch.manual_seed(_mix_seed(cfg.seed, _GLOBAL_STREAM, self.dist.rank))
-                np.random.seed(_mix_seed(cfg.seed, _GLOBAL_STREAM, self.dist.rank) % 2**32)
+                seed_global_rngs(cfg.seed, self.dist.rank)
             else:
                 try:
                     resumed = self.load_checkpoint(source)
@@ -684,7 +590,8 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         try:
             # --- the loop
-            batches = self._batches(self.step)
+            batches = step_batches(self._data, self._order, self.rows, self.step, self.device, cfg.num_workers,
+                                   self.dist.rank)
             while self.step < cfg.steps:
                 self.train_step(next(batches))
                 if bar is not None:

@@ -1,4 +1,4 @@
-"""Multi-process training: sharding of batches and noise, and torchrun (gloo, 2 CPU processes) vs 1 process."""
+"""Multi-process training: sharding of noise, and torchrun (gloo, 2 CPU processes) vs 1 process."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,6 @@ from isofast import NoiseKey
 from isofast import checkpoint as ck
 from isofast import distributed as D
 from isofast.cli import main as cli_main
-from isofast.train import StepBatchSampler, _EpochOrder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,21 +39,6 @@ def test_rank_rows_checks_its_arguments():
         D.rank_rows(12, 0, 5)
     with pytest.raises(ValueError, match="rank must be in"):
         D.rank_rows(12, 3, 3)
-
-
-def test_sharded_batches_reassemble_the_one_process_batch_and_start_anywhere():
-    n, batch, seed = 23, 6, 4
-    one = iter(StepBatchSampler(n, batch, seed, slice(0, batch)))
-    shards = [iter(StepBatchSampler(n, batch, seed, D.rank_rows(batch, r, 3))) for r in range(3)]
-    seen = []
-    for _ in range(8):  # spans 3 epochs of 3 batches (tails of 5 samples dropped)
-        full = next(one)
-        assert sum((next(s) for s in shards), []) == full
-        seen.append(full)
-    late = iter(StepBatchSampler(n, batch, seed, slice(0, batch), start_step=5))
-    assert [next(late) for _ in range(3)] == seen[5:8]
-    order = _EpochOrder(n, batch, seed)
-    assert sorted(sum((order.indices(s).tolist() for s in range(3)), [])) == sorted(set(sum(seen[:3], [])))
 
 
 def test_single_process_environment(monkeypatch):

@@ -16,16 +16,10 @@ from torch import nn
 from isofast import NoiseKey, NoiseSchedule, reference
 from isofast import checkpoint as ck
 from isofast.cli import main as cli_main
+from isofast.data.order import epoch_permutation, make_noise_generator
 from isofast.ema import EMA
 from isofast.models.mlp import TimeMLP
-from isofast.train import (
-    METRIC_FIELDS,
-    TrainConfig,
-    Trainer,
-    epoch_permutation,
-    make_noise_generator,
-    write_samples,
-)
+from isofast.train import METRIC_FIELDS, TrainConfig, Trainer, write_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
