@@ -22,11 +22,9 @@ Many processes (torchrun; see `isofast.distributed` for the sharding scheme): ev
 global batch indices, t and key from identically seeded generators and keeps its rows
 ``[r B/W, (r+1) B/W)``; its noise is its slice of the global draw (still a key when the slice starts on a
 Philox counter boundary). DDP averages gradients, which is exact for every per-sample mean; the batch
-isotropy penalty ``(S - 1)^2`` with S the mean of s_b over the *global* batch is not, so under DDP with
-``iso_mode="batch"`` each rank all-reduces its mean S_r to S and adds
-``lambda [(S - 1)^2 + 2 (S - 1) (S_r - stopgrad(S_r))]``: the value is the global penalty and the averaged
-gradient is exactly d/dtheta lambda (S - 1)^2. So W processes give the weights of one process on the same
-global batch (up to float summation order). Only rank 0 writes logs, grids and checkpoints; checkpoints
+isotropy penalty, a function of the *global* batch mean, is made exact by
+`isofast.distributed.global_batch_iso_loss` (with ``iso_mode="batch"``). So W processes give the weights
+of one process on the same global batch (up to float summation order). Only rank 0 writes logs, grids and checkpoints; checkpoints
 hold the unwrapped module, so resume works with any world size.
 
 Datasets with random augmentation and ``num_workers > 0``: worker RNGs are seeded per (seed, rank, step
@@ -327,15 +325,9 @@ class Trainer:
 
     def _loss(self, eps_pred: torch.Tensor, noise: NoiseKey | torch.Tensor) -> tuple[torch.Tensor, LossParts]:
         cfg = self.config
-        if not self._global_iso:
-            return iso_ddpm_loss(eps_pred, noise, cfg.iso_lambda, cfg.iso_mode, return_parts=True, backend=cfg.backend)
-        # DDP + batch penalty: the penalty of the *global* batch mean (see the module docstring).
-        mse, parts = iso_ddpm_loss(eps_pred, noise, 0.0, "batch", return_parts=True, backend=cfg.backend)
-        s_local = eps_pred.float().square().mean()
-        s_global = distributed.all_reduce_mean(s_local.detach())
-        iso = (s_global - 1.0) ** 2
-        loss = mse + cfg.iso_lambda * (iso + 2.0 * (s_global - 1.0) * (s_local - s_local.detach()))
-        return loss, LossParts(parts.mse, iso, s_global)
+        if self._global_iso:  # DDP + batch penalty: the penalty of the *global* batch mean
+            return distributed.global_batch_iso_loss(eps_pred, noise, cfg.iso_lambda, cfg.backend)
+        return iso_ddpm_loss(eps_pred, noise, cfg.iso_lambda, cfg.iso_mode, return_parts=True, backend=cfg.backend)
 
     def train_step(self, x0: torch.Tensor) -> None:
         """One optimizer step on this rank's batch x0 (B/W, ...) (the data iterator supplies it)."""

@@ -1,4 +1,4 @@
-"""Multi-process training: sharding of noise, and torchrun (gloo, 2 CPU processes) vs 1 process."""
+"""Multi-process training: sharding of noise, the global batch penalty, and torchrun (gloo, 2 CPU processes) vs 1 process."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from isofast import NoiseKey
+from isofast import NoiseKey, iso_ddpm_loss
 from isofast import checkpoint as ck
 from isofast import distributed as D
 from isofast.cli import main as cli_main
@@ -39,6 +39,21 @@ def test_rank_rows_checks_its_arguments():
         D.rank_rows(12, 0, 5)
     with pytest.raises(ValueError, match="rank must be in"):
         D.rank_rows(12, 3, 3)
+
+
+def test_global_batch_iso_loss_is_the_batch_loss_in_one_process():
+    """With no process group S = S_r: value and gradient of `iso_ddpm_loss(..., "batch")`."""
+    key = NoiseKey(seed=11, offset=0, shape=(6, 3))
+    pred = torch.randn(6, 3, requires_grad=True)
+    loss, parts = D.global_batch_iso_loss(pred, key, 0.7)
+    ref_pred = pred.detach().clone().requires_grad_()
+    ref, ref_parts = iso_ddpm_loss(ref_pred, key, 0.7, "batch", return_parts=True)
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(parts, ref_parts, strict=True):
+        torch.testing.assert_close(got, want)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(pred.grad, ref_pred.grad)
 
 
 def test_single_process_environment(monkeypatch):
