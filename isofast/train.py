@@ -53,10 +53,11 @@ from . import checkpoint as ckpt_io
 from . import distributed
 from .data.order import EpochOrder, first_item, global_seed, make_noise_generator, seed_global_rngs, step_batches
 from .ema import EMA
-from .io import atomic_write, atomic_write_text, check_writable_dir
+from .io import atomic_write_text, check_writable_dir
 from .models.registry import model_spec_of
 from .noise import NoiseKey
 from .ops import iso_ddpm_loss, q_sample
+from .plots import write_samples
 from .reference import LossParts
 from .schedule import SCHEDULES, NoiseSchedule
 
@@ -614,36 +615,3 @@ class Trainer:
         """Destroy the process group if this trainer created it (call once, after the last fit)."""
         distributed.shutdown(self.dist)
 
-
-def write_samples(samples: torch.Tensor, path: str | Path) -> None:
-    """Write samples as a PNG, atomically: (B, C, H, W) images in [-1, 1] as a grid; (B, 2) points as a scatter."""
-    if not isinstance(samples, torch.Tensor):
-        raise TypeError(f"sample_fn must return a torch.Tensor, got {type(samples).__name__}")
-    samples = samples.detach().float().cpu()
-    path = Path(path)
-    if samples.ndim == 4 and samples.shape[1] in (1, 3):
-        from torchvision.utils import save_image
-
-        nrow = max(1, math.ceil(math.sqrt(samples.shape[0])))
-        images = ((samples.clamp(-1, 1) + 1) / 2)
-
-        def write(tmp: Path) -> None:
-            save_image(images, str(tmp), nrow=nrow, format="png")
-    elif samples.ndim == 2 and samples.shape[1] == 2:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        def write(tmp: Path) -> None:
-            fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-            ax.scatter(samples[:, 0].numpy(), samples[:, 1].numpy(), s=1, alpha=0.5)
-            ax.set_xlim(-1.5, 1.5)
-            ax.set_ylim(-1.5, 1.5)
-            ax.set_aspect("equal")
-            ax.set_title(path.stem)
-            fig.savefig(tmp, format="png", bbox_inches="tight")
-            plt.close(fig)
-    else:
-        raise ValueError(f"samples must be images (B, 1 or 3, H, W) or 2D points (B, 2), got {tuple(samples.shape)}")
-    atomic_write(path, write)

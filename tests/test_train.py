@@ -19,7 +19,7 @@ from isofast.cli import main as cli_main
 from isofast.data.order import epoch_permutation, make_noise_generator
 from isofast.ema import EMA
 from isofast.models.mlp import TimeMLP
-from isofast.train import METRIC_FIELDS, TrainConfig, Trainer, write_samples
+from isofast.train import METRIC_FIELDS, TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,13 +159,6 @@ def test_run_folder_has_every_artefact(tmp_path):
     model, sched, meta = ck.load_trained_model(out, which="ema")
     _assert_bitwise(model.state_dict(), trainer.ema_model.state_dict(), "EMA weights")
     assert sched.T == 50 and meta["step"] == 12
-
-
-def test_write_samples_scatter_and_refusal(tmp_path):
-    write_samples(torch.randn(50, 2), tmp_path / "pts.png")
-    assert (tmp_path / "pts.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="samples must be images"):
-        write_samples(torch.randn(5, 7), tmp_path / "bad.png")
 
 
 def test_refuses_to_overwrite_a_run_and_resume_without_checkpoint_starts_fresh(tmp_path):

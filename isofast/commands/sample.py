@@ -15,6 +15,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_trained_model
 from ..io import atomic_write_bytes
+from ..plots import write_samples
 
 
 def sample_shape(meta: dict) -> tuple[int, ...]:
@@ -55,8 +56,6 @@ def write_npz(samples: torch.Tensor, path: Path, meta: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import write_samples
-
     if args.num < 1:
         print("isofast sample: error: --num must be >= 1", file=sys.stderr)
         return 2
