@@ -8,6 +8,11 @@ One optimizer step on a global batch of B samples x0 (B, ...) of n elements each
     loss, parts = iso_ddpm_loss(eps_pred, key, iso_lambda, iso_mode, return_parts=True)
     loss.backward(); clip grad norm; lr warm-up; optimizer.step(); EMA update
 
+`Trainer.fit` runs the phases of a run in order: set-up (run folder, seeds), resume (a checkpoint), the
+loop (a step; every few steps the stats, a sample grid, a snapshot), the end (the last of each). Its
+options are a `TrainConfig` (`isofast.train_config`); its statistics go to metrics.csv and TensorBoard
+(`isofast.train_stats`); its snapshots are checkpoints (`isofast.checkpoint`).
+
 Randomness, and why resume is exact. Three streams, all restored from a checkpoint:
 
 * data order: step s's global batch is a pure function of (seed, s) (`isofast.data.order`), so it needs
@@ -18,14 +23,12 @@ Randomness, and why resume is exact. Three streams, all restored from a checkpoi
 
 On CPU a run stopped after step k and resumed ends with weights bitwise equal to an uninterrupted run.
 
-Many processes (torchrun; see `isofast.distributed` for the sharding scheme): every rank draws the same
-global batch indices, t and key from identically seeded generators and keeps its rows
-``[r B/W, (r+1) B/W)``; its noise is its slice of the global draw (still a key when the slice starts on a
-Philox counter boundary). DDP averages gradients, which is exact for every per-sample mean; the batch
-isotropy penalty, a function of the *global* batch mean, is made exact by
-`isofast.distributed.global_batch_iso_loss` (with ``iso_mode="batch"``). So W processes give the weights
-of one process on the same global batch (up to float summation order). Only rank 0 writes logs, grids and checkpoints; checkpoints
-hold the unwrapped module, so resume works with any world size.
+Many processes (torchrun): every rank draws the same global batch indices, t and key from identically
+seeded generators and trains on its rows ``[r B/W, (r+1) B/W)``, its noise a slice of the global draw;
+DDP averages the gradients, and the batch isotropy penalty is the global batch's (`isofast.distributed`
+says why both are exact). So W processes give the weights of one process on the same global batch (up to
+float summation order). Only rank 0 writes logs, grids and checkpoints; checkpoints hold the unwrapped
+module, so resume works with any world size.
 
 Datasets with random augmentation and ``num_workers > 0``: worker RNGs are seeded per (seed, rank, step
 the loader started at), so a resumed run sees different flips than an uninterrupted one (weights then
@@ -34,15 +37,10 @@ match statistically, not bitwise). Tensor datasets and ``num_workers=0`` are exa
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
 import json
-import math
 import sys
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,146 +57,13 @@ from .noise import NoiseKey
 from .ops import iso_ddpm_loss, q_sample
 from .plots import write_samples
 from .reference import LossParts
-from .schedule import SCHEDULES, NoiseSchedule
+from .schedule import NoiseSchedule
+from .train_config import TrainConfig
+from .train_stats import TrainStats
 
-__all__ = [
-    "METRIC_FIELDS",
-    "TrainConfig",
-    "Trainer",
-]
-
-METRIC_FIELDS = ("step", "loss", "mse", "iso", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s",
-                 "elapsed_s")
-OPTIMIZERS = ("adam", "adamw")
-PRECISIONS = ("fp32", "bf16")
-ISO_MODES = ("batch", "sample")
+__all__ = ["TrainConfig", "Trainer"]
 
 
-# ----- configuration ---------------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; saved as ``out_dir/config.json``.
-
-    out_dir: run folder (config.json, metrics.csv, TensorBoard events, checkpoints/, samples/).
-    steps: optimizer steps to train for (the total, also when resuming).
-    batch_size: global batch (each of W ranks trains on batch_size / W samples).
-    lr, optimizer ("adam" | "adamw"), weight_decay, betas, adam_eps: the optimizer (fused on CUDA).
-    grad_clip: max global grad norm (None or 0: no clipping).
-    ema_decay: EMA decay of the weights (0: no EMA; then ``ema_model`` is the model itself);
-        ema_warmup: use min(ema_decay, (1 + k)/(10 + k)) after step k (see `isofast.ema.EMA`).
-    warmup_steps: linear LR warm-up, lr_k = lr * min(1, (k + 1) / warmup_steps) for step k.
-    iso_lambda, iso_mode: the Iso-Diffusion penalty weight (>= 0; 0 is plain DDPM) and mode.
-    schedule ("linear" | "cosine" | "scaled_linear"), T: the noise schedule.
-    seed: seeds data order, timesteps, noise and torch's global RNG.
-    log_every, ckpt_every (a checkpoint is always written at the end), keep_checkpoints (>= 1),
-    sample_every (0: never; needs a ``sample_fn``): in steps.
-    precision: "fp32" or "bf16" (autocast of the model's forward, on CUDA and CPU).
-    channels_last: NHWC memory format for 4-D image models. compile: ``torch.compile`` the model.
-    device: "auto" (cuda:<local rank> if available, else CPU), "cpu", "cuda", "cuda:1", ...
-    backend: isofast op backend (None: auto; see `isofast.ops.backends`).
-    num_workers: DataLoader workers for Dataset data (tensor data needs none).
-    progress: tqdm bar (only on a terminal). tensorboard: write events next to metrics.csv.
-    """
-
-    out_dir: str
-    steps: int
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    warmup_steps: int = 0
-    iso_lambda: float = 0.0
-    iso_mode: str = "batch"
-    schedule: str = "linear"
-    T: int = 1000
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
-    sample_every: int = 0
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    device: str = "auto"
-    backend: str | None = None
-    num_workers: int = 0
-    progress: bool = True
-    tensorboard: bool = True
-
-    def __post_init__(self) -> None:
-        self.out_dir = str(self.out_dir)
-        self.betas = tuple(float(b) for b in self.betas)  # lists from JSON
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError/TypeError naming the first bad field."""
-        def integer(name: str, low: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"TrainConfig.{name} must be an int, got {type(v).__name__}")
-            if v < low:
-                raise ValueError(f"TrainConfig.{name} must be >= {low}, got {v}")
-
-        def real(name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"TrainConfig.{name} must be a float, got {type(v).__name__}")
-            if not math.isfinite(v) or v < low or v > high or (low_open and v == low):
-                raise ValueError(f"TrainConfig.{name} must be finite and in {'(' if low_open else '['}{low}, {high}], got {v}")
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-
-        if not self.out_dir:
-            raise ValueError("TrainConfig.out_dir must be a non-empty path")
-        integer("steps", 1)
-        integer("batch_size", 1)
-        real("lr", 0.0, low_open=True)
-        choice("optimizer", OPTIMIZERS)
-        real("weight_decay", 0.0)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"TrainConfig.betas must be two floats in [0, 1), got {self.betas}")
-        real("adam_eps", 0.0, low_open=True)
-        if self.grad_clip is not None:
-            real("grad_clip", 0.0)
-        real("ema_decay", 0.0, 1.0)
-        if self.ema_decay == 1.0:
-            raise ValueError("TrainConfig.ema_decay must be < 1 (0 turns EMA off), got 1.0")
-        integer("warmup_steps", 0)
-        real("iso_lambda", 0.0)
-        choice("iso_mode", ISO_MODES)
-        choice("schedule", SCHEDULES)
-        integer("T", 1)
-        integer("seed", 0)
-        for name in ("log_every", "ckpt_every", "keep_checkpoints"):
-            integer(name, 1)
-        integer("sample_every", 0)
-        choice("precision", PRECISIONS)
-        integer("num_workers", 0)
-        if not isinstance(self.device, str):
-            raise TypeError(f"TrainConfig.device must be a str, got {type(self.device).__name__}")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
-        return cls(**d)
-
-
-# ----- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
     """Train ``model`` (``model(x_t, t) -> eps_pred``) on ``data`` with the Iso-Diffusion objective.
 
@@ -264,10 +129,7 @@ class Trainer:
             self._forward = torch.compile(self._forward)
         self._autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
         self._global_iso = self.dist.distributed and config.iso_mode == "batch" and config.iso_lambda > 0
-        self._reset_window()
-        self._csv = None
-        self._tb = None
-        self.tensorboard_status = "off"
+        self.stats = TrainStats(self.out_dir, self.device, config.batch_size, self.dist.is_main)
         self._last_saved = -1
 
     # ----- set-up ------------------------------------------------------------------------------------
@@ -289,6 +151,11 @@ class Trainer:
     def ema_model(self) -> nn.Module:
         """The EMA copy of the model (the model itself when EMA is off)."""
         return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def tensorboard_status(self) -> str:
+        """"off", "on", or "unavailable (why)": whether `fit` writes TensorBoard events."""
+        return self.stats.tensorboard_status
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
@@ -355,90 +222,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, self.step)
         self.step += 1
-
-        # Window sums stay on the device: no host sync until the next log line.
-        w = self._window
-        w["loss"] += loss.detach().float()
-        w["mse"] += parts.mse.float()
-        w["iso"] += parts.iso.float()
-        w["isotropy"] += parts.isotropy.float()
-        w["grad_norm"] += grad_norm.detach().float()
-        self._window_steps += 1
-
-    def _reset_window(self) -> None:
-        self._window = {k: torch.zeros((), device=self.device) for k in ("loss", "mse", "iso", "isotropy", "grad_norm")}
-        self._window_steps = 0
-        self._window_start = time.perf_counter()
-
-    # ----- logging -----------------------------------------------------------------------------------
-    def _open_logs(self, resumed_step: int) -> None:
-        if not self.dist.is_main:
-            return
-        path = self.out_dir / "metrics.csv"
-        if path.exists() and resumed_step >= 0:
-            # Rows past the checkpoint's last complete window were written by the run that stopped; the
-            # checkpoint carries that window's sums, so the resumed run logs those steps again, once.
-            keep_upto = resumed_step - self._window_steps
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= keep_upto]
-            text_rows = [",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
-            atomic_write_text(path, ",".join(METRIC_FIELDS) + "\n" + "".join(r + "\n" for r in text_rows))
-        new = not path.exists()
-        self._csv = open(path, "a", newline="")
-        self._csv_writer = csv.DictWriter(self._csv, fieldnames=METRIC_FIELDS)
-        if new:
-            self._csv_writer.writeheader()
-            self._csv.flush()
-        if self.config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                purge = resumed_step + 1 if resumed_step >= 0 else None
-                self._tb = SummaryWriter(log_dir=str(self.out_dir), purge_step=purge)
-                self.tensorboard_status = "on"
-            except Exception as exc:  # tensorboard is optional: the CSV has everything
-                self.tensorboard_status = f"unavailable ({type(exc).__name__}: {exc})"
-                warnings.warn(f"TensorBoard logging is off: {self.tensorboard_status}; metrics.csv still has "
-                              "every metric", RuntimeWarning, stacklevel=3)
-
-    def _log(self) -> dict | None:
-        """Reduce the window over ranks, write a CSV row (+ TensorBoard) on rank 0; returns the row there."""
-        if self._window_steps == 0:
-            return None
-        n = self._window_steps
-        keys = list(self._window)
-        stacked = torch.stack([self._window[k] for k in keys]) / n
-        stacked = distributed.all_reduce_mean(stacked).cpu()
-        values = dict(zip(keys, stacked.tolist(), strict=True))
-        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"the loss became {values['loss']} between steps {self.step - n + 1} and "
-                                     f"{self.step}: lower lr, enable grad_clip, or check the data")
-        row = {
-            "step": self.step,
-            **{k: f"{values[k]:.6g}" for k in keys},
-            "lr": f"{self.lr_at(self.step - 1):.6g}",
-            "steps_per_s": f"{n / elapsed:.4g}",
-            "images_per_s": f"{n * self.config.batch_size / elapsed:.4g}",
-            "elapsed_s": f"{time.perf_counter() - self._fit_start:.2f}",
-        }
-        self._reset_window()
-        if not self.dist.is_main:
-            return None
-        self._csv_writer.writerow(row)
-        self._csv.flush()
-        if self._tb is not None:
-            for k in ("loss", "mse", "iso", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s"):
-                self._tb.add_scalar(f"train/{k}", float(row[k]), self.step)
-        return row
-
-    def _close_logs(self) -> None:
-        if self._csv is not None:
-            self._csv.close()
-            self._csv = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self.stats.add(loss, parts, grad_norm)
 
     # ----- samples -----------------------------------------------------------------------------------
     def _sample(self) -> Path | None:
@@ -458,7 +242,7 @@ class Trainer:
         write_samples(samples, path)
         return path
 
-    # ----- checkpoints -------------------------------------------------------------------------------
+    # ----- snapshots ---------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
         rng = ckpt_io.capture_rng({"noise": self.noise_generator}, self.device)
         per_rank = distributed.all_gather_objects(
@@ -468,7 +252,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": rng,
             "rng_by_rank": [{k: v for k, v in r.items() if v is not None} for r in per_rank],
-            "window": {"sums": dict(self._window), "steps": self._window_steps},
+            "window": self.stats.state_dict(),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -514,16 +298,12 @@ class Trainer:
         ckpt_io.restore_rng(rng, {"noise": self.noise_generator}, self.device)
         if "torch_cuda" not in rng and self.device.type == "cuda":  # another world size: a fresh, seeded stream
             torch.cuda.manual_seed(global_seed(self.config.seed, self.dist.rank, ck.step))
-        window = state.get("window", {})
-        for k, v in window.get("sums", {}).items():
-            if k in self._window:
-                self._window[k] = v.to(self.device)
-        self._window_steps = int(window.get("steps", 0))
+        self.stats.load_state_dict(state.get("window", {}))
         self.step = ck.step
         self._last_saved = ck.step
         return ck.step
 
-    # ----- the loop ----------------------------------------------------------------------------------
+    # ----- the run -----------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
         """Create out_dir on rank 0; every rank raises if that failed (so no rank waits for a dead one)."""
         error = None
@@ -536,6 +316,29 @@ class Trainer:
         if error is not None:
             raise PermissionError(error)
 
+    def _resume(self, resume: bool | str | Path) -> int:
+        """Seed a fresh run, or restore the checkpoint ``resume`` names (see `fit`); returns its step (-1: fresh)."""
+        ckpt_root = self.out_dir / "checkpoints"
+        if resume is False:
+            if ckpt_io.list_checkpoints(ckpt_root) or (ckpt_root / ckpt_io.LATEST).exists():
+                raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True (--resume) to "
+                                      "continue that run, or choose another out_dir")
+            seed_global_rngs(self.config.seed, self.dist.rank)
+            return -1
+        source = ckpt_root if resume is True else Path(resume)
+        if resume is True and not (ckpt_root / ckpt_io.LATEST).exists():
+            if self.dist.is_main:
+                print(f"isofast: no checkpoint in {ckpt_root}; starting a fresh run", file=sys.stderr)
+            seed_global_rngs(self.config.seed, self.dist.rank)
+            return -1
+        try:
+            return self.load_checkpoint(source)
+        except ckpt_io.CheckpointError as exc:
+            good = [str(p) for p in ckpt_io.list_checkpoints(ckpt_root)]
+            hint = (f"; other complete checkpoints: {', '.join(good)} (resume from one by passing its path: "
+                    "fit(resume=PATH), --resume PATH)") if good else ""
+            raise ckpt_io.CheckpointError(f"{exc}{hint}") from exc
+
     def fit(self, resume: bool | str | Path = False) -> Trainer:
         """Train until ``config.steps`` optimizer steps are done; returns self.
 
@@ -544,36 +347,15 @@ class Trainer:
         checkpoint (a step directory, a checkpoints folder or a run folder).
         """
         cfg = self.config
-        # --- set-up: run folder, resume or fresh seeds
+        # --- set-up: the run folder
         self._prepare_out_dir()
-        ckpt_root = self.out_dir / "checkpoints"
-        resumed = -1
-        if resume is False:
-            if ckpt_io.list_checkpoints(ckpt_root) or (ckpt_root / ckpt_io.LATEST).exists():
-                raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True (--resume) to "
-                                      "continue that run, or choose another out_dir")
-            seed_global_rngs(cfg.seed, self.dist.rank)
-        else:
-            source = ckpt_root if resume is True else Path(resume)
-            if resume is True and not (ckpt_root / ckpt_io.LATEST).exists():
-                if self.dist.is_main:
-                    print(f"isofast: no checkpoint in {ckpt_root}; starting a fresh run", file=sys.stderr)
-                seed_global_rngs(cfg.seed, self.dist.rank)
-            else:
-                try:
-                    resumed = self.load_checkpoint(source)
-                except ckpt_io.CheckpointError as exc:
-                    good = [str(p) for p in ckpt_io.list_checkpoints(ckpt_root)]
-                    hint = (f"; other complete checkpoints: {', '.join(good)} (resume from one by passing its path: "
-                            "fit(resume=PATH), --resume PATH)") if good else ""
-                    raise ckpt_io.CheckpointError(f"{exc}{hint}") from exc
+        # --- resume: a checkpoint's weights, optimizer, RNG streams and unlogged window (or a fresh run's seeds)
+        resumed = self._resume(resume)
         if self.dist.is_main:
             atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
             if self.model_spec is not None:
                 atomic_write_text(self.out_dir / "model.json", json.dumps(self.model_spec, indent=1) + "\n")
-        self._open_logs(resumed)
-        self._fit_start = time.perf_counter()
-        self._window_start = time.perf_counter()
+        self.stats.open(resumed, cfg.tensorboard)
         self.model.train()
 
         bar = None
@@ -582,7 +364,7 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         try:
-            # --- the loop
+            # --- the loop: a step; every few steps the stats, a sample grid, a snapshot
             batches = step_batches(self._data, self._order, self.rows, self.step, self.device, cfg.num_workers,
                                    self.dist.rank)
             while self.step < cfg.steps:
@@ -590,28 +372,27 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.log_every == 0:
-                    row = self._log()
+                    row = self.stats.log(self.step, self.lr_at(self.step - 1))
                     if bar is not None and row is not None:
                         bar.set_postfix(loss=row["loss"], iso=row["isotropy"])
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self._sample()
                 if self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
-            # --- the end: whatever the last window holds, a final checkpoint, a final sample grid
-            # (the checkpoint holds the unlogged window, so a resumed run re-logs it in its next row)
+            # --- the end: a last snapshot, the last stats, a last sample grid
+            # (the snapshot holds the unlogged window, so a resumed run re-logs it in its next row)
             if self._last_saved != self.step:
                 self.save_checkpoint()
-            if self._window_steps:
-                self._log()
+            if self.stats.steps:
+                self.stats.log(self.step, self.lr_at(self.step - 1))
             if cfg.sample_every and self.sample_fn is not None and self.step % cfg.sample_every != 0:
                 self._sample()
         finally:
             if bar is not None:
                 bar.close()
-            self._close_logs()
+            self.stats.close()
         return self
 
     def close(self) -> None:
         """Destroy the process group if this trainer created it (call once, after the last fit)."""
         distributed.shutdown(self.dist)
-

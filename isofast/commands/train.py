@@ -21,7 +21,8 @@ import sys
 import torch
 
 from ..schedule import SCHEDULES
-from ..train import OPTIMIZERS, TrainConfig, Trainer
+from ..train import Trainer
+from ..train_config import OPTIMIZERS, TrainConfig
 
 
 def _non_negative_float(text: str) -> float:
