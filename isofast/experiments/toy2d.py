@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..train_config import TrainConfig
+
 PAPER_DATASETS = ("swiss_roll", "moon_scatter", "moon_circles", "central_banana")
 DEFAULT_LAMBDAS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
 METRICS = ("precision", "recall", "density", "coverage")
@@ -76,14 +78,15 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0,)
     steps: int = PRESETS["default"]["steps"]
     batch_size: int = PRESETS["default"]["batch_size"]
-    lr: float = 1e-3
-    T: int = 1000
+    # Each run is a `TrainConfig`: where no preset says otherwise, it trains with the trainer's defaults.
+    lr: float = TrainConfig.lr
+    T: int = TrainConfig.T
     n_train: int = 10_000
     n_eval: int = 10_000
     k: int = 5
-    ema_decay: float = 0.999
-    device: str = "auto"
-    backend: str | None = None
+    ema_decay: float = TrainConfig.ema_decay
+    device: str = TrainConfig.device
+    backend: str | None = TrainConfig.backend
     preset: str = "default"
     progress: bool = False
 
@@ -178,7 +181,7 @@ def train_and_evaluate(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: 
     from ..metrics.prdc import prdc
     from ..models.mlp import TimeMLP
     from ..sampling import ddpm_sample
-    from ..train import TrainConfig, Trainer
+    from ..train import Trainer
 
     folder = run_dir(cfg, dataset, iso_lambda, seed)
     data = make_dataset(dataset, cfg.n_train, seed=seed)
