@@ -57,7 +57,7 @@ def per_sample_terms(eps_pred: torch.Tensor, eps: torch.Tensor) -> tuple[torch.T
 def loss_from_terms(
     mse_b: torch.Tensor,
     s_b: torch.Tensor,
-    iso_lambda: float,
+    iso_lambda: float | torch.Tensor,
     iso_mode: str,
     weights: torch.Tensor | None,
     reduction: str,
@@ -66,33 +66,50 @@ def loss_from_terms(
 
     batch:  sum_or_mean_b(w_b mse_b) + lambda * ((1/B) sum_b s_b - 1)^2
     sample: sum_or_mean_b(w_b (mse_b + lambda (s_b - 1)^2)); reduction "none" keeps the (B,) terms.
+    The terms may have leading group dimensions, (G, B): each group is a loss of its own, reduced
+    over its last dimension, with its own lambda (iso_lambda a float or a (G,) tensor).
     """
     w = torch.ones_like(mse_b) if weights is None else weights.to(mse_b.dtype)
     reduce = torch.mean if reduction == "mean" else torch.sum
-    isotropy = s_b.mean()
+    lam = iso_lambda if not isinstance(iso_lambda, torch.Tensor) else iso_lambda.to(mse_b.dtype)
+    lam_b = lam.unsqueeze(-1) if isinstance(lam, torch.Tensor) else lam  # per sample, broadcast over B
+    isotropy = s_b.mean(dim=-1)
     if iso_mode == "batch":
-        mse = reduce(w * mse_b)
+        mse = reduce(w * mse_b, dim=-1)
         iso = (isotropy - 1.0) ** 2
-        loss = mse + iso_lambda * iso
+        loss = mse + lam * iso
         return loss, LossParts(mse.detach(), iso.detach(), isotropy.detach())
     pen_b = (s_b - 1.0) ** 2
-    per_sample = w * (mse_b + iso_lambda * pen_b)
+    per_sample = w * (mse_b + lam_b * pen_b)
     if reduction == "none":
         return per_sample, LossParts((w * mse_b).detach(), pen_b.detach(), isotropy.detach())
-    return reduce(per_sample), LossParts(reduce(w * mse_b).detach(), reduce(w * pen_b).detach(), isotropy.detach())
+    return reduce(per_sample, dim=-1), LossParts(reduce(w * mse_b, dim=-1).detach(), reduce(w * pen_b, dim=-1).detach(),
+                                                 isotropy.detach())
 
 
 def iso_ddpm_loss(
     eps_pred: torch.Tensor,
     eps: torch.Tensor,
-    iso_lambda: float = 0.3,
+    iso_lambda: float | torch.Tensor = 0.3,
     iso_mode: str = "batch",
     weights: torch.Tensor | None = None,
     reduction: str = "mean",
+    groups: int = 1,
 ) -> tuple[torch.Tensor, LossParts]:
-    """Reference Iso-Diffusion loss. Returns (loss, parts); the loss is float32 (float64 for float64 input)."""
+    """Reference Iso-Diffusion loss. Returns (loss, parts); the loss is float32 (float64 for float64 input).
+
+    ``groups`` G > 1: the batch is G consecutive groups of B/G samples, each its own loss with its own
+    lambda (a (G,) tensor or a float); the loss and parts are (G,) (reduction "none": (B,) terms).
+    """
     mse_b, s_b = per_sample_terms(eps_pred, eps)
-    return loss_from_terms(mse_b, s_b, iso_lambda, iso_mode, weights, reduction)
+    if groups == 1:
+        return loss_from_terms(mse_b, s_b, iso_lambda, iso_mode, weights, reduction)
+    w = None if weights is None else weights.reshape(groups, -1)
+    loss, parts = loss_from_terms(mse_b.reshape(groups, -1), s_b.reshape(groups, -1), iso_lambda, iso_mode, w,
+                                  reduction)
+    if reduction == "none":
+        return loss.reshape(-1), LossParts(parts.mse.reshape(-1), parts.iso.reshape(-1), parts.isotropy)
+    return loss, parts
 
 
 def predict_x0(x_t: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, sched: NoiseSchedule, clip_x0: bool) -> torch.Tensor:

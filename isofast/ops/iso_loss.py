@@ -40,6 +40,7 @@ def iso_ddpm_loss(
     reduction: str = "mean",
     return_parts: bool = False,
     backend: str | None = None,
+    groups: int = 1,
 ) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
     """The Iso-Diffusion loss of ``eps_pred`` (B, ...) against the true noise (a NoiseKey or tensor).
 
@@ -50,10 +51,16 @@ def iso_ddpm_loss(
     (B,) per-sample terms. ``weights`` (B,) default to 1 (e.g. min-SNR-gamma). Accumulation is in
     float32 (float64 for float64 input); the loss has that dtype. NaN in eps_pred gives a NaN loss:
     nothing is masked. ``return_parts=True`` also returns the detached `LossParts` at no extra pass.
+
+    ``groups`` G > 1 (an ensemble of G models in one batch): the batch is G consecutive groups of B/G
+    samples, each a loss of its own (its own batch penalty, its own lambda: ``iso_lambda`` a float or a
+    (G,) tensor); the loss and its parts are (G,) tensors, equal to G separate calls (reduction "none":
+    the (B,) per-sample terms). Still one pass of the kernels over the whole batch.
     """
     eps_pred = validation.float_tensor("eps_pred", eps_pred)
     noise = validation.noise_for(noise, eps_pred)
-    iso_lambda = validation.iso_lambda(iso_lambda)
+    groups = validation.groups(groups, eps_pred.shape[0])
+    iso_lambda = validation.iso_lambda(iso_lambda, groups, eps_pred.device)
     iso_mode = validation.choice("iso_mode", iso_mode, validation.ISO_MODES)
     reduction = validation.choice("reduction", reduction, validation.REDUCTIONS)
     if reduction == "none" and iso_mode == "batch":
@@ -63,7 +70,7 @@ def iso_ddpm_loss(
     name = backends.resolve(backend, eps_pred.device, eps_pred.dtype)
     if name == "reference" or (isinstance(noise, torch.Tensor) and operands.needs_reference_autograd(noise)):
         eps = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
-        loss, parts = reference.iso_ddpm_loss(eps_pred, eps, iso_lambda, iso_mode, weights, reduction)
+        loss, parts = reference.iso_ddpm_loss(eps_pred, eps, iso_lambda, iso_mode, weights, reduction, groups)
         return (loss, parts) if return_parts else loss
     p = operands.rows(eps_pred)
     keeps = name in backends.KEEPS_DRAW
@@ -71,54 +78,66 @@ def iso_ddpm_loss(
     if e is None and keeps and not torch.compiler.is_compiling():
         e = extension.draw(p, seed, offset)  # the loss on its own: draw once, for iso_sums and iso_grad
     sse, ssq = backends.library(name).iso_sums(p, e, seed, offset)
-    loss, *terms = _tail(sse, ssq, p.shape[1], weights, iso_lambda, iso_mode, reduction)[:4]
+    loss, *terms = _tail(sse, ssq, p.shape[1], weights, iso_lambda, iso_mode, reduction, groups)[:4]
     return (loss, LossParts(*terms)) if return_parts else loss
 
 
-def _tail(sse, ssq, n, weights, iso_lambda, iso_mode, reduction):
+def _tail(sse, ssq, n, weights, iso_lambda, iso_mode, reduction, groups=1):
     """(loss, mse, iso, isotropy, k1, k2, d_w) from the sums, differentiable in sse, ssq and weights.
 
     k1 = (2/n) dL/dmse_b, k2 = (2/n) dL/ds_b and d_w = dL/dw_b are the slopes for a unit upstream
     gradient (``iso_grad``'s coefficients are k1 g and k2 g). On the CPU one compiled op with its
-    autograd in C++; elsewhere `_LossTail` (a GPU launches its small ops asynchronously, no host sync).
+    autograd in C++; elsewhere, and for groups, `_LossTail` (a GPU launches its small ops
+    asynchronously, no host sync). Both compute in float64 and return the sums' dtype.
     """
     w = None if weights is None else weights.to(sse.dtype).contiguous()
-    if sse.device.type == "cpu" and backends.usable("cpu"):
+    if groups == 1 and sse.device.type == "cpu" and backends.usable("cpu"):
         return torch.ops.isofast_C.iso_loss_tail(sse, ssq, n, w, iso_lambda, iso_mode, reduction)
-    return _LossTail.apply(sse, ssq, n, w, iso_lambda, iso_mode, reduction)
+    return _LossTail.apply(sse, ssq, n, w, iso_lambda, iso_mode, reduction, groups)
 
 
 def _slopes(mse_b, s_b, iso_lambda, iso_mode, weights, reduction):
-    """(dL/dmse_b, dL/ds_b, dL/dw_b) of `reference.loss_from_terms`, each (B,).
+    """(dL/dmse_b, dL/ds_b, dL/dw_b) of `reference.loss_from_terms`, each of the terms' shape.
 
-    With r = 1/B for reduction "mean", else 1, and S = (1/B) sum_b s_b:
+    Over the last dimension (B samples; leading group dimensions allowed, ``iso_lambda`` a float or
+    one value per group). With r = 1/B for reduction "mean", else 1, and S = (1/B) sum_b s_b:
     batch: dL/dmse_b = r w_b, dL/ds_b = 2 lambda (S - 1) / B, dL/dw_b = r mse_b;
     sample: dL/dmse_b = r w_b, dL/ds_b = 2 lambda r w_b (s_b - 1), dL/dw_b = r (mse_b + lambda (s_b - 1)^2).
     For reduction "none" these are the derivatives of each sample's own term (r = 1).
     """
-    B = s_b.shape[0]
+    B = s_b.shape[-1]
     r = 1.0 / B if reduction == "mean" else 1.0
     w = torch.ones_like(s_b) if weights is None else weights.to(s_b.dtype)
+    lam = iso_lambda.to(s_b.dtype).unsqueeze(-1) if isinstance(iso_lambda, torch.Tensor) else iso_lambda
     if iso_mode == "batch":
-        d_s = ((2.0 * iso_lambda / B) * (s_b.mean() - 1.0)).expand(B)
+        d_s = ((2.0 * lam / B) * (s_b.mean(dim=-1, keepdim=True) - 1.0)).expand_as(s_b)
         d_w = r * mse_b
     else:
-        d_s = (2.0 * iso_lambda * r) * w * (s_b - 1.0)
-        d_w = r * (mse_b + iso_lambda * (s_b - 1.0) ** 2)
+        d_s = (2.0 * lam * r) * w * (s_b - 1.0)
+        d_w = r * (mse_b + lam * (s_b - 1.0) ** 2)
     return r * w, d_s, d_w
 
 
 class _LossTail(torch.autograd.Function):
-    """The tail in torch ops (the twin of csrc/cpu/iso_loss_tail.cpp, held to it by the tests)."""
+    """The tail in torch ops, in float64 like its twin csrc/cpu/iso_loss_tail.cpp (the tests hold them
+    together); with ``groups`` G, over (G, B/G) sums: G losses of their own."""
 
     @staticmethod
-    def forward(ctx, sse, ssq, n, weights, iso_lambda, iso_mode, reduction):
-        mse_b, s_b = sse / n, ssq / n
-        loss, parts = reference.loss_from_terms(mse_b, s_b, iso_lambda, iso_mode, weights, reduction)
-        d_mse, d_s, d_w = _slopes(mse_b, s_b, iso_lambda, iso_mode, weights, reduction)
-        k1, k2 = (2.0 / n) * d_mse, ((2.0 / n) * d_s).contiguous()
+    def forward(ctx, sse, ssq, n, weights, iso_lambda, iso_mode, reduction, groups):
+        acc = torch.float64
+        mse_b, s_b = (sse.to(acc) / n).view(groups, -1), (ssq.to(acc) / n).view(groups, -1)
+        w = None if weights is None else weights.to(acc).view(groups, -1)
+        lam = iso_lambda.to(acc) if isinstance(iso_lambda, torch.Tensor) else iso_lambda
+        loss, parts = reference.loss_from_terms(mse_b, s_b, lam, iso_mode, w, reduction)
+        d_mse, d_s, d_w = _slopes(mse_b, s_b, lam, iso_mode, w, reduction)
+        # one group: the ungrouped shapes (0-dim, or (B,) for reduction "none"); else (G,) or (B,)
+        shape = (-1,) if reduction == "none" else (() if groups == 1 else (groups,))
+        loss, mse, iso = (x.reshape(shape).to(sse.dtype) for x in (loss, *parts[:2]))
+        isotropy = parts.isotropy.reshape(() if groups == 1 else (groups,)).to(sse.dtype)
+        k1, k2, d_w = ((x * f).reshape(-1).to(sse.dtype).contiguous() for x, f in ((d_mse, 2.0 / n), (d_s, 2.0 / n),
+                                                                                   (d_w, 1.0)))
         ctx.save_for_backward(k1, k2, d_w)
-        outputs = (loss, *parts, k1, k2, d_w)
+        outputs = (loss, mse, iso, isotropy, k1, k2, d_w)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
@@ -126,11 +145,14 @@ class _LossTail(torch.autograd.Function):
     @once_differentiable  # iso_grad has no derivative of its own: no double backward through the loss
     def backward(ctx, grad_loss, *_):
         k1, k2, d_w = ctx.saved_tensors
+        # Each row's upstream gradient: its own (reduction "none"), else its group's.
+        g = grad_loss if grad_loss.shape == k1.shape else grad_loss.reshape(-1, 1).expand(-1, k1.numel() //
+                                                                                          grad_loss.numel()).reshape(-1)
         # Halved: mse_b = sse_b / n, and k1, k2 carry the factor 2/n of d(sse)/dp and d(ssq)/dp.
-        grad_sse = 0.5 * k1 * grad_loss if ctx.needs_input_grad[0] else None
-        grad_ssq = 0.5 * k2 * grad_loss if ctx.needs_input_grad[1] else None
-        grad_w = d_w * grad_loss if ctx.needs_input_grad[3] else None
-        return grad_sse, grad_ssq, None, grad_w, None, None, None
+        grad_sse = 0.5 * k1 * g if ctx.needs_input_grad[0] else None
+        grad_ssq = 0.5 * k2 * g if ctx.needs_input_grad[1] else None
+        grad_w = d_w * g if ctx.needs_input_grad[3] else None
+        return grad_sse, grad_ssq, None, grad_w, None, None, None, None
 
 
 @backends.register_fake("iso_sums")

@@ -76,12 +76,32 @@ def timesteps(name: str, t: object, batch: int, T: int, device: torch.device) ->
     return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
 
 
-def iso_lambda(value: object) -> float:
+def iso_lambda(value: object, groups: int = 1, device: torch.device | None = None) -> float | torch.Tensor:
+    """A float >= 0, or with ``groups`` G > 1 also a (G,) float tensor of such values (one per group)."""
+    if isinstance(value, torch.Tensor) and groups > 1:
+        if not value.dtype.is_floating_point or tuple(value.shape) != (groups,):
+            raise ValueError(f"iso_lambda as a tensor must be a float tensor of shape ({groups},) (one per group), "
+                             f"got {value.dtype} of shape {tuple(value.shape)}")
+        same_device("iso_lambda", value.device, "eps_pred", device)
+        if _check_values_now(value) and not bool(torch.isfinite(value).all() & (value >= 0).all()):
+            raise ValueError(f"iso_lambda must be finite and >= 0, got {value.tolist()}")
+        return value
+    if isinstance(value, torch.Tensor):
+        raise TypeError("iso_lambda must be a float (a tensor only with groups > 1, one value per group)")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"iso_lambda must be a float, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"iso_lambda must be finite and >= 0, got {value}")
     return float(value)
+
+
+def groups(value: object, batch: int) -> int:
+    """The number of equal groups the batch splits into (a positive int dividing it)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TypeError(f"groups must be a positive int, got {value!r}")
+    if batch % value:
+        raise ValueError(f"groups={value} must divide the batch size {batch} (equal groups)")
+    return value
 
 
 def choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
