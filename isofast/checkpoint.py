@@ -17,8 +17,8 @@ flat tensor file (`flatten_state` / `unflatten_state`), so nothing is pickled an
 no code. The sha256 in state.json catches truncated and bit-flipped files, which safetensors alone
 would not notice inside tensor data.
 
-Atomicity: every file is written to a temporary name in its own directory, fsync-ed, then
-``os.replace``-d over its final name, and the directory is fsync-ed. A checkpoint is complete once
+Atomicity: every file is written whole or not at all (`isofast.io`: a temporary name in its own
+directory, fsync-ed, ``os.replace``-d over its final name). A checkpoint is complete once
 its state.json exists (it is written after the files it describes); ``latest`` moves only after
 that, and older checkpoints are pruned (keeping ``keep`` complete ones) only after ``latest``
 moved. A process killed at any instant leaves ``latest`` naming a complete checkpoint.
@@ -29,15 +29,11 @@ missing, unexpected and mis-shaped keys.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,16 +41,17 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from .io import atomic_write_tensors, atomic_write_text
+from .models.registry import build_model
+from .schedule import NoiseSchedule
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
     "CheckpointError",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "build_model",
     "capture_rng",
     "check_state_dict",
     "flatten_state",
@@ -62,7 +59,6 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict_checked",
     "load_trained_model",
-    "model_spec_of",
     "resolve_checkpoint",
     "restore_rng",
     "save_checkpoint",
@@ -79,72 +75,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupted, or made for another model."""
 
 
-# ----- atomic file writing ----------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems/OSes cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    # safetensors wants contiguous CPU tensors that share no storage (tied weights are cloned).
-    seen: set[int] = set()
-    clean = {}
-    for name, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"tensor {name!r} to save is a {type(value).__name__}, not a torch.Tensor")
-        t = value.detach().to("cpu").contiguous()
-        if t.numel() and t.untyped_storage().data_ptr() in seen:
-            t = t.clone()
-        if t.numel():
-            seen.add(t.untyped_storage().data_ptr())
-        clean[name] = t
-    _atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
-
-
+# ----- checksums -------------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -280,7 +211,7 @@ def save_checkpoint(
     manifest = {}
     for name, content in files.items():
         path = directory / name
-        _save_tensors(path, content, metadata={"format": CHECKPOINT_FORMAT, "step": str(step)})
+        atomic_write_tensors(path, content, metadata={"format": CHECKPOINT_FORMAT, "step": str(step)})
         manifest[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     record = {
         "format": CHECKPOINT_FORMAT,
@@ -438,46 +369,12 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], s
 
 
 # ----- rebuilding a trained model -----------------------------------------------------------------------
-def model_spec_of(model: nn.Module) -> dict | None:
-    """A JSON description from which `build_model` rebuilds ``model``'s architecture (None if unknown)."""
-    from .models.mlp import TimeMLP
-
-    try:
-        from .models.unet import UNet
-    except ImportError:  # pragma: no cover - the UNet module is optional for 2D work
-        UNet = ()  # type: ignore[assignment]
-    if isinstance(model, TimeMLP):
-        return {"kind": "mlp", "config": {"data_dim": model.data_dim, "hidden": model.hidden,
-                                          "n_layers": model.n_layers, "emb_dim": model.emb_dim,
-                                          "max_period": model.max_period}}
-    if UNet and isinstance(model, UNet):
-        return {"kind": "unet", "config": dataclasses.asdict(model.config)}
-    return None
-
-
-def build_model(spec: dict) -> nn.Module:
-    """The (untrained) model a `model_spec_of` description describes."""
-    if not isinstance(spec, dict) or "kind" not in spec:
-        raise ValueError(f"model spec must be a dict with a 'kind', got {spec!r}")
-    if spec["kind"] == "mlp":
-        from .models.mlp import TimeMLP
-
-        return TimeMLP(**spec.get("config", {}))
-    if spec["kind"] == "unet":
-        from .models.unet import UNet, UNetConfig
-
-        return UNet(UNetConfig(**spec["config"]))
-    raise ValueError(f"unknown model kind {spec['kind']!r} in model spec (known: 'mlp', 'unet')")
-
-
 def load_trained_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu"):
     """Rebuild the model of a checkpoint written by the Trainer and load its weights.
 
     ``which``: "ema" (the EMA weights; the raw ones when the run had no EMA) or "model".
     Returns (model in eval mode on ``device``, the run's `NoiseSchedule` on ``device``, the checkpoint meta).
     """
-    from .schedule import NoiseSchedule
-
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
     ckpt = load_checkpoint(path)
@@ -490,5 +387,5 @@ def load_trained_model(path: str | Path, which: str = "ema", device: str | torch
     name = "ema.safetensors" if weights is ckpt.ema else "model.safetensors"
     load_state_dict_checked(model, weights, ckpt.path / name)
     config = ckpt.meta.get("config", {})
-    sched = getattr(NoiseSchedule, config.get("schedule", "linear"))(T=int(config.get("T", 1000)))
+    sched = NoiseSchedule.from_name(config.get("schedule", "linear"), int(config.get("T", 1000)))
     return model.to(device).eval(), sched.to(device), ckpt.meta

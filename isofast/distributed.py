@@ -14,9 +14,12 @@ Sharding scheme (what makes N processes train exactly like one):
   fused ops still regenerate it in-kernel. Otherwise the rank materialises exactly its own
   elements (reading only its share, never the whole global draw) and passes them as a tensor.
   Either way each rank's noise differs from the others' and the union is the 1-process noise.
-* DDP averages gradients over ranks, which is exact for every per-sample mean in the loss; the
-  batch isotropy penalty is not a per-sample mean, the trainer all-reduces its statistic (see
-  `isofast.train`).
+* DDP averages gradients over ranks, which is exact for every per-sample mean in the loss. The
+  batch isotropy penalty ``(S - 1)^2``, with S the mean of s_b over the *global* batch, is not: each
+  rank all-reduces its own mean S_r to S and adds ``lambda [(S - 1)^2 + 2 (S - 1) (S_r - stopgrad(S_r))]``
+  (`global_batch_iso_loss`). Its value is the global penalty and its rank-averaged gradient is
+  exactly d/dtheta lambda (S - 1)^2, so W processes give the weights of one process on the same
+  global batch (up to float summation order).
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 from .noise import MASK64, NoiseKey, randn_contract
+from .ops import iso_ddpm_loss
+from .reference import LossParts
 
 __all__ = [
     "DistInfo",
@@ -35,6 +40,7 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "env_world",
+    "global_batch_iso_loss",
     "init_from_env",
     "is_main_process",
     "pick_device",
@@ -196,3 +202,23 @@ def rank_noise(key: NoiseKey, rows: slice) -> NoiseKey | torch.Tensor:
     numel = (stop - start) * n
     values = randn_contract(key.seed, (key.offset + first // 4) & MASK64, numel + skip, key.device)[skip:]
     return values.reshape(shape).to(key.dtype)
+
+
+def global_batch_iso_loss(eps_pred: torch.Tensor, noise: NoiseKey | torch.Tensor, iso_lambda: float,
+                          backend: str | None = None) -> tuple[torch.Tensor, LossParts]:
+    """The Iso-Diffusion loss with the batch penalty of the *global* batch, on one rank's share of it.
+
+    eps_pred (B/W, ...) and its noise (a key or the tensor, as from `rank_noise`). With S_r = mean(eps_pred^2)
+    on this rank and S its mean over ranks::
+
+        loss = mse_r + lambda [(S - 1)^2 + 2 (S - 1) (S_r - stopgrad(S_r))]
+
+    Returns (loss, LossParts(mse_r, (S - 1)^2, S)). A collective: every rank must call it. In one process
+    S = S_r, and this is ``iso_ddpm_loss(eps_pred, noise, iso_lambda, "batch")``.
+    """
+    mse, parts = iso_ddpm_loss(eps_pred, noise, 0.0, "batch", return_parts=True, backend=backend)
+    s_local = eps_pred.float().square().mean()
+    s_global = all_reduce_mean(s_local.detach())
+    iso = (s_global - 1.0) ** 2
+    loss = mse + iso_lambda * (iso + 2.0 * (s_global - 1.0) * (s_local - s_local.detach()))
+    return loss, LossParts(parts.mse, iso, s_global)

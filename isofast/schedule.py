@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+SCHEDULES = ("linear", "cosine", "scaled_linear")  # the named schedules of `NoiseSchedule.from_name`
+
 _TABLES = (
     "betas",
     "alphas",
@@ -111,6 +113,14 @@ class NoiseSchedule:
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         betas = torch.clamp(1.0 - f[1:] / f[:-1], max=max_beta)
         return cls.from_betas(betas, "cosine", dtype)
+
+    @classmethod
+    def from_name(cls, name: str, T: int) -> NoiseSchedule:
+        """The schedule ``name`` (one of `SCHEDULES`: "linear", "cosine", "scaled_linear") with T steps and
+        its default parameters, in float32."""
+        if name not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+        return getattr(cls, name)(T=T)
 
     # ----- properties and conversions -------------------------------------------------------------
     @property

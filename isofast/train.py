@@ -8,27 +8,27 @@ One optimizer step on a global batch of B samples x0 (B, ...) of n elements each
     loss, parts = iso_ddpm_loss(eps_pred, key, iso_lambda, iso_mode, return_parts=True)
     loss.backward(); clip grad norm; lr warm-up; optimizer.step(); EMA update
 
+`Trainer.fit` runs the phases of a run in order: set-up (run folder, seeds), resume (a checkpoint), the
+loop (a step; every few steps the stats, a sample grid, a snapshot), the end (the last of each). Its
+options are a `TrainConfig` (`isofast.train_config`); its statistics go to metrics.csv and TensorBoard
+(`isofast.train_stats`); its snapshots are checkpoints (`isofast.checkpoint`).
+
 Randomness, and why resume is exact. Three streams, all restored from a checkpoint:
 
-* data order: epoch e visits the samples in ``epoch_permutation(N, seed, e)`` (a generator seeded from
-  (seed, e) alone), B at a time, the incomplete tail dropped; so step s's batch is a pure function of
-  (seed, s) and needs no saved state (resuming mid-epoch costs nothing, whatever the world size);
+* data order: step s's global batch is a pure function of (seed, s) (`isofast.data.order`), so it needs
+  no saved state (resuming mid-epoch costs nothing, whatever the world size);
 * t and noise keys: one CPU ``torch.Generator`` seeded from ``seed`` (`make_noise_generator`), saved;
 * torch's global RNG (dropout, random flips with ``num_workers=0``), numpy's and Python's: saved (per
   rank; a resume with another world size restores rank 0's and reseeds the others from (seed, rank, step)).
 
 On CPU a run stopped after step k and resumed ends with weights bitwise equal to an uninterrupted run.
 
-Many processes (torchrun; see `isofast.distributed` for the sharding scheme): every rank draws the same
-global batch indices, t and key from identically seeded generators and keeps its rows
-``[r B/W, (r+1) B/W)``; its noise is its slice of the global draw (still a key when the slice starts on a
-Philox counter boundary). DDP averages gradients, which is exact for every per-sample mean; the batch
-isotropy penalty ``(S - 1)^2`` with S the mean of s_b over the *global* batch is not, so under DDP with
-``iso_mode="batch"`` each rank all-reduces its mean S_r to S and adds
-``lambda [(S - 1)^2 + 2 (S - 1) (S_r - stopgrad(S_r))]``: the value is the global penalty and the averaged
-gradient is exactly d/dtheta lambda (S - 1)^2. So W processes give the weights of one process on the same
-global batch (up to float summation order). Only rank 0 writes logs, grids and checkpoints; checkpoints
-hold the unwrapped module, so resume works with any world size.
+Many processes (torchrun): every rank draws the same global batch indices, t and key from identically
+seeded generators and trains on its rows ``[r B/W, (r+1) B/W)``, its noise a slice of the global draw;
+DDP averages the gradients, and the batch isotropy penalty is the global batch's (`isofast.distributed`
+says why both are exact). So W processes give the weights of one process on the same global batch (up to
+float summation order). Only rank 0 writes logs, grids and checkpoints; checkpoints hold the unwrapped
+module, so resume works with any world size.
 
 Datasets with random augmentation and ``num_workers > 0``: worker RNGs are seeded per (seed, rank, step
 the loader started at), so a resumed run sees different flips than an uninterrupted one (weights then
@@ -37,246 +37,33 @@ match statistically, not bitwise). Tensor datasets and ``num_workers=0`` are exa
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
 import json
-import math
 import sys
-import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from . import checkpoint as ckpt_io
 from . import distributed
+from .data.order import EpochOrder, first_item, global_seed, make_noise_generator, seed_global_rngs, step_batches
 from .ema import EMA
+from .io import atomic_write_text, check_writable_dir
+from .models.registry import model_spec_of
 from .noise import NoiseKey
 from .ops import iso_ddpm_loss, q_sample
+from .plots import write_samples
 from .reference import LossParts
 from .schedule import NoiseSchedule
+from .train_config import TrainConfig
+from .train_stats import TrainStats
 
-__all__ = [
-    "METRIC_FIELDS",
-    "StepBatchSampler",
-    "TrainConfig",
-    "Trainer",
-    "epoch_permutation",
-    "make_noise_generator",
-    "make_schedule",
-]
-
-METRIC_FIELDS = ("step", "loss", "mse", "iso", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s",
-                 "elapsed_s")
-SCHEDULES = ("linear", "cosine", "scaled_linear")
-OPTIMIZERS = ("adam", "adamw")
-PRECISIONS = ("fp32", "bf16")
-ISO_MODES = ("batch", "sample")
+__all__ = ["TrainConfig", "Trainer"]
 
 
-# ----- configuration ---------------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; saved as ``out_dir/config.json``.
-
-    out_dir: run folder (config.json, metrics.csv, TensorBoard events, checkpoints/, samples/).
-    steps: optimizer steps to train for (the total, also when resuming).
-    batch_size: global batch (each of W ranks trains on batch_size / W samples).
-    lr, optimizer ("adam" | "adamw"), weight_decay, betas, adam_eps: the optimizer (fused on CUDA).
-    grad_clip: max global grad norm (None or 0: no clipping).
-    ema_decay: EMA decay of the weights (0: no EMA; then ``ema_model`` is the model itself);
-        ema_warmup: use min(ema_decay, (1 + k)/(10 + k)) after step k (see `isofast.ema.EMA`).
-    warmup_steps: linear LR warm-up, lr_k = lr * min(1, (k + 1) / warmup_steps) for step k.
-    iso_lambda, iso_mode: the Iso-Diffusion penalty weight (>= 0; 0 is plain DDPM) and mode.
-    schedule ("linear" | "cosine" | "scaled_linear"), T: the noise schedule.
-    seed: seeds data order, timesteps, noise and torch's global RNG.
-    log_every, ckpt_every (a checkpoint is always written at the end), keep_checkpoints (>= 1),
-    sample_every (0: never; needs a ``sample_fn``): in steps.
-    precision: "fp32" or "bf16" (autocast of the model's forward, on CUDA and CPU).
-    channels_last: NHWC memory format for 4-D image models. compile: ``torch.compile`` the model.
-    device: "auto" (cuda:<local rank> if available, else CPU), "cpu", "cuda", "cuda:1", ...
-    backend: isofast op backend (None: auto; see `isofast.ops.backends`).
-    num_workers: DataLoader workers for Dataset data (tensor data needs none).
-    progress: tqdm bar (only on a terminal). tensorboard: write events next to metrics.csv.
-    """
-
-    out_dir: str
-    steps: int
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    warmup_steps: int = 0
-    iso_lambda: float = 0.0
-    iso_mode: str = "batch"
-    schedule: str = "linear"
-    T: int = 1000
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
-    sample_every: int = 0
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    device: str = "auto"
-    backend: str | None = None
-    num_workers: int = 0
-    progress: bool = True
-    tensorboard: bool = True
-
-    def __post_init__(self) -> None:
-        self.out_dir = str(self.out_dir)
-        self.betas = tuple(float(b) for b in self.betas)  # lists from JSON
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError/TypeError naming the first bad field."""
-        def integer(name: str, low: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"TrainConfig.{name} must be an int, got {type(v).__name__}")
-            if v < low:
-                raise ValueError(f"TrainConfig.{name} must be >= {low}, got {v}")
-
-        def real(name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"TrainConfig.{name} must be a float, got {type(v).__name__}")
-            if not math.isfinite(v) or v < low or v > high or (low_open and v == low):
-                raise ValueError(f"TrainConfig.{name} must be finite and in {'(' if low_open else '['}{low}, {high}], got {v}")
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-
-        if not self.out_dir:
-            raise ValueError("TrainConfig.out_dir must be a non-empty path")
-        integer("steps", 1)
-        integer("batch_size", 1)
-        real("lr", 0.0, low_open=True)
-        choice("optimizer", OPTIMIZERS)
-        real("weight_decay", 0.0)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"TrainConfig.betas must be two floats in [0, 1), got {self.betas}")
-        real("adam_eps", 0.0, low_open=True)
-        if self.grad_clip is not None:
-            real("grad_clip", 0.0)
-        real("ema_decay", 0.0, 1.0)
-        if self.ema_decay == 1.0:
-            raise ValueError("TrainConfig.ema_decay must be < 1 (0 turns EMA off), got 1.0")
-        integer("warmup_steps", 0)
-        real("iso_lambda", 0.0)
-        choice("iso_mode", ISO_MODES)
-        choice("schedule", SCHEDULES)
-        integer("T", 1)
-        integer("seed", 0)
-        for name in ("log_every", "ckpt_every", "keep_checkpoints"):
-            integer(name, 1)
-        integer("sample_every", 0)
-        choice("precision", PRECISIONS)
-        integer("num_workers", 0)
-        if not isinstance(self.device, str):
-            raise TypeError(f"TrainConfig.device must be a str, got {type(self.device).__name__}")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
-        return cls(**d)
-
-
-# ----- deterministic streams ------------------------------------------------------------------------------
-def _mix_seed(*words: int) -> int:
-    """A 63-bit seed mixed from integers (numpy's SeedSequence: well spread, platform independent)."""
-    return int(np.random.SeedSequence([int(w) & 0xFFFFFFFFFFFFFFFF for w in words]).generate_state(1, np.uint64)[0] >> 1)
-
-
-_NOISE_STREAM = 0x150F  # domain tags keep the data, noise and global streams independent
-_DATA_STREAM = 0xDA7A
-_GLOBAL_STREAM = 0x610B
-
-
-def make_noise_generator(seed: int) -> torch.Generator:
-    """The CPU generator of timesteps and noise keys of a run with ``seed`` (identical on every rank)."""
-    return torch.Generator(device="cpu").manual_seed(_mix_seed(seed, _NOISE_STREAM))
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """int64 (n,): the order in which epoch ``epoch`` visits a dataset of n samples."""
-    g = torch.Generator(device="cpu").manual_seed(_mix_seed(seed, _DATA_STREAM, epoch))
-    return torch.randperm(n, generator=g)
-
-
-def make_schedule(name: str, T: int) -> NoiseSchedule:
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
-    return getattr(NoiseSchedule, name)(T=T)
-
-
-class _EpochOrder:
-    """Global batch indices of step s: B consecutive entries of the epoch's permutation (tail dropped)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        if n < batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds the dataset size {n}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = n // batch_size
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
-
-    def indices(self, step: int) -> torch.Tensor:
-        epoch, pos = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._perm = epoch, epoch_permutation(self.n, self.seed, epoch)
-        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Yields, for steps ``start_step, start_step + 1, ...`` (forever), this rank's rows of the global batch.
-
-    The distributed sampler of the trainer: like ``DistributedSampler`` it shards every batch over ranks,
-    but the shards of one step together are exactly the 1-process batch, and it can start mid-epoch.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rows: slice, start_step: int = 0) -> None:
-        self.order = _EpochOrder(n, batch_size, seed)
-        self.rows = rows
-        self.start_step = start_step
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        while True:
-            yield self.order.indices(step)[self.rows].tolist()
-            step += 1
-
-
-def _first_item(batch: object) -> torch.Tensor:
-    """Datasets may yield x or (x, label, ...); the trainer uses x."""
-    if isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"the dataset must yield tensors (or tuples whose first item is one), got {type(batch).__name__}")
-    return batch
-
-
-# ----- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
     """Train ``model`` (``model(x_t, t) -> eps_pred``) on ``data`` with the Iso-Diffusion objective.
 
@@ -287,7 +74,7 @@ class Trainer:
     (under a forked RNG, so it cannot change training): (B, C, H, W) images in [-1, 1] are written as a PNG
     grid, (B, 2) points as a scatter plot, to ``out_dir/samples/step_XXXXXXX.png``.
     model_spec: JSON description of the architecture stored in checkpoints (default:
-    `isofast.checkpoint.model_spec_of`) so `load_trained_model` can rebuild it.
+    `isofast.models.model_spec_of`) so `isofast.checkpoint.load_trained_model` can rebuild it.
 
     Attributes: ``model`` (the unwrapped module, trained in place), ``ema_model``, ``step`` (optimizer
     steps done), ``schedule`` (`NoiseSchedule` on the device), ``optimizer``, ``dist`` (`DistInfo`),
@@ -325,8 +112,8 @@ class Trainer:
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.model_spec = model_spec if model_spec is not None else ckpt_io.model_spec_of(model)
-        self.schedule = make_schedule(config.schedule, config.T).to(self.device)
+        self.model_spec = model_spec if model_spec is not None else model_spec_of(model)
+        self.schedule = NoiseSchedule.from_name(config.schedule, config.T).to(self.device)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
         self.optimizer = self._make_optimizer()
         self.noise_generator = make_noise_generator(config.seed)
@@ -342,10 +129,7 @@ class Trainer:
             self._forward = torch.compile(self._forward)
         self._autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
         self._global_iso = self.dist.distributed and config.iso_mode == "batch" and config.iso_lambda > 0
-        self._reset_window()
-        self._csv = None
-        self._tb = None
-        self.tensorboard_status = "off"
+        self.stats = TrainStats(self.out_dir, self.device, config.batch_size, self.dist.is_main)
         self._last_saved = -1
 
     # ----- set-up ------------------------------------------------------------------------------------
@@ -355,21 +139,23 @@ class Trainer:
             if not data.is_floating_point() or data.ndim < 2:
                 raise ValueError(f"tensor data must be a float tensor (N, ...) with N samples, got {data.dtype} "
                                  f"of shape {tuple(data.shape)}")
-            self._order = _EpochOrder(data.shape[0], cfg.batch_size, cfg.seed)
-            self._tensor_data = data.to(self.device, torch.float32)
-            self._dataset = None
+            self._order = EpochOrder(data.shape[0], cfg.batch_size, cfg.seed)
+            self._data = data.to(self.device, torch.float32)
             self.sample_shape = tuple(data.shape[1:])
         else:
-            n = len(data)
-            self._order = _EpochOrder(n, cfg.batch_size, cfg.seed)
-            self._tensor_data = None
-            self._dataset = data
-            self.sample_shape = tuple(_first_item(data[0]).shape)
+            self._order = EpochOrder(len(data), cfg.batch_size, cfg.seed)
+            self._data = data
+            self.sample_shape = tuple(first_item(data[0]).shape)
 
     @property
     def ema_model(self) -> nn.Module:
         """The EMA copy of the model (the model itself when EMA is off)."""
         return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def tensorboard_status(self) -> str:
+        """"off", "on", or "unavailable (why)": whether `fit` writes TensorBoard events."""
+        return self.stats.tensorboard_status
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
@@ -386,24 +172,6 @@ class Trainer:
         """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant."""
         warm = self.config.warmup_steps
         return self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
-
-    # ----- data --------------------------------------------------------------------------------------
-    def _batches(self, start_step: int) -> Iterator[torch.Tensor]:
-        """This rank's x0 for steps start_step, start_step + 1, ... on the device."""
-        if self._tensor_data is not None:
-            step = start_step
-            while True:
-                idx = self._order.indices(step)[self.rows].to(self.device, non_blocking=True)
-                yield self._tensor_data.index_select(0, idx)
-                step += 1
-        cfg = self.config
-        sampler = StepBatchSampler(self._order.n, cfg.batch_size, cfg.seed, self.rows, start_step)
-        loader_gen = torch.Generator().manual_seed(_mix_seed(cfg.seed, self.dist.rank, start_step))
-        loader = DataLoader(self._dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=loader_gen,
-                            persistent_workers=False)
-        for batch in loader:
-            yield _first_item(batch).to(self.device, torch.float32, non_blocking=True)
 
     # ----- one step ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -425,15 +193,9 @@ class Trainer:
 
     def _loss(self, eps_pred: torch.Tensor, noise: NoiseKey | torch.Tensor) -> tuple[torch.Tensor, LossParts]:
         cfg = self.config
-        if not self._global_iso:
-            return iso_ddpm_loss(eps_pred, noise, cfg.iso_lambda, cfg.iso_mode, return_parts=True, backend=cfg.backend)
-        # DDP + batch penalty: the penalty of the *global* batch mean (see the module docstring).
-        mse, parts = iso_ddpm_loss(eps_pred, noise, 0.0, "batch", return_parts=True, backend=cfg.backend)
-        s_local = eps_pred.float().square().mean()
-        s_global = distributed.all_reduce_mean(s_local.detach())
-        iso = (s_global - 1.0) ** 2
-        loss = mse + cfg.iso_lambda * (iso + 2.0 * (s_global - 1.0) * (s_local - s_local.detach()))
-        return loss, LossParts(parts.mse, iso, s_global)
+        if self._global_iso:  # DDP + batch penalty: the penalty of the *global* batch mean
+            return distributed.global_batch_iso_loss(eps_pred, noise, cfg.iso_lambda, cfg.backend)
+        return iso_ddpm_loss(eps_pred, noise, cfg.iso_lambda, cfg.iso_mode, return_parts=True, backend=cfg.backend)
 
     def train_step(self, x0: torch.Tensor) -> None:
         """One optimizer step on this rank's batch x0 (B/W, ...) (the data iterator supplies it)."""
@@ -461,90 +223,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, self.step)
         self.step += 1
-
-        # Window sums stay on the device: no host sync until the next log line.
-        w = self._window
-        w["loss"] += loss.detach().float()
-        w["mse"] += parts.mse.float()
-        w["iso"] += parts.iso.float()
-        w["isotropy"] += parts.isotropy.float()
-        w["grad_norm"] += grad_norm.detach().float()
-        self._window_steps += 1
-
-    def _reset_window(self) -> None:
-        self._window = {k: torch.zeros((), device=self.device) for k in ("loss", "mse", "iso", "isotropy", "grad_norm")}
-        self._window_steps = 0
-        self._window_start = time.perf_counter()
-
-    # ----- logging -----------------------------------------------------------------------------------
-    def _open_logs(self, resumed_step: int) -> None:
-        if not self.dist.is_main:
-            return
-        path = self.out_dir / "metrics.csv"
-        if path.exists() and resumed_step >= 0:
-            # Rows past the checkpoint's last complete window were written by the run that stopped; the
-            # checkpoint carries that window's sums, so the resumed run logs those steps again, once.
-            keep_upto = resumed_step - self._window_steps
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= keep_upto]
-            text_rows = [",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
-            ckpt_io.atomic_write_text(path, ",".join(METRIC_FIELDS) + "\n" + "".join(r + "\n" for r in text_rows))
-        new = not path.exists()
-        self._csv = open(path, "a", newline="")
-        self._csv_writer = csv.DictWriter(self._csv, fieldnames=METRIC_FIELDS)
-        if new:
-            self._csv_writer.writeheader()
-            self._csv.flush()
-        if self.config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                purge = resumed_step + 1 if resumed_step >= 0 else None
-                self._tb = SummaryWriter(log_dir=str(self.out_dir), purge_step=purge)
-                self.tensorboard_status = "on"
-            except Exception as exc:  # tensorboard is optional: the CSV has everything
-                self.tensorboard_status = f"unavailable ({type(exc).__name__}: {exc})"
-                warnings.warn(f"TensorBoard logging is off: {self.tensorboard_status}; metrics.csv still has "
-                              "every metric", RuntimeWarning, stacklevel=3)
-
-    def _log(self) -> dict | None:
-        """Reduce the window over ranks, write a CSV row (+ TensorBoard) on rank 0; returns the row there."""
-        if self._window_steps == 0:
-            return None
-        n = self._window_steps
-        keys = list(self._window)
-        stacked = torch.stack([self._window[k] for k in keys]) / n
-        stacked = distributed.all_reduce_mean(stacked).cpu()
-        values = dict(zip(keys, stacked.tolist(), strict=True))
-        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"the loss became {values['loss']} between steps {self.step - n + 1} and "
-                                     f"{self.step}: lower lr, enable grad_clip, or check the data")
-        row = {
-            "step": self.step,
-            **{k: f"{values[k]:.6g}" for k in keys},
-            "lr": f"{self.lr_at(self.step - 1):.6g}",
-            "steps_per_s": f"{n / elapsed:.4g}",
-            "images_per_s": f"{n * self.config.batch_size / elapsed:.4g}",
-            "elapsed_s": f"{time.perf_counter() - self._fit_start:.2f}",
-        }
-        self._reset_window()
-        if not self.dist.is_main:
-            return None
-        self._csv_writer.writerow(row)
-        self._csv.flush()
-        if self._tb is not None:
-            for k in ("loss", "mse", "iso", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s"):
-                self._tb.add_scalar(f"train/{k}", float(row[k]), self.step)
-        return row
-
-    def _close_logs(self) -> None:
-        if self._csv is not None:
-            self._csv.close()
-            self._csv = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self.stats.add(loss, parts, grad_norm)
 
     # ----- samples -----------------------------------------------------------------------------------
     def _sample(self) -> Path | None:
@@ -564,7 +243,7 @@ class Trainer:
         write_samples(samples, path)
         return path
 
-    # ----- checkpoints -------------------------------------------------------------------------------
+    # ----- snapshots ---------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
         rng = ckpt_io.capture_rng({"noise": self.noise_generator}, self.device)
         per_rank = distributed.all_gather_objects(
@@ -574,7 +253,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": rng,
             "rng_by_rank": [{k: v for k, v in r.items() if v is not None} for r in per_rank],
-            "window": {"sums": dict(self._window), "steps": self._window_steps},
+            "window": self.stats.state_dict(),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -616,34 +295,50 @@ class Trainer:
             rng.update(by_rank[0])
         else:
             rng["torch_cpu"] = torch.Generator().manual_seed(
-                _mix_seed(self.config.seed, _GLOBAL_STREAM, self.dist.rank, ck.step)).get_state()
+                global_seed(self.config.seed, self.dist.rank, ck.step)).get_state()
         ckpt_io.restore_rng(rng, {"noise": self.noise_generator}, self.device)
         if "torch_cuda" not in rng and self.device.type == "cuda":  # another world size: a fresh, seeded stream
-            torch.cuda.manual_seed(_mix_seed(self.config.seed, _GLOBAL_STREAM, self.dist.rank, ck.step))
-        window = state.get("window", {})
-        for k, v in window.get("sums", {}).items():
-            if k in self._window:
-                self._window[k] = v.to(self.device)
-        self._window_steps = int(window.get("steps", 0))
+            torch.cuda.manual_seed(global_seed(self.config.seed, self.dist.rank, ck.step))
+        self.stats.load_state_dict(state.get("window", {}))
         self.step = ck.step
         self._last_saved = ck.step
         return ck.step
 
-    # ----- the loop ----------------------------------------------------------------------------------
+    # ----- the run -----------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
         """Create out_dir on rank 0; every rank raises if that failed (so no rank waits for a dead one)."""
         error = None
         if self.dist.is_main:
             try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.out_dir / ".write_test"
-                probe.write_text("ok")
-                probe.unlink()
+                check_writable_dir(self.out_dir)
             except OSError as exc:
                 error = f"out_dir {str(self.out_dir)!r} is not writable: {exc}"
         error = distributed.all_gather_objects(error)[0]
         if error is not None:
             raise PermissionError(error)
+
+    def _resume(self, resume: bool | str | Path) -> int:
+        """Seed a fresh run, or restore the checkpoint ``resume`` names (see `fit`); returns its step (-1: fresh)."""
+        ckpt_root = self.out_dir / "checkpoints"
+        if resume is False:
+            if ckpt_io.list_checkpoints(ckpt_root) or (ckpt_root / ckpt_io.LATEST).exists():
+                raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True (--resume) to "
+                                      "continue that run, or choose another out_dir")
+            seed_global_rngs(self.config.seed, self.dist.rank)
+            return -1
+        source = ckpt_root if resume is True else Path(resume)
+        if resume is True and not (ckpt_root / ckpt_io.LATEST).exists():
+            if self.dist.is_main:
+                print(f"isofast: no checkpoint in {ckpt_root}; starting a fresh run", file=sys.stderr)
+            seed_global_rngs(self.config.seed, self.dist.rank)
+            return -1
+        try:
+            return self.load_checkpoint(source)
+        except ckpt_io.CheckpointError as exc:
+            good = [str(p) for p in ckpt_io.list_checkpoints(ckpt_root)]
+            hint = (f"; other complete checkpoints: {', '.join(good)} (resume from one by passing its path: "
+                    "fit(resume=PATH), --resume PATH)") if good else ""
+            raise ckpt_io.CheckpointError(f"{exc}{hint}") from exc
 
     def fit(self, resume: bool | str | Path = False) -> Trainer:
         """Train until ``config.steps`` optimizer steps are done; returns self.
@@ -653,38 +348,15 @@ class Trainer:
         checkpoint (a step directory, a checkpoints folder or a run folder).
         """
         cfg = self.config
-        # --- set-up: run folder, resume or fresh seeds
+        # --- set-up: the run folder
         self._prepare_out_dir()
-        ckpt_root = self.out_dir / "checkpoints"
-        resumed = -1
-        if resume is False:
-            if ckpt_io.list_checkpoints(ckpt_root) or (ckpt_root / ckpt_io.LATEST).exists():
-                raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True (--resume) to "
-                                      "continue that run, or choose another out_dir")
-            torch.manual_seed(_mix_seed(cfg.seed, _GLOBAL_STREAM, self.dist.rank))
-            np.random.seed(_mix_seed(cfg.seed, _GLOBAL_STREAM, self.dist.rank) % 2**32)
-        else:
-            source = ckpt_root if resume is True else Path(resume)
-            if resume is True and not (ckpt_root / ckpt_io.LATEST).exists():
-                if self.dist.is_main:
-                    print(f"isofast: no checkpoint in {ckpt_root}; starting a fresh run", file=sys.stderr)
-                torch.manual_seed(_mix_seed(cfg.seed, _GLOBAL_STREAM, self.dist.rank))
-                np.random.seed(_mix_seed(cfg.seed, _GLOBAL_STREAM, self.dist.rank) % 2**32)
-            else:
-                try:
-                    resumed = self.load_checkpoint(source)
-                except ckpt_io.CheckpointError as exc:
-                    good = [str(p) for p in ckpt_io.list_checkpoints(ckpt_root)]
-                    hint = (f"; other complete checkpoints: {', '.join(good)} (resume from one by passing its path: "
-                            "fit(resume=PATH), --resume PATH)") if good else ""
-                    raise ckpt_io.CheckpointError(f"{exc}{hint}") from exc
+        # --- resume: a checkpoint's weights, optimizer, RNG streams and unlogged window (or a fresh run's seeds)
+        resumed = self._resume(resume)
         if self.dist.is_main:
-            ckpt_io.atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
             if self.model_spec is not None:
-                ckpt_io.atomic_write_text(self.out_dir / "model.json", json.dumps(self.model_spec, indent=1) + "\n")
-        self._open_logs(resumed)
-        self._fit_start = time.perf_counter()
-        self._window_start = time.perf_counter()
+                atomic_write_text(self.out_dir / "model.json", json.dumps(self.model_spec, indent=1) + "\n")
+        self.stats.open(resumed, cfg.tensorboard)
         self.model.train()
 
         bar = None
@@ -693,68 +365,35 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         try:
-            # --- the loop
-            batches = self._batches(self.step)
+            # --- the loop: a step; every few steps the stats, a sample grid, a snapshot
+            batches = step_batches(self._data, self._order, self.rows, self.step, self.device, cfg.num_workers,
+                                   self.dist.rank)
             while self.step < cfg.steps:
                 self.train_step(next(batches))
                 if bar is not None:
                     bar.update(1)
                 if self.step % cfg.log_every == 0:
-                    row = self._log()
+                    row = self.stats.log(self.step, self.lr_at(self.step - 1))
                     if bar is not None and row is not None:
                         bar.set_postfix(loss=row["loss"], iso=row["isotropy"])
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self._sample()
                 if self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
-            # --- the end: whatever the last window holds, a final checkpoint, a final sample grid
-            # (the checkpoint holds the unlogged window, so a resumed run re-logs it in its next row)
+            # --- the end: a last snapshot, the last stats, a last sample grid
+            # (the snapshot holds the unlogged window, so a resumed run re-logs it in its next row)
             if self._last_saved != self.step:
                 self.save_checkpoint()
-            if self._window_steps:
-                self._log()
+            if self.stats.steps:
+                self.stats.log(self.step, self.lr_at(self.step - 1))
             if cfg.sample_every and self.sample_fn is not None and self.step % cfg.sample_every != 0:
                 self._sample()
         finally:
             if bar is not None:
                 bar.close()
-            self._close_logs()
+            self.stats.close()
         return self
 
     def close(self) -> None:
         """Destroy the process group if this trainer created it (call once, after the last fit)."""
         distributed.shutdown(self.dist)
-
-
-def write_samples(samples: torch.Tensor, path: str | Path) -> None:
-    """Write samples as a PNG, atomically: (B, C, H, W) images in [-1, 1] as a grid; (B, 2) points as a scatter."""
-    if not isinstance(samples, torch.Tensor):
-        raise TypeError(f"sample_fn must return a torch.Tensor, got {type(samples).__name__}")
-    samples = samples.detach().float().cpu()
-    path = Path(path)
-    if samples.ndim == 4 and samples.shape[1] in (1, 3):
-        from torchvision.utils import save_image
-
-        nrow = max(1, math.ceil(math.sqrt(samples.shape[0])))
-        images = ((samples.clamp(-1, 1) + 1) / 2)
-
-        def write(tmp: Path) -> None:
-            save_image(images, str(tmp), nrow=nrow, format="png")
-    elif samples.ndim == 2 and samples.shape[1] == 2:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        def write(tmp: Path) -> None:
-            fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-            ax.scatter(samples[:, 0].numpy(), samples[:, 1].numpy(), s=1, alpha=0.5)
-            ax.set_xlim(-1.5, 1.5)
-            ax.set_ylim(-1.5, 1.5)
-            ax.set_aspect("equal")
-            ax.set_title(path.stem)
-            fig.savefig(tmp, format="png", bbox_inches="tight")
-            plt.close(fig)
-    else:
-        raise ValueError(f"samples must be images (B, 1 or 3, H, W) or 2D points (B, 2), got {tuple(samples.shape)}")
-    ckpt_io._atomic_write(path, write)

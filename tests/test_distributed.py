@@ -1,4 +1,4 @@
-"""Multi-process training: sharding of batches and noise, and torchrun (gloo, 2 CPU processes) vs 1 process."""
+"""Multi-process training: sharding of noise, the global batch penalty, and torchrun (gloo, 2 CPU processes) vs 1 process."""
 import os
 import subprocess
 import sys
@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from isofast import NoiseKey
+from isofast import NoiseKey, iso_ddpm_loss
 from isofast import checkpoint as ck
 from isofast import distributed as D
 from isofast.cli import main as cli_main
-from isofast.train import StepBatchSampler, _EpochOrder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,19 +41,19 @@ def test_rank_rows_checks_its_arguments():
         D.rank_rows(12, 3, 3)
 
 
-def test_sharded_batches_reassemble_the_one_process_batch_and_start_anywhere():
-    n, batch, seed = 23, 6, 4
-    one = iter(StepBatchSampler(n, batch, seed, slice(0, batch)))
-    shards = [iter(StepBatchSampler(n, batch, seed, D.rank_rows(batch, r, 3))) for r in range(3)]
-    seen = []
-    for _ in range(8):  # spans 3 epochs of 3 batches (tails of 5 samples dropped)
-        full = next(one)
-        assert sum((next(s) for s in shards), []) == full
-        seen.append(full)
-    late = iter(StepBatchSampler(n, batch, seed, slice(0, batch), start_step=5))
-    assert [next(late) for _ in range(3)] == seen[5:8]
-    order = _EpochOrder(n, batch, seed)
-    assert sorted(sum((order.indices(s).tolist() for s in range(3)), [])) == sorted(set(sum(seen[:3], [])))
+def test_global_batch_iso_loss_is_the_batch_loss_in_one_process():
+    """With no process group S = S_r: value and gradient of `iso_ddpm_loss(..., "batch")`."""
+    key = NoiseKey(seed=11, offset=0, shape=(6, 3))
+    pred = torch.randn(6, 3, requires_grad=True)
+    loss, parts = D.global_batch_iso_loss(pred, key, 0.7)
+    ref_pred = pred.detach().clone().requires_grad_()
+    ref, ref_parts = iso_ddpm_loss(ref_pred, key, 0.7, "batch", return_parts=True)
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(parts, ref_parts, strict=True):
+        torch.testing.assert_close(got, want)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(pred.grad, ref_pred.grad)
 
 
 def test_single_process_environment(monkeypatch):

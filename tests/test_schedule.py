@@ -92,3 +92,15 @@ def test_float64_copy_of_a_float32_schedule_holds_exact_values():
     for name in ("betas", "alphas_cumprod", "posterior_variance", "sqrt_recipm1_alphas_cumprod"):
         assert torch.equal(getattr(promoted, name), getattr(s64, name)), name
     assert torch.equal(promoted.to(dtype=torch.float32).alphas_cumprod, s32.alphas_cumprod)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear"])
+def test_from_name_is_the_named_constructor(name):
+    s = NoiseSchedule.from_name(name, 20)
+    assert s.name == name and s.T == 20 and s.dtype == torch.float32
+    assert torch.equal(s.betas, getattr(NoiseSchedule, name)(T=20).betas)
+
+
+def test_from_name_lists_the_names_of_an_unknown_one():
+    with pytest.raises(ValueError, match=r"schedule must be one of \('linear', 'cosine', 'scaled_linear'\), got 'quadratic'"):
+        NoiseSchedule.from_name("quadratic", 10)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..checkpoint import atomic_write_text
+from ..io import atomic_write_text
 
 
 def load_npz_samples(path: str | Path, name: str) -> torch.Tensor:

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write_bytes, load_trained_model
+from ..checkpoint import CheckpointError, load_trained_model
+from ..io import atomic_write_bytes
+from ..plots import write_samples
 
 
 def sample_shape(meta: dict) -> tuple[int, ...]:
@@ -54,8 +56,6 @@ def write_npz(samples: torch.Tensor, path: Path, meta: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import write_samples
-
     if args.num < 1:
         print("isofast sample: error: --num must be >= 1", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Seeded 2D toy datasets: the four of the Iso-Diffusion paper and three classic ones.
 
-Every generator has the signature ``gen(n_points=10_000, seed=0) -> Tensor`` and returns a
-float32 CPU tensor of shape (n_points, 2) whose points all lie in [-1, 1]^2.
+``make_dataset(name, n_points=10_000, seed=0)`` (or ``DATASETS[name](n_points, seed)``) returns a
+float32 CPU tensor of shape (n_points, 2) whose points all lie in [-1, 1]^2. Names: swiss_roll,
+moon_scatter, moon_circles, central_banana (the paper's), moons, circles, gaussians8.
 
 Scaling to [-1, 1]: each dataset is generated in its natural coordinates, then each column is
 mapped by the affine map ``x -> 2 (x - min) / (max - min) - 1`` with min/max taken over the
@@ -16,30 +17,22 @@ Determinism: all randomness comes from ``numpy.random.default_rng(seed)`` (sklea
 an integer seed drawn from it), so a (name, n_points, seed) triple always gives the same tensor.
 Rows are shuffled, so any prefix is an unbiased subsample.
 
-Each public generator draws its parts in natural coordinates with ``_parts_<name>(n_points, rng)``
-(a list of float64 (n_i, 2) arrays, one per part, in the order documented) and hands them to
-``_to_unit_square``; the tests check the geometry of the parts and the scaling separately.
+Each dataset is one function ``_parts_<name>(n_points, rng)`` that draws its parts in natural
+coordinates (a list of float64 (n_i, 2) arrays, one per part, in the order documented there);
+`make_dataset` checks the arguments, seeds the generator and hands the parts to ``_to_unit_square``.
+The tests check the geometry of the parts and the scaling separately.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from sklearn.datasets import make_circles, make_moons, make_swiss_roll
 
-__all__ = [
-    "DATASETS",
-    "make_dataset",
-    "swiss_roll",
-    "moon_scatter",
-    "moon_circles",
-    "central_banana",
-    "moons",
-    "circles",
-    "gaussians8",
-]
+__all__ = ["DATASETS", "make_dataset"]
 
 DEFAULT_N_POINTS = 10_000
 
@@ -80,71 +73,31 @@ def _crescent(n: int, noise: float, rng: np.random.Generator) -> np.ndarray:
     return x[y == 0]
 
 
-def swiss_roll(n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Tensor:
-    """Swiss roll seen from its axis: sklearn ``make_swiss_roll(n_points, noise=0.5)``, columns 0 and 2.
-
-    Args:
-        n_points: number of points (>= 2).
-        seed: non-negative int seed.
-
-    Returns:
-        (n_points, 2) float32 tensor in [-1, 1].
-    """
-    _check_args(n_points, seed)
-    rng = np.random.default_rng(seed)
-    return _to_unit_square(_parts_swiss_roll(n_points, rng), rng)
-
-
 def _parts_swiss_roll(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Swiss roll seen from its axis: sklearn ``make_swiss_roll(n_points, noise=0.5)``, columns 0 and 2."""
     x, _ = make_swiss_roll(n_samples=n_points, noise=0.5, random_state=_sklearn_seed(rng))
     return [x[:, [0, 2]]]
 
 
-def moon_scatter(n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Tensor:
+def _parts_moon_scatter(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Moon with scatterings: one crescent plus a cloud of points scattered around it.
 
     Parts (at n_points = 10,000): 9,500 points of the upper crescent of ``make_moons(noise=0.1)``;
     500 scatter points, each a distinct crescent point (chosen at random) moved by ``0.3 * N(0, I_2)``.
-
-    Args:
-        n_points: number of points (>= 2); the scatter part is ``round(0.05 * n_points)``.
-        seed: non-negative int seed.
-
-    Returns:
-        (n_points, 2) float32 tensor in [-1, 1].
     """
-    _check_args(n_points, seed)
-    rng = np.random.default_rng(seed)
-    return _to_unit_square(_parts_moon_scatter(n_points, rng), rng)
-
-
-def _parts_moon_scatter(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
     n_scatter = _part_size(n_points)
     crescent = _crescent(n_points - n_scatter, 0.1, rng)
     anchors = crescent[rng.choice(crescent.shape[0], size=n_scatter, replace=False)]
     return [crescent, anchors + 0.3 * rng.standard_normal((n_scatter, 2))]
 
 
-def moon_circles(n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Tensor:
+def _parts_moon_circles(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Moon with two circles: one crescent plus two small filled discs below its tips.
 
     Parts (at n_points = 10,000): 9,000 points of the upper crescent of ``make_moons(noise=0.1)``;
     two discs of 500 points each, centred at (-1.5, -1.0) and (1.5, -1.0), points uniform in area
     over radii 0.01 .. 0.25 (radius = sqrt(U(0.01^2, 0.25^2)), angle = U(0, 2 pi)).
-
-    Args:
-        n_points: number of points (>= 2); each disc has ``round(0.05 * n_points)`` points.
-        seed: non-negative int seed.
-
-    Returns:
-        (n_points, 2) float32 tensor in [-1, 1].
     """
-    _check_args(n_points, seed)
-    rng = np.random.default_rng(seed)
-    return _to_unit_square(_parts_moon_circles(n_points, rng), rng)
-
-
-def _parts_moon_circles(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
     n_disc = _part_size(n_points)
     parts = [_crescent(n_points - 2 * n_disc, 0.1, rng)]
     for centre in ((-1.5, -1.0), (1.5, -1.0)):
@@ -154,7 +107,7 @@ def _parts_moon_circles(n_points: int, rng: np.random.Generator) -> list[np.ndar
     return parts
 
 
-def central_banana(n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Tensor:
+def _parts_central_banana(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Central banana: a curved tail that thins out away from the origin, plus a small central cluster.
 
     Tail (9,500 points at n_points = 10,000): theta ~ Exponential(scale 0.25),
@@ -162,20 +115,7 @@ def central_banana(n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Ten
     moved by U(-w/2, w/2) with width w = 0.3 (1 - r) (w < 0 where r > 1: the same symmetric law with |w|).
     Centre (500 points): angle pi/3 + N(0, 0.5^2), radius 0.5 * U(0.5, 0.8), then each coordinate
     moved by N(0, 0.05^2).
-
-    Args:
-        n_points: number of points (>= 2); the centre part is ``round(0.05 * n_points)``.
-        seed: non-negative int seed.
-
-    Returns:
-        (n_points, 2) float32 tensor in [-1, 1].
     """
-    _check_args(n_points, seed)
-    rng = np.random.default_rng(seed)
-    return _to_unit_square(_parts_central_banana(n_points, rng), rng)
-
-
-def _parts_central_banana(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
     n_centre = _part_size(n_points)
     n_tail = n_points - n_centre
 
@@ -191,62 +131,21 @@ def _parts_central_banana(n_points: int, rng: np.random.Generator) -> list[np.nd
     return [tail, centre + rng.normal(0.0, 0.05, (n_centre, 2))]
 
 
-def moons(n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Tensor:
-    """Both crescents of sklearn ``make_moons(n_points, noise=0.1)``.
-
-    Args:
-        n_points: number of points (>= 2).
-        seed: non-negative int seed.
-
-    Returns:
-        (n_points, 2) float32 tensor in [-1, 1].
-    """
-    _check_args(n_points, seed)
-    rng = np.random.default_rng(seed)
-    return _to_unit_square(_parts_moons(n_points, rng), rng)
-
-
 def _parts_moons(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Both crescents of sklearn ``make_moons(n_points, noise=0.1)``."""
     return [make_moons(n_samples=n_points, noise=0.1, random_state=_sklearn_seed(rng))[0]]
 
 
-def circles(n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Tensor:
-    """Two concentric rings, sklearn ``make_circles(n_points, noise=0.05, factor=0.5)``.
-
-    Args:
-        n_points: number of points (>= 2).
-        seed: non-negative int seed.
-
-    Returns:
-        (n_points, 2) float32 tensor in [-1, 1].
-    """
-    _check_args(n_points, seed)
-    rng = np.random.default_rng(seed)
-    return _to_unit_square(_parts_circles(n_points, rng), rng)
-
-
 def _parts_circles(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Two concentric rings, sklearn ``make_circles(n_points, noise=0.05, factor=0.5)``."""
     return [make_circles(n_samples=n_points, noise=0.05, factor=0.5, random_state=_sklearn_seed(rng))[0]]
 
 
-def gaussians8(n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Tensor:
+def _parts_gaussians8(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Eight unit-variance Gaussians with means on a circle of radius 8 at angles k pi/4, k = 0..7.
 
     Points are split as evenly as possible: mode k gets ``n_points // 8 + (k < n_points % 8)``.
-
-    Args:
-        n_points: number of points (>= 2).
-        seed: non-negative int seed.
-
-    Returns:
-        (n_points, 2) float32 tensor in [-1, 1].
     """
-    _check_args(n_points, seed)
-    rng = np.random.default_rng(seed)
-    return _to_unit_square(_parts_gaussians8(n_points, rng), rng)
-
-
-def _parts_gaussians8(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
     counts = [n_points // 8 + (k < n_points % 8) for k in range(8)]
     mode = np.repeat(np.arange(8), counts)
     angle = mode * (np.pi / 4)
@@ -254,25 +153,34 @@ def _parts_gaussians8(n_points: int, rng: np.random.Generator) -> list[np.ndarra
     return [means + rng.standard_normal((n_points, 2))]
 
 
-DATASETS: dict[str, Callable[..., torch.Tensor]] = {
-    "swiss_roll": swiss_roll,
-    "moon_scatter": moon_scatter,
-    "moon_circles": moon_circles,
-    "central_banana": central_banana,
-    "moons": moons,
-    "circles": circles,
-    "gaussians8": gaussians8,
+_PARTS: dict[str, Callable[[int, np.random.Generator], list[np.ndarray]]] = {
+    "swiss_roll": _parts_swiss_roll,
+    "moon_scatter": _parts_moon_scatter,
+    "moon_circles": _parts_moon_circles,
+    "central_banana": _parts_central_banana,
+    "moons": _parts_moons,
+    "circles": _parts_circles,
+    "gaussians8": _parts_gaussians8,
 }
 
 
 def make_dataset(name: str, n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Tensor:
     """The dataset ``name`` of :data:`DATASETS`: a (n_points, 2) float32 tensor in [-1, 1].
 
+    Its parts (see ``_parts_<name>``) drawn from ``numpy.random.default_rng(seed)``, then shuffled and
+    scaled to the unit square by `_to_unit_square` with the same generator.
+
     Raises:
         ValueError: unknown ``name`` (the message lists the valid ones), or bad ``n_points``/``seed``.
     """
     try:
-        generator = DATASETS[name]
+        parts = _PARTS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown dataset name {name!r}; valid names: {', '.join(DATASETS)}") from None
-    return generator(n_points=n_points, seed=seed)
+        raise ValueError(f"unknown dataset name {name!r}; valid names: {', '.join(_PARTS)}") from None
+    _check_args(n_points, seed)
+    rng = np.random.default_rng(seed)
+    return _to_unit_square(parts(n_points, rng), rng)
+
+
+# name -> gen(n_points=10_000, seed=0): the datasets by name, each `make_dataset` with its name bound.
+DATASETS: dict[str, Callable[..., torch.Tensor]] = {name: functools.partial(make_dataset, name) for name in _PARTS}

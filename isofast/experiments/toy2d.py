@@ -13,7 +13,7 @@ Every lambda of a (dataset, seed) shares the initial weights, the data order, th
 of training, and the sampler's x_T and step noise (common random numbers), so the differences
 between lambdas are the penalty's, not the luck of the draw.
 
-Artefacts written to ``out``:
+Artefacts written to ``out`` (the tables and figures by `isofast.experiments.toy2d_report`):
 
 * ``results.md``, ``results.csv``: mean and std over seeds per (dataset, lambda) of the four metrics;
 * ``runs.csv``: one row per run (metrics, wall and CPU seconds of training and sampling);
@@ -29,7 +29,6 @@ an interrupted one continues from its last checkpoint.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
@@ -43,6 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..io import atomic_write_bytes, atomic_write_text, check_writable_dir
+from ..train_config import TrainConfig
 
 PAPER_DATASETS = ("swiss_roll", "moon_scatter", "moon_circles", "central_banana")
 DEFAULT_LAMBDAS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
@@ -77,14 +79,15 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0,)
     steps: int = PRESETS["default"]["steps"]
     batch_size: int = PRESETS["default"]["batch_size"]
-    lr: float = 1e-3
-    T: int = 1000
+    # Each run is a `TrainConfig`: where no preset says otherwise, it trains with the trainer's defaults.
+    lr: float = TrainConfig.lr
+    T: int = TrainConfig.T
     n_train: int = 10_000
     n_eval: int = 10_000
     k: int = 5
-    ema_decay: float = 0.999
-    device: str = "auto"
-    backend: str | None = None
+    ema_decay: float = TrainConfig.ema_decay
+    device: str = TrainConfig.device
+    backend: str | None = TrainConfig.backend
     preset: str = "default"
     progress: bool = False
 
@@ -179,7 +182,7 @@ def train_and_evaluate(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: 
     from ..metrics.prdc import prdc
     from ..models.mlp import TimeMLP
     from ..sampling import ddpm_sample
-    from ..train import TrainConfig, Trainer
+    from ..train import Trainer
 
     folder = run_dir(cfg, dataset, iso_lambda, seed)
     data = make_dataset(dataset, cfg.n_train, seed=seed)
@@ -219,8 +222,6 @@ def train_and_evaluate(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: 
 
 
 def _save_run(folder: Path, result: RunResult) -> None:
-    from ..checkpoint import atomic_write_bytes, atomic_write_text
-
     buffer = io.BytesIO()
     np.save(buffer, result.samples)
     atomic_write_bytes(folder / "samples.npy", buffer.getvalue())
@@ -248,10 +249,7 @@ def prepare_output(cfg: SweepConfig, resume: bool) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        check_writable_dir(out)
     except OSError as exc:
         raise PermissionError(f"output folder {str(out)!r} is not writable: {exc}") from exc
     recorded = out / "sweep.json"
@@ -294,7 +292,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     (at least 1). Small MLPs use cores better as parallel single-threaded runs than as one multi-threaded
     run; the results do not depend on ``jobs``.
     """
-    from ..checkpoint import atomic_write_text
+    from .toy2d_report import plot_isotropy, plot_samples_grid, summarize, write_tables
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
@@ -349,131 +347,3 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     log(f"isofast toy2d: {len(runs)} runs in {elapsed['wall_s'] / 60:.1f} min wall, "
         f"{elapsed['cpu_s'] / 60:.1f} min CPU; results in {out}")
     return summary
-
-
-def summarize(results: list[RunResult], cfg: SweepConfig) -> list[dict]:
-    """Mean and std (ddof = 1; NaN for one seed) over seeds of each metric, per (dataset, lambda)."""
-    rows = []
-    for dataset in cfg.datasets:
-        for lam in cfg.lambdas:
-            group = [r for r in results if r.dataset == dataset and r.iso_lambda == float(lam)]
-            row: dict = {"dataset": dataset, "lambda": float(lam), "n_seeds": len(group)}
-            for m in METRICS:
-                values = np.array([getattr(r, m) for r in group], dtype=np.float64)
-                row[f"{m}_mean"] = float(values.mean())
-                row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-            rows.append(row)
-    return rows
-
-
-def write_tables(out: Path, cfg: SweepConfig, results: list[RunResult], summary: list[dict], elapsed: dict) -> None:
-    """results.csv and runs.csv (machine-readable), results.md (mean ± std, best per dataset in bold)."""
-    from ..checkpoint import atomic_write_text
-
-    def csv_text(rows: list[dict]) -> str:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
-                                 (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()})
-        return buffer.getvalue()
-
-    atomic_write_text(out / "results.csv", csv_text(summary))
-    atomic_write_text(out / "runs.csv", csv_text([r.row() for r in results]))
-    atomic_write_text(out / "results.md", markdown_table(cfg, summary, elapsed))
-    atomic_write_text(out / "timing.json", json.dumps(elapsed, indent=1) + "\n")
-
-
-def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None = None) -> str:
-    """The results table in Markdown: mean ± std over seeds, the best mean per dataset and metric in bold."""
-    epochs = cfg.steps * cfg.batch_size / cfg.n_train
-    seeds = ", ".join(str(s) for s in cfg.seeds)
-    lines = [
-        f"PRDC (k = {cfg.k}) of {cfg.n_eval:,} DDPM samples (EMA weights, T = {cfg.T} linear schedule) against "
-        f"{cfg.n_eval:,} fresh real points. Preset `{cfg.preset}`: TimeMLP, Adam lr {cfg.lr:g}, batch "
-        f"{cfg.batch_size}, {cfg.steps:,} steps ({epochs:.0f} epochs of {cfg.n_train:,} points), EMA "
-        f"{cfg.ema_decay:g}; seeds {seeds}" + (" (mean ± std over seeds)." if len(cfg.seeds) > 1 else " (one seed)."),
-        "",
-        "| dataset | λ | precision | recall | density | coverage |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for dataset in cfg.datasets:
-        rows = [r for r in summary if r["dataset"] == dataset]
-        # best as displayed (3 decimals), so equal-looking values are all bold or none
-        best = {m: np.nanmax([round(r[f"{m}_mean"], 3) for r in rows]) if rows else math.nan for m in METRICS}
-        for r in rows:
-            cells = []
-            for m in METRICS:
-                mean, std = r[f"{m}_mean"], r[f"{m}_std"]
-                text = f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
-                cells.append(f"**{text}**" if round(mean, 3) == best[m] and len(rows) > 1 else text)
-            lam = f"{r['lambda']:g}" + (" (DDPM)" if r["lambda"] == 0 else "")
-            lines.append(f"| {dataset} | {lam} | " + " | ".join(cells) + " |")
-    if elapsed:
-        earlier = elapsed.get("runs_finished_earlier", 0)
-        lines += ["", f"{elapsed['runs']} runs: {elapsed['wall_s'] / 60:.1f} min wall, {elapsed['cpu_s'] / 60:.1f} min "
-                      f"CPU time ({elapsed.get('jobs', 1)} job(s) of {elapsed['torch_threads']} torch thread(s), "
-                      f"{elapsed['cpu_count']} CPU cores)"
-                      + (f"; {earlier} of them finished in an earlier invocation and are not timed here." if earlier
-                         else ".")]
-    return "\n".join(lines) + "\n"
-
-
-# ----- figures ------------------------------------------------------------------------------------------
-def _save_figure(fig, path: Path) -> None:
-    from ..checkpoint import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def plot_samples_grid(path: Path, cfg: SweepConfig, results: list[RunResult]) -> Path:
-    """Scatter plots: one row per dataset; the fresh real points, then the samples of each lambda (first seed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ..data.toy2d import make_dataset
-
-    seed = cfg.seeds[0]
-    size = min(4.0, 1.2 * math.sqrt(10_000 / cfg.n_eval))  # marker area: ink per panel about constant in n
-    rows, cols = len(cfg.datasets), len(cfg.lambdas) + 1
-    fig = Figure(figsize=(2.0 * cols, 2.1 * rows), dpi=80)
-    FigureCanvasAgg(fig)
-    for i, dataset in enumerate(cfg.datasets):
-        real = make_dataset(dataset, cfg.n_eval, seed=REAL_SEED_OFFSET + seed).numpy()
-        panels = [("real", real)]
-        for lam in cfg.lambdas:
-            r = next(r for r in results if r.dataset == dataset and r.iso_lambda == float(lam) and r.seed == seed)
-            label = f"λ={lam:g}" + (" (DDPM)" if lam == 0 else "") + f"\nP {r.precision:.2f} D {r.density:.2f}"
-            panels.append((label, r.samples))
-        for j, (title, points) in enumerate(panels):
-            ax = fig.add_subplot(rows, cols, i * cols + j + 1)
-            ax.scatter(points[:, 0], points[:, 1], s=size, alpha=0.5, linewidths=0, color="C1" if j else "C0",
-                       rasterized=True)
-            ax.set_xlim(-1.4, 1.4)
-            ax.set_ylim(-1.4, 1.4)
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(title, fontsize=7)
-            if j == 0:
-                ax.set_ylabel(dataset, fontsize=8)
-    fig.tight_layout()
-    _save_figure(fig, path)
-    return path
-
-
-def plot_isotropy(path: Path, cfg: SweepConfig, dataset: str) -> Path:
-    """The forward process's measured isotropy on the training data vs 1 + (iso_0 - 1) ab_t."""
-    from ..data.toy2d import make_dataset
-    from ..metrics.isotropy import forward_isotropy_curve, plot_isotropy_curve
-    from ..train import make_schedule
-
-    sched = make_schedule("linear", cfg.T)
-    x0 = make_dataset(dataset, cfg.n_train, seed=cfg.seeds[0])
-    measured, theory = forward_isotropy_curve(x0, sched, generator=torch.Generator().manual_seed(0))
-    plot_isotropy_curve(measured, theory, np.arange(cfg.T), path,
-                        title=f"{dataset}: isotropy of q(x_t | x_0), {cfg.n_train:,} points")
-    return path

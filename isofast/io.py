@@ -1,0 +1,93 @@
+"""Files written whole or not at all: readers see the old file or the complete new one, never a part.
+
+Every writer here writes to a temporary name in the target's own directory, fsyncs it, gives it the
+usual permissions (0666 less the umask), ``os.replace``-s it over the final name and fsyncs the
+directory. A process killed at any instant leaves either the old file or the new one (and at most
+a stray ``.<name>.*.tmp`` beside it).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_tensors", "atomic_write_text", "check_writable_dir"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems/OSes cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``{name: tensor}`` as a safetensors file (tensors copied to contiguous CPU memory first)."""
+    # safetensors wants contiguous CPU tensors that share no storage (tied weights are cloned).
+    seen: set[int] = set()
+    clean = {}
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"tensor {name!r} to save is a {type(value).__name__}, not a torch.Tensor")
+        t = value.detach().to("cpu").contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+        clean[name] = t
+    atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+
+
+def check_writable_dir(path: str | Path) -> None:
+    """Create folder ``path`` (and its parents) if needed and check a file can be written in it; raises OSError."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()

@@ -1,0 +1,53 @@
+"""TrainStats: window means become one metrics.csv row; a resumed run drops the rows past its checkpoint."""
+import pytest
+import torch
+
+from isofast.reference import LossParts
+from isofast.train_stats import METRIC_FIELDS, TrainStats
+
+
+def _add(stats, loss, iso=0.5):
+    t = torch.tensor
+    stats.add(t(loss), LossParts(t(loss), t(iso), t(2.0)), t(1.0))
+
+
+def test_a_window_becomes_one_row_of_its_means(tmp_path):
+    stats = TrainStats(tmp_path, torch.device("cpu"), batch_size=4, is_main=True)
+    stats.open(-1, tensorboard=False)
+    assert stats.log(0, 0.1) is None  # an empty window writes nothing
+    _add(stats, 1.0)
+    _add(stats, 3.0)
+    row = stats.log(2, 0.1)
+    assert (row["step"], row["loss"], row["mse"], row["iso"], row["isotropy"], row["lr"]) == (2, "2", "2", "0.5", "2", "0.1")
+    assert stats.steps == 0 and stats.tensorboard_status == "off"
+    stats.close()
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0] == ",".join(METRIC_FIELDS) and lines[1].startswith("2,2,2,0.5,2,1,0.1,")
+
+
+def test_resume_keeps_the_rows_up_to_the_checkpoint_window_and_its_sums(tmp_path):
+    stats = TrainStats(tmp_path, torch.device("cpu"), batch_size=4, is_main=True)
+    stats.open(-1, tensorboard=False)
+    for step in range(1, 7):
+        _add(stats, float(step))
+        if step == 3:  # a checkpoint (copies: the sums grow in place)
+            saved = {"sums": {k: v.clone() for k, v in stats.state_dict()["sums"].items()}, "steps": stats.steps}
+        if step % 2 == 0:
+            stats.log(step, 0.1)
+    stats.close()
+    resumed = TrainStats(tmp_path, torch.device("cpu"), batch_size=4, is_main=True)
+    resumed.load_state_dict(saved)  # step 3's unlogged window
+    resumed.open(3, tensorboard=False)
+    assert resumed.steps == 1
+    _add(resumed, 4.0)
+    assert resumed.log(4, 0.1)["loss"] == "3.5"
+    resumed.close()
+    assert [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()] == ["step", "2", "4"]
+
+
+def test_a_non_finite_loss_names_the_steps(tmp_path):
+    stats = TrainStats(tmp_path, torch.device("cpu"), batch_size=4, is_main=False)
+    stats.open(-1, tensorboard=False)
+    _add(stats, float("nan"))
+    with pytest.raises(FloatingPointError, match="between steps 5 and 5"):
+        stats.log(5, 0.1)
