@@ -16,12 +16,17 @@ _HOMES = {
 }
 
 
+_SUBMODULES = ("images", "order", "toy2d")
+
+
 def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attr = _HOMES[name]
-    return getattr(import_module(f"{__name__}.{module}"), attr)
+    if name in _HOMES:
+        module, attr = _HOMES[name]
+        return getattr(import_module(f"{__name__}.{module}"), attr)
+    if name in _SUBMODULES:  # `isofast.data.toy2d` after a bare `import isofast.data`, as before
+        return import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+    return sorted({*globals(), *_HOMES, *_SUBMODULES})

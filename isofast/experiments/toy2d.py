@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import atomic_write_bytes, atomic_write_text, check_writable_dir
 from ..train_config import TrainConfig
 
 PAPER_DATASETS = ("swiss_roll", "moon_scatter", "moon_circles", "central_banana")
@@ -221,8 +222,6 @@ def train_and_evaluate(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: 
 
 
 def _save_run(folder: Path, result: RunResult) -> None:
-    from ..io import atomic_write_bytes, atomic_write_text
-
     buffer = io.BytesIO()
     np.save(buffer, result.samples)
     atomic_write_bytes(folder / "samples.npy", buffer.getvalue())
@@ -247,8 +246,6 @@ def prepare_output(cfg: SweepConfig, resume: bool) -> Path:
     created or written, FileExistsError when it holds runs of a sweep and ``resume`` is False, or
     ValueError when resuming a sweep whose recorded training settings differ.
     """
-    from ..io import check_writable_dir
-
     cfg.validate()
     out = Path(cfg.out)
     try:
@@ -295,7 +292,6 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     (at least 1). Small MLPs use cores better as parallel single-threaded runs than as one multi-threaded
     run; the results do not depend on ``jobs``.
     """
-    from ..io import atomic_write_text
     from .toy2d_report import plot_isotropy, plot_samples_grid, summarize, write_tables
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
