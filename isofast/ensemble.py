@@ -34,6 +34,8 @@ from .schedule import NoiseSchedule
 
 __all__ = ["EnsembleMLP", "EnsembleRun", "ensemble_ddpm_sample"]
 
+_SAMPLE_CHUNK = 512  # rows per member per forward when sampling
+
 
 class EnsembleMLP(nn.Module):
     """M `TimeMLP` members with stacked parameters; member m computes exactly what its TimeMLP does.
@@ -71,8 +73,9 @@ class EnsembleMLP(nn.Module):
         emb = timestep_embedding(t.reshape(-1), self.emb_dim, self.max_period).to(x.dtype).view(M, B, -1)
         h = x
         for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
-            h = torch.relu(torch.baddbmm(b, h, w) + torch.bmm(emb, p))
-        return torch.baddbmm(self.out_bias, h, self.out_weight)
+            # accumulated in place into one (M, B, hidden) buffer: no broadcast copy of the bias, no sum buffer
+            h = torch.bmm(h, w).baddbmm_(emb, p).add_(b).relu_()
+        return torch.bmm(h, self.out_weight).add_(self.out_bias)
 
     def forward_shared_t(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """eps_pred (M, B, d) for x (M, B, d) when every row has timestep ``t``: the time projections
@@ -80,8 +83,8 @@ class EnsembleMLP(nn.Module):
         emb = timestep_embedding(torch.tensor([t], device=x.device), self.emb_dim, self.max_period).to(x.dtype)
         h = x
         for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
-            h = torch.relu(torch.baddbmm(b + torch.matmul(emb, p), h, w))
-        return torch.baddbmm(self.out_bias, h, self.out_weight)
+            h = torch.bmm(h, w).add_(b + torch.matmul(emb, p)).relu_()
+        return torch.bmm(h, self.out_weight).add_(self.out_bias)
 
     def member(self, m: int) -> TimeMLP:
         """Member m as an ordinary TimeMLP (a copy of its weights)."""
@@ -137,8 +140,9 @@ class EnsembleRun:
             members.append(TimeMLP(data_dim=self.data.shape[2]))
         self.model = EnsembleMLP(members).to(self.device)
         self.ema = EnsembleMLP(members).to(self.device).requires_grad_(False) if config.ema_decay > 0 else None
+        # fused: one pass over the stacked parameters, as the Trainer's optimizer (and so the same numbers)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=config.betas,
-                                          eps=config.adam_eps)
+                                          eps=config.adam_eps, fused=self.device.type in ("cuda", "cpu"))
         self.schedule = NoiseSchedule.from_name(config.schedule, config.T).to(self.device)
         self.orders = [EpochOrder(N, config.batch_size, s) for s in self.seeds]
         self.generators = [make_noise_generator(s) for s in self.seeds]
@@ -252,7 +256,9 @@ def ensemble_ddpm_sample(model: EnsembleMLP, num: int, sched: NoiseSchedule, see
     name = backends.resolve(backend, device, torch.float32)
     t_seq, _ = ddpm_timesteps(sched.T)
     for i, t in enumerate(tqdm(t_seq, desc=f"sample {M} members", disable=not progress, unit="step")):
-        eps = model.forward_shared_t(x, t)
+        # In row chunks: (M, chunk, hidden) activations stay in cache (all rows at once are memory-bound).
+        eps = torch.cat([model.forward_shared_t(x[:, r:r + _SAMPLE_CHUNK], t) for r in range(0, num, _SAMPLE_CHUNK)],
+                        dim=1)
         # Each member's step noise is its own key's draw (the last step adds none: z is not read).
         z = torch.stack([_draw(NoiseKey(s, i * calls, (num, d), device=device)) for s in step_seeds]) if t > 0 \
             else torch.zeros_like(x)
