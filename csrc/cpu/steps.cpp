@@ -62,15 +62,6 @@ void step_kernel(const T* x, const T* ep, const RowCoef<acc_t<T>>* coef, const T
                 });
 }
 
-void check_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
-                     const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, const char* op) {
-  check_data(x, op, "x");
-  check_like(eps_pred, x, op, "eps_pred");
-  check_index(t, x, op, "t");
-  if (e.has_value()) check_like(*e, x, op, "e");
-  check_key(key, e, x, op);
-}
-
 at::Tensor run_step(const at::Tensor& x, const at::Tensor& eps_pred, const std::optional<at::Tensor>& e,
                     const std::optional<at::Tensor>& key, bool clip_x0, const void* coef) {
   at::Tensor out = at::empty_like(x);
@@ -91,9 +82,7 @@ at::Tensor run_step(const at::Tensor& x, const at::Tensor& eps_pred, const std::
 at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t, const at::Tensor& table,
                          const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
   constexpr const char* op = "isofast_C::ddpm_step";
-  check_step_args(x, eps_pred, t, e, key, op);
-  check_table(table, x, 2, op, "table");
-  TORCH_CHECK(table.size(0) == 5, op, ": table must have shape (5, T), got ", table.sizes());
+  check_ddpm_step_args(x, eps_pred, t, table, e, key, op);
   const int64_t B = x.size(0), T = table.size(1);
   const int64_t* tt = t.data_ptr<int64_t>();
   check_steps(tt, B, T, false, op, "t");
@@ -115,9 +104,7 @@ at::Tensor ddim_step_cpu(const at::Tensor& x, const at::Tensor& eps_pred, const 
                          const at::Tensor& alphas_cumprod, double eta, const std::optional<at::Tensor>& e,
                          const std::optional<at::Tensor>& key, bool clip_x0) {
   constexpr const char* op = "isofast_C::ddim_step";
-  check_step_args(x, eps_pred, t, e, key, op);
-  check_index(t_prev, x, op, "t_prev");
-  check_table(alphas_cumprod, x, 1, op, "alphas_cumprod");
+  check_ddim_step_args(x, eps_pred, t, t_prev, alphas_cumprod, e, key, op);
   const int64_t B = x.size(0), T = alphas_cumprod.numel();
   const int64_t *tt = t.data_ptr<int64_t>(), *tp = t_prev.data_ptr<int64_t>();
   check_steps(tt, B, T, false, op, "t");

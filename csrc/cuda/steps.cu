@@ -113,22 +113,11 @@ at::Tensor launch_step(const at::Tensor& x, const at::Tensor& eps_pred, const at
   return out;
 }
 
-void check_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
-                     const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, const char* op) {
-  check_data(x, op, "x");
-  check_like(eps_pred, x, op, "eps_pred");
-  check_index(t, x, op, "t");
-  if (e.has_value()) check_like(*e, x, op, "e");
-  check_key(key, e, x, op);
-}
-
 at::Tensor ddpm_step_cuda(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
                           const at::Tensor& table, const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key,
                           bool clip_x0) {
   constexpr const char* op = "isofast_C::ddpm_step";
-  check_step_args(x, eps_pred, t, e, key, op);
-  check_table(table, x, 2, op, "table");
-  TORCH_CHECK(table.size(0) == 5, op, ": table must have shape (5, T), got ", table.sizes());
+  check_ddpm_step_args(x, eps_pred, t, table, e, key, op);
   return launch_step(x, eps_pred, table, DdpmRow{t.data_ptr<int64_t>(), table.size(1)}, e, key, clip_x0);
 }
 
@@ -136,9 +125,7 @@ at::Tensor ddim_step_cuda(const at::Tensor& x, const at::Tensor& eps_pred, const
                           const at::Tensor& t_prev, const at::Tensor& alphas_cumprod, double eta,
                           const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
   constexpr const char* op = "isofast_C::ddim_step";
-  check_step_args(x, eps_pred, t, e, key, op);
-  check_index(t_prev, x, op, "t_prev");
-  check_table(alphas_cumprod, x, 1, op, "alphas_cumprod");
+  check_ddim_step_args(x, eps_pred, t, t_prev, alphas_cumprod, e, key, op);
   DdimRow row{t.data_ptr<int64_t>(), t_prev.data_ptr<int64_t>(), alphas_cumprod.numel(), eta};
   return launch_step(x, eps_pred, alphas_cumprod, row, e, key, clip_x0);
 }
