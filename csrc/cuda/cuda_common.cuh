@@ -1,5 +1,5 @@
 // Shared device helpers of the CUDA kernels: chunked vector loads/stores, the contract's
-// noise for a chunk, row lookup, launch sizes and the block reduction.
+// noise for a chunk, row lookup, the elementwise chunk loop, launch sizes and the block reduction.
 //
 // Work unit: a *chunk* of K consecutive flat elements (flat index i = b*n + j), K = 4 for
 // float32/float64 and 8 for 16-bit types, so that one chunk is one (or two) 16-byte loads and
@@ -16,6 +16,7 @@
 #include <climits>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "../philox.h"
 
@@ -94,6 +95,25 @@ __device__ __forceinline__ void noise_chunk(uint64_t seed, uint64_t offset, int6
   for (int q = 0; q < K / 4; ++q) randn4(seed, offset + static_cast<uint64_t>(i0 / 4 + q), z + 4 * q);
 }
 
+// The noise of flat elements i0 .. i0 + K - 1 in the arithmetic type: e's values when e is given
+// (0 outside [lo, hi), as load_chunk reads them), else the contract's normals (noise_chunk: K/4
+// Philox calls, all four normals used), zeroed outside [lo, hi) only with ZERO_OUTSIDE (a
+// reduction needs that; an elementwise kernel never stores those elements).
+template <typename T, int K, bool VEC, bool ZERO_OUTSIDE>
+__device__ __forceinline__ void noise_or_load_chunk(const T* __restrict__ e, uint64_t seed, uint64_t offset,
+                                                    int64_t i0, int64_t lo, int64_t hi, acc_t<T> out[K]) {
+  if (e != nullptr) {
+    load_chunk<T, K, VEC>(e, i0, lo, hi, out);
+  } else {
+    float z[K];
+    noise_chunk<K>(seed, offset, i0, z);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      out[k] = (!ZERO_OUTSIDE || (i0 + k >= lo && i0 + k < hi)) ? static_cast<acc_t<T>>(z[k]) : acc_t<T>(0);
+    }
+  }
+}
+
 // Row of each element of the chunk starting at flat i0 (rows of n elements).
 template <int K>
 __device__ __forceinline__ void rows_of_chunk(int64_t i0, int64_t n, int64_t rows[K]) {
@@ -113,6 +133,50 @@ __device__ __forceinline__ void rows_of_chunk(int64_t i0, int64_t n, int64_t row
       j = 0;
       ++b;
     }
+  }
+}
+
+namespace detail {
+template <typename Elem, typename C, typename A, int M, int K, size_t... I>
+__device__ __forceinline__ A apply_elem(Elem& elem, const C& coef, A eps, const A (&in)[M][K], int k,
+                                        std::index_sequence<I...>) {
+  return elem(coef, eps, in[I][k]...);
+}
+}  // namespace detail
+
+// The grid-stride chunk loop of the elementwise kernels over the N = B*n flat elements of (B, n)
+// data: out[i] = elem(row(b), eps_i, in[i]...) in the arithmetic type, for b = i / n and eps_i the
+// noise of element i (noise_or_load_chunk: e[i], or element i of the draw (seed, offset)). Per
+// chunk: one load of each input (16-byte vectors with VEC), K/4 Philox calls (or a load of e), one
+// store; row(b), the row's coefficients (any type), is evaluated once for each row b < B that the
+// chunk touches.
+template <typename T, int K, bool VEC, typename Row, typename Elem, typename... In>
+__device__ __forceinline__ void for_each_chunk(int64_t N, int64_t n, const T* __restrict__ e, uint64_t seed,
+                                               uint64_t offset, T* __restrict__ out, Row row, Elem elem,
+                                               const In* __restrict__... in) {
+  static_assert((std::is_same_v<In, T> && ...), "the inputs have the data type");
+  using A = acc_t<T>;
+  constexpr int M = sizeof...(In);
+  const int64_t chunks = (N + K - 1) / K;
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i0 = c * K;
+    A iv[M][K], ev[K], o[K];
+    int64_t rows[K];
+    int m = 0;
+    (load_chunk<T, K, VEC>(in, i0, 0, N, iv[m++]), ...);
+    noise_or_load_chunk<T, K, VEC, false>(e, seed, offset, i0, 0, N, ev);
+    rows_of_chunk<K>(i0, n, rows);
+    int64_t b = -1;
+    decltype(row(b)) coef{};
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (rows[k] != b && i0 + k < N) {
+        b = rows[k];
+        coef = row(b);
+      }
+      o[k] = detail::apply_elem(elem, coef, ev[k], iv, k, std::make_index_sequence<M>{});
+    }
+    store_chunk<T, K, VEC>(out, i0, N, o);
   }
 }
 

@@ -30,14 +30,7 @@ __global__ void iso_partial_kernel(const T* __restrict__ p, const T* __restrict_
     const int64_t i0 = c * K;
     A pv[K], ev[K];
     load_chunk<T, K, VEC>(p, i0, lo, hi, pv);  // zero outside the row: contributes nothing
-    if (e != nullptr) {
-      load_chunk<T, K, VEC>(e, i0, lo, hi, ev);
-    } else {
-      float z[K];
-      noise_chunk<K>(seed, offset, i0, z);
-#pragma unroll
-      for (int k = 0; k < K; ++k) ev[k] = (i0 + k >= lo && i0 + k < hi) ? static_cast<A>(z[k]) : A(0);
-    }
+    noise_or_load_chunk<T, K, VEC, /*ZERO_OUTSIDE=*/true>(e, seed, offset, i0, lo, hi, ev);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const A d = pv[k] - ev[k];
@@ -67,39 +60,20 @@ __global__ void iso_finish_kernel(const A* __restrict__ part, int64_t B, int64_t
   ssq[b] = static_cast<A>(s_sq);
 }
 
+// The coefficients of a row b: c1[b] and c2[b].
+template <typename A>
+struct GradCoef {
+  A k1, k2;
+};
+
 template <typename T, int K, bool VEC>
 __global__ void iso_grad_kernel(const T* __restrict__ p, const T* __restrict__ e, uint64_t seed, uint64_t offset,
                                 const acc_t<T>* __restrict__ c1, const acc_t<T>* __restrict__ c2, T* __restrict__ g,
                                 int64_t N, int64_t n) {
   using A = acc_t<T>;
-  const int64_t chunks = (N + K - 1) / K;
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i0 = c * K;
-    A pv[K], ev[K], o[K];
-    int64_t rows[K];
-    load_chunk<T, K, VEC>(p, i0, 0, N, pv);
-    if (e != nullptr) {
-      load_chunk<T, K, VEC>(e, i0, 0, N, ev);
-    } else {
-      float z[K];
-      noise_chunk<K>(seed, offset, i0, z);
-#pragma unroll
-      for (int k = 0; k < K; ++k) ev[k] = static_cast<A>(z[k]);
-    }
-    rows_of_chunk<K>(i0, n, rows);
-    int64_t b = -1;
-    A k1 = 0, k2 = 0;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (rows[k] != b && i0 + k < N) {
-        b = rows[k];
-        k1 = c1[b];
-        k2 = c2[b];
-      }
-      o[k] = k1 * (pv[k] - ev[k]) + k2 * pv[k];
-    }
-    store_chunk<T, K, VEC>(g, i0, N, o);
-  }
+  auto row = [=](int64_t b) { return GradCoef<A>{c1[b], c2[b]}; };
+  auto elem = [](const GradCoef<A>& q, A eps, A pv) { return q.k1 * (pv - eps) + q.k2 * pv; };
+  for_each_chunk<T, K, VEC>(N, n, e, seed, offset, g, row, elem, p);
 }
 
 std::tuple<at::Tensor, at::Tensor> iso_sums_cuda(const at::Tensor& p, const std::optional<at::Tensor>& e,

@@ -56,36 +56,13 @@ __global__ void step_kernel(const T* __restrict__ x, const T* __restrict__ ep, c
   using A = acc_t<T>;
   const uint64_t seed = key != nullptr ? static_cast<uint64_t>(key[0]) : 0;  // key is null only when e is given
   const uint64_t offset = key != nullptr ? static_cast<uint64_t>(key[1]) : 0;
-  const int64_t chunks = (N + K - 1) / K;
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i0 = c * K;
-    A xv[K], ev[K], zv[K], o[K];
-    int64_t rows[K];
-    load_chunk<T, K, VEC>(x, i0, 0, N, xv);
-    load_chunk<T, K, VEC>(ep, i0, 0, N, ev);
-    if (e != nullptr) {
-      load_chunk<T, K, VEC>(e, i0, 0, N, zv);
-    } else {
-      float z[K];
-      noise_chunk<K>(seed, offset, i0, z);
-#pragma unroll
-      for (int k = 0; k < K; ++k) zv[k] = static_cast<A>(z[k]);
-    }
-    rows_of_chunk<K>(i0, n, rows);
-    int64_t b = -1;
-    RowCoef<A> q{};
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (rows[k] != b && i0 + k < N) {
-        b = rows[k];
-        q = row(b, table);
-      }
-      A x0 = q.a * xv[k] - q.b * ev[k];
-      if (clip) x0 = x0 < A(-1) ? A(-1) : (x0 > A(1) ? A(1) : x0);
-      o[k] = q.c * x0 + q.d * xv[k] + q.f * ev[k] + q.s * zv[k];
-    }
-    store_chunk<T, K, VEC>(out, i0, N, o);
-  }
+  auto coef = [=](int64_t b) { return row(b, table); };
+  auto elem = [=](const RowCoef<A>& q, A z, A xv, A ev) {
+    A x0 = q.a * xv - q.b * ev;
+    if (clip) x0 = x0 < A(-1) ? A(-1) : (x0 > A(1) ? A(1) : x0);
+    return q.c * x0 + q.d * xv + q.f * ev + q.s * z;
+  };
+  for_each_chunk<T, K, VEC>(N, n, e, seed, offset, out, coef, elem, x, ep);
 }
 
 template <typename Row>
