@@ -7,7 +7,9 @@
 // straddle two rows when n is not a multiple of K, which only changes the row coefficients.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
@@ -15,6 +17,8 @@
 
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <type_traits>
 #include <utility>
 
@@ -54,6 +58,14 @@ inline bool packs_aligned(std::initializer_list<const void*> ptrs) {
     if (p != nullptr && reinterpret_cast<uintptr_t>(p) % a != 0) return false;
   }
   return true;
+}
+
+// Launches a kernel instantiated for VEC = vec: go(std::true_type{}) or go(std::false_type{});
+// then checks the launch.
+template <typename Go>
+inline void launch_vec(bool vec, Go&& go) {
+  if (vec) go(std::true_type{}); else go(std::false_type{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // out[k] = p[i0 + k] in the arithmetic type, for the flat range [lo, hi) (0 elsewhere).
@@ -178,6 +190,39 @@ __device__ __forceinline__ void for_each_chunk(int64_t N, int64_t n, const T* __
     }
     store_chunk<T, K, VEC>(out, i0, N, o);
   }
+}
+
+// Launch geometry of a for_each_chunk kernel over the N = B*n elements of (B, n) data.
+struct ChunkGrid {
+  unsigned int blocks;
+  cudaStream_t stream;
+  int64_t N, n;
+};
+
+// The host side of an elementwise op that writes a tensor like x with a for_each_chunk kernel: on
+// x's device, out = empty_like(x); unless x is empty, for x's dtype T (checked by the op, so the
+// dispatch never fails),
+//   launch(vec, e_data, out_data, grid)
+// launches the kernel instantiated for VEC = decltype(vec)::value, true when x, the pointers in
+// `also`, e and out are all aligned for Pack<T> loads. e_data is e's data (const T*), or nullptr
+// when e is None (the kernel generates the noise); out_data is out's (T*).
+template <typename Launch>
+at::Tensor launch_elementwise(const at::Tensor& x, std::initializer_list<const void*> also,
+                              const std::optional<at::Tensor>& e, Launch&& launch) {
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  const int64_t N = x.numel();
+  if (N == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "isofast_elementwise_cuda", [&] {
+    constexpr int K = chunk_of<scalar_t>();
+    const ChunkGrid grid{blocks_for((N + K - 1) / K), stream, N, x.size(1)};
+    const scalar_t* ep = e.has_value() ? e->data_ptr<scalar_t>() : nullptr;
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    const bool vec = packs_aligned<scalar_t>({x.data_ptr(), ep, outp}) && packs_aligned<scalar_t>(also);
+    launch_vec(vec, [&](auto vec_tag) { launch(vec_tag, ep, outp, grid); });
+  });
+  return out;
 }
 
 // Sum of v over the block (all threads get it in lane 0 of warp 0). blockDim.x = kThreads.

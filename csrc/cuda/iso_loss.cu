@@ -104,13 +104,11 @@ std::tuple<at::Tensor, at::Tensor> iso_sums_cuda(const at::Tensor& p, const std:
     TORCH_CHECK(B <= 65535, op, ": at most 65535 samples per call on CUDA, got ", B);
     at::Tensor part = at::empty({B, splits, 2}, p.options().dtype(acc));
     const dim3 grid(static_cast<unsigned int>(splits), static_cast<unsigned int>(B));
-    auto launch = [&](auto vec_tag) {
+    launch_vec(vec, [&](auto vec_tag) {
       iso_partial_kernel<scalar_t, K, decltype(vec_tag)::value><<<grid, kThreads, 0, stream>>>(
           p.data_ptr<scalar_t>(), ep, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), n,
           part.data_ptr<A>());
-    };
-    if (vec) launch(std::true_type{}); else launch(std::false_type{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     iso_finish_kernel<A><<<static_cast<unsigned int>((B + 127) / 128), 128, 0, stream>>>(
         part.data_ptr<A>(), B, splits, sse.data_ptr<A>(), ssq.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -122,26 +120,14 @@ at::Tensor iso_grad_cuda(const at::Tensor& p, const std::optional<at::Tensor>& e
                          const at::Tensor& c1, const at::Tensor& c2) {
   constexpr const char* op = "isofast_C::iso_grad";
   check_iso_grad_args(p, e, c1, c2, op);
-  c10::cuda::CUDAGuard guard(p.device());
-  at::Tensor g = at::empty_like(p);
-  const int64_t N = p.numel(), n = p.size(1);
-  if (N == 0) return g;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "isofast_iso_grad_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    constexpr int K = chunk_of<scalar_t>();
-    const scalar_t* ep = e.has_value() ? e->data_ptr<scalar_t>() : nullptr;
-    const bool vec = packs_aligned<scalar_t>({p.data_ptr(), ep, g.data_ptr()});
-    const unsigned int blocks = blocks_for((N + K - 1) / K);
-    auto launch = [&](auto vec_tag) {
-      iso_grad_kernel<scalar_t, K, decltype(vec_tag)::value><<<blocks, kThreads, 0, stream>>>(
-          p.data_ptr<scalar_t>(), ep, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), c1.data_ptr<A>(),
-          c2.data_ptr<A>(), g.data_ptr<scalar_t>(), N, n);
-    };
-    if (vec) launch(std::true_type{}); else launch(std::false_type{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return g;
+  auto launch = [&](auto vec, const auto* ep, auto* g, const ChunkGrid& grid) {
+    using T = std::remove_pointer_t<decltype(g)>;
+    using A = acc_t<T>;
+    iso_grad_kernel<T, chunk_of<T>(), decltype(vec)::value><<<grid.blocks, kThreads, 0, grid.stream>>>(
+        p.data_ptr<T>(), ep, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), c1.data_ptr<A>(),
+        c2.data_ptr<A>(), g, grid.N, grid.n);
+  };
+  return launch_elementwise(p, {}, e, launch);
 }
 
 }  // namespace

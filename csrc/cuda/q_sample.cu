@@ -3,8 +3,6 @@
 #include "cuda_common.cuh"
 #include "../checks.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -40,26 +38,14 @@ at::Tensor q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Te
                          int64_t offset) {
   constexpr const char* op = "isofast_C::q_sample";
   check_q_sample_args(x0, t, sqrt_ab, sqrt_1mab, e, op);
-  c10::cuda::CUDAGuard guard(x0.device());
-  at::Tensor out = at::empty_like(x0);
-  const int64_t N = x0.numel(), n = x0.size(1);
-  if (N == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "isofast_q_sample_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    constexpr int K = chunk_of<scalar_t>();
-    const scalar_t* ep = e.has_value() ? e->data_ptr<scalar_t>() : nullptr;
-    const bool vec = packs_aligned<scalar_t>({x0.data_ptr(), ep, out.data_ptr()});
-    const unsigned int blocks = blocks_for((N + K - 1) / K);
-    auto launch = [&](auto vec_tag) {
-      q_sample_kernel<scalar_t, K, decltype(vec_tag)::value><<<blocks, kThreads, 0, stream>>>(
-          x0.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), sqrt_ab.data_ptr<A>(), sqrt_1mab.data_ptr<A>(), ep,
-          static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), out.data_ptr<scalar_t>(), N, n);
-    };
-    if (vec) launch(std::true_type{}); else launch(std::false_type{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+  auto launch = [&](auto vec, const auto* ep, auto* out, const ChunkGrid& g) {
+    using T = std::remove_pointer_t<decltype(out)>;
+    using A = acc_t<T>;
+    q_sample_kernel<T, chunk_of<T>(), decltype(vec)::value><<<g.blocks, kThreads, 0, g.stream>>>(
+        x0.data_ptr<T>(), t.data_ptr<int64_t>(), sqrt_ab.data_ptr<A>(), sqrt_1mab.data_ptr<A>(), ep,
+        static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), out, g.N, g.n);
+  };
+  return launch_elementwise(x0, {}, e, launch);
 }
 
 }  // namespace

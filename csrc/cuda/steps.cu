@@ -6,8 +6,6 @@
 #include "cuda_common.cuh"
 #include "../checks.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -68,26 +66,13 @@ __global__ void step_kernel(const T* __restrict__ x, const T* __restrict__ ep, c
 template <typename Row>
 at::Tensor launch_step(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& table, Row row,
                        const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
-  c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x);
-  const int64_t N = x.numel(), n = x.size(1);
-  if (N == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "isofast_step_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    constexpr int K = chunk_of<scalar_t>();
-    const scalar_t* zp = e.has_value() ? e->data_ptr<scalar_t>() : nullptr;
-    const bool vec = packs_aligned<scalar_t>({x.data_ptr(), eps_pred.data_ptr(), zp, out.data_ptr()});
-    const unsigned int blocks = blocks_for((N + K - 1) / K);
-    auto go = [&](auto vec_tag) {
-      step_kernel<scalar_t, K, decltype(vec_tag)::value, Row><<<blocks, kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), eps_pred.data_ptr<scalar_t>(), table.data_ptr<A>(), row, zp,
-          key.has_value() ? key->data_ptr<int64_t>() : nullptr, clip_x0, out.data_ptr<scalar_t>(), N, n);
-    };
-    if (vec) go(std::true_type{}); else go(std::false_type{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+  auto launch = [&](auto vec, const auto* zp, auto* out, const ChunkGrid& g) {
+    using T = std::remove_pointer_t<decltype(out)>;
+    step_kernel<T, chunk_of<T>(), decltype(vec)::value, Row><<<g.blocks, kThreads, 0, g.stream>>>(
+        x.data_ptr<T>(), eps_pred.data_ptr<T>(), table.data_ptr<acc_t<T>>(), row, zp,
+        key.has_value() ? key->data_ptr<int64_t>() : nullptr, clip_x0, out, g.N, g.n);
+  };
+  return launch_elementwise(x, {eps_pred.data_ptr()}, e, launch);
 }
 
 at::Tensor ddpm_step_cuda(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
