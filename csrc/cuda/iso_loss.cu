@@ -5,6 +5,7 @@
 //   iso_grad: g = c1[b] (p - eps) + c2[b] p, elementwise, one pass.
 #include "cuda_common.cuh"
 #include "../checks.h"
+#include "../row_partials.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -50,14 +51,7 @@ template <typename A>
 __global__ void iso_finish_kernel(const A* __restrict__ part, int64_t B, int64_t splits, A* __restrict__ sse,
                                   A* __restrict__ ssq) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b >= B) return;
-  double s_err = 0, s_sq = 0;
-  for (int64_t k = 0; k < splits; ++k) {
-    s_err += part[2 * (b * splits + k)];
-    s_sq += part[2 * (b * splits + k) + 1];
-  }
-  sse[b] = static_cast<A>(s_err);
-  ssq[b] = static_cast<A>(s_sq);
+  if (b < B) add_row_partials(part, b, splits, sse, ssq);
 }
 
 // The coefficients of a row b: c1[b] and c2[b].
