@@ -108,4 +108,34 @@ inline void check_key(const std::optional<at::Tensor>& maybe_key, const std::opt
               ": key must be a contiguous int64 tensor of shape (2,) = (seed, offset), got shape ", key.sizes());
 }
 
+
+// Operands of ddpm_step / ddim_step, shared by the CPU and CUDA implementations (the step indices
+// are bounds-checked separately: on the host by the CPU op, in the kernel on CUDA).
+inline void check_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
+                            const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, const char* op) {
+  check_data(x, op, "x");
+  check_like(eps_pred, x, op, "eps_pred");
+  check_index(t, x, op, "t");
+  if (e.has_value()) check_like(*e, x, op, "e");
+  check_key(key, e, x, op);
+}
+
+// table: the (5, T) DDPM coefficients (rows as in the step formula of cpu/steps.cpp, cuda/steps.cu).
+inline void check_ddpm_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
+                                 const at::Tensor& table, const std::optional<at::Tensor>& e,
+                                 const std::optional<at::Tensor>& key, const char* op) {
+  check_step_args(x, eps_pred, t, e, key, op);
+  check_table(table, x, 2, op, "table");
+  TORCH_CHECK(table.size(0) == 5, op, ": table must have shape (5, T), got ", table.sizes());
+}
+
+inline void check_ddim_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
+                                 const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                                 const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key,
+                                 const char* op) {
+  check_step_args(x, eps_pred, t, e, key, op);
+  check_index(t_prev, x, op, "t_prev");
+  check_table(alphas_cumprod, x, 1, op, "alphas_cumprod");
+}
+
 }  // namespace isofast

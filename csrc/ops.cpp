@@ -21,7 +21,7 @@ TORCH_LIBRARY(isofast_C, m) {
       "-> (Tensor, Tensor)");
   m.def("iso_sums(Tensor p, Tensor? e, int seed, int offset) -> (Tensor, Tensor)");
   m.def("iso_grad(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2) -> Tensor");
-  // CPU: the loss's O(B) tail from the sums, (loss, mse, iso, isotropy, k1, k2, d_w) (cpu/loss_tail.cpp).
+  // CPU: the loss's O(B) tail from the sums, (loss, mse, iso, isotropy, k1, k2, d_w) (cpu/iso_loss_tail.cpp).
   m.def(
       "iso_loss_tail(Tensor sse, Tensor ssq, int n, Tensor? weights, float iso_lambda, str iso_mode, str reduction) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

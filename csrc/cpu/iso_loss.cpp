@@ -11,6 +11,7 @@
 // conversions keep some of the bfloat16/float16 loops scalar.
 #include "cpu_common.h"
 #include "../checks.h"
+#include "../row_partials.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -106,15 +107,7 @@ void iso_sums_kernel(const T* p, const E* e, uint64_t seed, uint64_t offset, acc
                   part[2 * slot] = s_err;
                   part[2 * slot + 1] = s_sq;
                 });
-  for (int64_t b = 0; b < B; ++b) {
-    double s_err = 0, s_sq = 0;
-    for (int64_t k = 0; k < tiles_per_row; ++k) {
-      s_err += part[2 * (b * tiles_per_row + k)];
-      s_sq += part[2 * (b * tiles_per_row + k) + 1];
-    }
-    sse[b] = static_cast<A>(s_err);
-    ssq[b] = static_cast<A>(s_sq);
-  }
+  for (int64_t b = 0; b < B; ++b) add_row_partials(part.data(), b, tiles_per_row, sse, ssq);
 }
 
 template <typename T, typename E>

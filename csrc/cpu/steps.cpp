@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace isofast::cpu {
@@ -62,82 +63,67 @@ void step_kernel(const T* x, const T* ep, const RowCoef<acc_t<T>>* coef, const T
                 });
 }
 
-void check_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
-                     const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, const char* op) {
-  check_data(x, op, "x");
-  check_like(eps_pred, x, op, "eps_pred");
-  check_index(t, x, op, "t");
-  if (e.has_value()) check_like(*e, x, op, "e");
-  check_key(key, e, x, op);
-}
-
-at::Tensor run_step(const at::Tensor& x, const at::Tensor& eps_pred, const std::optional<at::Tensor>& e,
-                    const std::optional<at::Tensor>& key, bool clip_x0, const void* coef) {
+// The step with the coefficients coef[b] = row(b, table data) of every sample b, in the table's
+// dtype A (float64 for float64 data, float32 otherwise: check_table).
+template <typename Row>
+at::Tensor run_step(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& table, Row&& row,
+                    const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   // The key is read only when the noise is generated (e is None; checked to be present then).
   const int64_t zero_key[2] = {0, 0};
   const int64_t* k = key.has_value() ? key->data_ptr<int64_t>() : zero_key;
+  const int64_t B = x.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "isofast_step_cpu", [&] {
     using A = acc_t<scalar_t>;
-    step_kernel<scalar_t>(x.data_ptr<scalar_t>(), eps_pred.data_ptr<scalar_t>(),
-                          static_cast<const RowCoef<A>*>(coef), e.has_value() ? e->data_ptr<scalar_t>() : nullptr,
-                          static_cast<uint64_t>(k[0]), static_cast<uint64_t>(k[1]), clip_x0, out.data_ptr<scalar_t>(),
-                          x.size(0), x.size(1));
+    const A* tab = table.data_ptr<A>();
+    std::vector<RowCoef<A>> coef(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) coef[b] = row(b, tab);
+    step_kernel<scalar_t>(x.data_ptr<scalar_t>(), eps_pred.data_ptr<scalar_t>(), coef.data(),
+                          e.has_value() ? e->data_ptr<scalar_t>() : nullptr, static_cast<uint64_t>(k[0]),
+                          static_cast<uint64_t>(k[1]), clip_x0, out.data_ptr<scalar_t>(), B, x.size(1));
   });
   return out;
 }
 
+// The arithmetic type A of a coefficient table pointer const A*.
+template <typename P>
+using table_t = std::remove_const_t<std::remove_pointer_t<P>>;
+
 at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t, const at::Tensor& table,
                          const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
   constexpr const char* op = "isofast_C::ddpm_step";
-  check_step_args(x, eps_pred, t, e, key, op);
-  check_table(table, x, 2, op, "table");
-  TORCH_CHECK(table.size(0) == 5, op, ": table must have shape (5, T), got ", table.sizes());
-  const int64_t B = x.size(0), T = table.size(1);
+  check_ddpm_step_args(x, eps_pred, t, table, e, key, op);
+  const int64_t T = table.size(1);
   const int64_t* tt = t.data_ptr<int64_t>();
-  check_steps(tt, B, T, false, op, "t");
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "isofast_ddpm_coef", [&] {
-    using A = scalar_t;
-    const A* tab = table.data_ptr<A>();
-    std::vector<RowCoef<A>> coef(static_cast<size_t>(B));
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t s = tt[b];
-      coef[b] = {tab[s], tab[T + s], tab[2 * T + s], tab[3 * T + s], A(0), s > 0 ? tab[4 * T + s] : A(0)};
-    }
-    out = run_step(x, eps_pred, e, key, clip_x0, coef.data());
-  });
-  return out;
+  check_steps(tt, x.size(0), T, false, op, "t");
+  auto row = [&](int64_t b, const auto* tab) {
+    using A = table_t<decltype(tab)>;
+    const int64_t s = tt[b];
+    return RowCoef<A>{tab[s], tab[T + s], tab[2 * T + s], tab[3 * T + s], A(0), s > 0 ? tab[4 * T + s] : A(0)};
+  };
+  return run_step(x, eps_pred, table, row, e, key, clip_x0);
 }
 
 at::Tensor ddim_step_cpu(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t, const at::Tensor& t_prev,
                          const at::Tensor& alphas_cumprod, double eta, const std::optional<at::Tensor>& e,
                          const std::optional<at::Tensor>& key, bool clip_x0) {
   constexpr const char* op = "isofast_C::ddim_step";
-  check_step_args(x, eps_pred, t, e, key, op);
-  check_index(t_prev, x, op, "t_prev");
-  check_table(alphas_cumprod, x, 1, op, "alphas_cumprod");
+  check_ddim_step_args(x, eps_pred, t, t_prev, alphas_cumprod, e, key, op);
   const int64_t B = x.size(0), T = alphas_cumprod.numel();
   const int64_t *tt = t.data_ptr<int64_t>(), *tp = t_prev.data_ptr<int64_t>();
   check_steps(tt, B, T, false, op, "t");
   check_steps(tp, B, T, true, op, "t_prev");
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(alphas_cumprod.scalar_type(), "isofast_ddim_coef", [&] {
-    using A = scalar_t;
-    const A* acp = alphas_cumprod.data_ptr<A>();
-    std::vector<RowCoef<A>> coef(static_cast<size_t>(B));
+  auto row = [&](int64_t b, const auto* acp) {
+    using A = table_t<decltype(acp)>;
     const A one(1), zero(0), et = static_cast<A>(eta);
-    for (int64_t b = 0; b < B; ++b) {
-      const A ab = acp[tt[b]], ab_prev = tp[b] >= 0 ? acp[tp[b]] : one;
-      const A sigma = et * std::sqrt((one - ab_prev) / (one - ab) * (one - ab / ab_prev));
-      const A c_eps = std::sqrt(std::max(one - ab_prev - sigma * sigma, zero));
-      const A inv = one / std::sqrt(ab);
-      coef[b] = {inv, std::sqrt(one - ab) * inv, std::sqrt(ab_prev), zero, c_eps, sigma};
-    }
-    out = run_step(x, eps_pred, e, key, clip_x0, coef.data());
-  });
-  return out;
+    const A ab = acp[tt[b]], ab_prev = tp[b] >= 0 ? acp[tp[b]] : one;
+    const A sigma = et * std::sqrt((one - ab_prev) / (one - ab) * (one - ab / ab_prev));
+    const A c_eps = std::sqrt(std::max(one - ab_prev - sigma * sigma, zero));
+    const A inv = one / std::sqrt(ab);
+    return RowCoef<A>{inv, std::sqrt(one - ab) * inv, std::sqrt(ab_prev), zero, c_eps, sigma};
+  };
+  return run_step(x, eps_pred, alphas_cumprod, row, e, key, clip_x0);
 }
 
 }  // namespace

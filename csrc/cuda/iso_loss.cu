@@ -5,6 +5,7 @@
 //   iso_grad: g = c1[b] (p - eps) + c2[b] p, elementwise, one pass.
 #include "cuda_common.cuh"
 #include "../checks.h"
+#include "../row_partials.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -30,14 +31,7 @@ __global__ void iso_partial_kernel(const T* __restrict__ p, const T* __restrict_
     const int64_t i0 = c * K;
     A pv[K], ev[K];
     load_chunk<T, K, VEC>(p, i0, lo, hi, pv);  // zero outside the row: contributes nothing
-    if (e != nullptr) {
-      load_chunk<T, K, VEC>(e, i0, lo, hi, ev);
-    } else {
-      float z[K];
-      noise_chunk<K>(seed, offset, i0, z);
-#pragma unroll
-      for (int k = 0; k < K; ++k) ev[k] = (i0 + k >= lo && i0 + k < hi) ? static_cast<A>(z[k]) : A(0);
-    }
+    noise_or_load_chunk<T, K, VEC, /*ZERO_OUTSIDE=*/true>(e, seed, offset, i0, lo, hi, ev);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const A d = pv[k] - ev[k];
@@ -57,49 +51,23 @@ template <typename A>
 __global__ void iso_finish_kernel(const A* __restrict__ part, int64_t B, int64_t splits, A* __restrict__ sse,
                                   A* __restrict__ ssq) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b >= B) return;
-  double s_err = 0, s_sq = 0;
-  for (int64_t k = 0; k < splits; ++k) {
-    s_err += part[2 * (b * splits + k)];
-    s_sq += part[2 * (b * splits + k) + 1];
-  }
-  sse[b] = static_cast<A>(s_err);
-  ssq[b] = static_cast<A>(s_sq);
+  if (b < B) add_row_partials(part, b, splits, sse, ssq);
 }
+
+// The coefficients of a row b: c1[b] and c2[b].
+template <typename A>
+struct GradCoef {
+  A k1, k2;
+};
 
 template <typename T, int K, bool VEC>
 __global__ void iso_grad_kernel(const T* __restrict__ p, const T* __restrict__ e, uint64_t seed, uint64_t offset,
                                 const acc_t<T>* __restrict__ c1, const acc_t<T>* __restrict__ c2, T* __restrict__ g,
                                 int64_t N, int64_t n) {
   using A = acc_t<T>;
-  const int64_t chunks = (N + K - 1) / K;
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i0 = c * K;
-    A pv[K], ev[K], o[K];
-    int64_t rows[K];
-    load_chunk<T, K, VEC>(p, i0, 0, N, pv);
-    if (e != nullptr) {
-      load_chunk<T, K, VEC>(e, i0, 0, N, ev);
-    } else {
-      float z[K];
-      noise_chunk<K>(seed, offset, i0, z);
-#pragma unroll
-      for (int k = 0; k < K; ++k) ev[k] = static_cast<A>(z[k]);
-    }
-    rows_of_chunk<K>(i0, n, rows);
-    int64_t b = -1;
-    A k1 = 0, k2 = 0;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (rows[k] != b && i0 + k < N) {
-        b = rows[k];
-        k1 = c1[b];
-        k2 = c2[b];
-      }
-      o[k] = k1 * (pv[k] - ev[k]) + k2 * pv[k];
-    }
-    store_chunk<T, K, VEC>(g, i0, N, o);
-  }
+  auto row = [=](int64_t b) { return GradCoef<A>{c1[b], c2[b]}; };
+  auto elem = [](const GradCoef<A>& q, A eps, A pv) { return q.k1 * (pv - eps) + q.k2 * pv; };
+  for_each_chunk<T, K, VEC>(N, n, e, seed, offset, g, row, elem, p);
 }
 
 std::tuple<at::Tensor, at::Tensor> iso_sums_cuda(const at::Tensor& p, const std::optional<at::Tensor>& e,
@@ -130,13 +98,11 @@ std::tuple<at::Tensor, at::Tensor> iso_sums_cuda(const at::Tensor& p, const std:
     TORCH_CHECK(B <= 65535, op, ": at most 65535 samples per call on CUDA, got ", B);
     at::Tensor part = at::empty({B, splits, 2}, p.options().dtype(acc));
     const dim3 grid(static_cast<unsigned int>(splits), static_cast<unsigned int>(B));
-    auto launch = [&](auto vec_tag) {
+    launch_vec(vec, [&](auto vec_tag) {
       iso_partial_kernel<scalar_t, K, decltype(vec_tag)::value><<<grid, kThreads, 0, stream>>>(
           p.data_ptr<scalar_t>(), ep, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), n,
           part.data_ptr<A>());
-    };
-    if (vec) launch(std::true_type{}); else launch(std::false_type{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     iso_finish_kernel<A><<<static_cast<unsigned int>((B + 127) / 128), 128, 0, stream>>>(
         part.data_ptr<A>(), B, splits, sse.data_ptr<A>(), ssq.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -148,26 +114,14 @@ at::Tensor iso_grad_cuda(const at::Tensor& p, const std::optional<at::Tensor>& e
                          const at::Tensor& c1, const at::Tensor& c2) {
   constexpr const char* op = "isofast_C::iso_grad";
   check_iso_grad_args(p, e, c1, c2, op);
-  c10::cuda::CUDAGuard guard(p.device());
-  at::Tensor g = at::empty_like(p);
-  const int64_t N = p.numel(), n = p.size(1);
-  if (N == 0) return g;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "isofast_iso_grad_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    constexpr int K = chunk_of<scalar_t>();
-    const scalar_t* ep = e.has_value() ? e->data_ptr<scalar_t>() : nullptr;
-    const bool vec = packs_aligned<scalar_t>({p.data_ptr(), ep, g.data_ptr()});
-    const unsigned int blocks = blocks_for((N + K - 1) / K);
-    auto launch = [&](auto vec_tag) {
-      iso_grad_kernel<scalar_t, K, decltype(vec_tag)::value><<<blocks, kThreads, 0, stream>>>(
-          p.data_ptr<scalar_t>(), ep, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), c1.data_ptr<A>(),
-          c2.data_ptr<A>(), g.data_ptr<scalar_t>(), N, n);
-    };
-    if (vec) launch(std::true_type{}); else launch(std::false_type{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return g;
+  auto launch = [&](auto vec, const auto* ep, auto* g, const ChunkGrid& grid) {
+    using T = std::remove_pointer_t<decltype(g)>;
+    using A = acc_t<T>;
+    iso_grad_kernel<T, chunk_of<T>(), decltype(vec)::value><<<grid.blocks, kThreads, 0, grid.stream>>>(
+        p.data_ptr<T>(), ep, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), c1.data_ptr<A>(),
+        c2.data_ptr<A>(), g, grid.N, grid.n);
+  };
+  return launch_elementwise(p, {}, e, launch);
 }
 
 }  // namespace

@@ -6,8 +6,6 @@
 #include "cuda_common.cuh"
 #include "../checks.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -56,79 +54,32 @@ __global__ void step_kernel(const T* __restrict__ x, const T* __restrict__ ep, c
   using A = acc_t<T>;
   const uint64_t seed = key != nullptr ? static_cast<uint64_t>(key[0]) : 0;  // key is null only when e is given
   const uint64_t offset = key != nullptr ? static_cast<uint64_t>(key[1]) : 0;
-  const int64_t chunks = (N + K - 1) / K;
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i0 = c * K;
-    A xv[K], ev[K], zv[K], o[K];
-    int64_t rows[K];
-    load_chunk<T, K, VEC>(x, i0, 0, N, xv);
-    load_chunk<T, K, VEC>(ep, i0, 0, N, ev);
-    if (e != nullptr) {
-      load_chunk<T, K, VEC>(e, i0, 0, N, zv);
-    } else {
-      float z[K];
-      noise_chunk<K>(seed, offset, i0, z);
-#pragma unroll
-      for (int k = 0; k < K; ++k) zv[k] = static_cast<A>(z[k]);
-    }
-    rows_of_chunk<K>(i0, n, rows);
-    int64_t b = -1;
-    RowCoef<A> q{};
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (rows[k] != b && i0 + k < N) {
-        b = rows[k];
-        q = row(b, table);
-      }
-      A x0 = q.a * xv[k] - q.b * ev[k];
-      if (clip) x0 = x0 < A(-1) ? A(-1) : (x0 > A(1) ? A(1) : x0);
-      o[k] = q.c * x0 + q.d * xv[k] + q.f * ev[k] + q.s * zv[k];
-    }
-    store_chunk<T, K, VEC>(out, i0, N, o);
-  }
+  auto coef = [=](int64_t b) { return row(b, table); };
+  auto elem = [=](const RowCoef<A>& q, A z, A xv, A ev) {
+    A x0 = q.a * xv - q.b * ev;
+    if (clip) x0 = x0 < A(-1) ? A(-1) : (x0 > A(1) ? A(1) : x0);
+    return q.c * x0 + q.d * xv + q.f * ev + q.s * z;
+  };
+  for_each_chunk<T, K, VEC>(N, n, e, seed, offset, out, coef, elem, x, ep);
 }
 
 template <typename Row>
 at::Tensor launch_step(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& table, Row row,
                        const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
-  c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x);
-  const int64_t N = x.numel(), n = x.size(1);
-  if (N == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "isofast_step_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    constexpr int K = chunk_of<scalar_t>();
-    const scalar_t* zp = e.has_value() ? e->data_ptr<scalar_t>() : nullptr;
-    const bool vec = packs_aligned<scalar_t>({x.data_ptr(), eps_pred.data_ptr(), zp, out.data_ptr()});
-    const unsigned int blocks = blocks_for((N + K - 1) / K);
-    auto go = [&](auto vec_tag) {
-      step_kernel<scalar_t, K, decltype(vec_tag)::value, Row><<<blocks, kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), eps_pred.data_ptr<scalar_t>(), table.data_ptr<A>(), row, zp,
-          key.has_value() ? key->data_ptr<int64_t>() : nullptr, clip_x0, out.data_ptr<scalar_t>(), N, n);
-    };
-    if (vec) go(std::true_type{}); else go(std::false_type{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
-void check_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
-                     const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, const char* op) {
-  check_data(x, op, "x");
-  check_like(eps_pred, x, op, "eps_pred");
-  check_index(t, x, op, "t");
-  if (e.has_value()) check_like(*e, x, op, "e");
-  check_key(key, e, x, op);
+  auto launch = [&](auto vec, const auto* zp, auto* out, const ChunkGrid& g) {
+    using T = std::remove_pointer_t<decltype(out)>;
+    step_kernel<T, chunk_of<T>(), decltype(vec)::value, Row><<<g.blocks, kThreads, 0, g.stream>>>(
+        x.data_ptr<T>(), eps_pred.data_ptr<T>(), table.data_ptr<acc_t<T>>(), row, zp,
+        key.has_value() ? key->data_ptr<int64_t>() : nullptr, clip_x0, out, g.N, g.n);
+  };
+  return launch_elementwise(x, {eps_pred.data_ptr()}, e, launch);
 }
 
 at::Tensor ddpm_step_cuda(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
                           const at::Tensor& table, const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key,
                           bool clip_x0) {
   constexpr const char* op = "isofast_C::ddpm_step";
-  check_step_args(x, eps_pred, t, e, key, op);
-  check_table(table, x, 2, op, "table");
-  TORCH_CHECK(table.size(0) == 5, op, ": table must have shape (5, T), got ", table.sizes());
+  check_ddpm_step_args(x, eps_pred, t, table, e, key, op);
   return launch_step(x, eps_pred, table, DdpmRow{t.data_ptr<int64_t>(), table.size(1)}, e, key, clip_x0);
 }
 
@@ -136,9 +87,7 @@ at::Tensor ddim_step_cuda(const at::Tensor& x, const at::Tensor& eps_pred, const
                           const at::Tensor& t_prev, const at::Tensor& alphas_cumprod, double eta,
                           const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
   constexpr const char* op = "isofast_C::ddim_step";
-  check_step_args(x, eps_pred, t, e, key, op);
-  check_index(t_prev, x, op, "t_prev");
-  check_table(alphas_cumprod, x, 1, op, "alphas_cumprod");
+  check_ddim_step_args(x, eps_pred, t, t_prev, alphas_cumprod, e, key, op);
   DdimRow row{t.data_ptr<int64_t>(), t_prev.data_ptr<int64_t>(), alphas_cumprod.numel(), eta};
   return launch_step(x, eps_pred, alphas_cumprod, row, e, key, clip_x0);
 }
