@@ -16,7 +16,7 @@ inline bool is_data_dtype(at::ScalarType s) {
   return s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf;
 }
 
-// float64 tables for float64 data, float32 tables otherwise (backends.py contract).
+// float64 tables for float64 data, float32 tables otherwise (the primitive contract, ARCHITECTURE.md).
 inline at::ScalarType table_dtype(at::ScalarType data) { return data == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_data(const at::Tensor& x, const char* op, const char* name) {

@@ -1,4 +1,4 @@
-// Schemas of the isofast_C ops (the kernel primitives of isofast/ops/backends.py) and the
+// Schemas of the isofast_C ops (the primitives of ARCHITECTURE.md) and the
 // Python module isofast._C. The CPU kernels register in csrc/cpu/, the CUDA ones in csrc/cuda/.
 //
 // Seeds and offsets are uint64 values passed as their int64 bit patterns (schema `int`).
@@ -15,7 +15,7 @@ TORCH_LIBRARY(isofast_C, m) {
       "q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor? e, int seed, int offset) "
       "-> Tensor");
   // CPU: q_sample that also returns the eps it drew (float64 for float64 data, float32 otherwise),
-  // so the CPU backend can hand it to iso_sums/iso_grad instead of regenerating it (see compiled.py).
+  // so the CPU backend can hand it to iso_sums/iso_grad instead of regenerating it (NoiseKey.kept).
   m.def(
       "q_sample_noise(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, int seed, int offset) "
       "-> (Tensor, Tensor)");

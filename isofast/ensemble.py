@@ -18,7 +18,6 @@ not once per row (`EnsembleMLP.forward_shared_t`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +30,7 @@ from .ops import backends, extension, iso_ddpm_loss, q_sample
 from .ops.steps import ddpm_step_keyed
 from .sampling import ddpm_timesteps
 from .schedule import NoiseSchedule
+from .train_config import TrainConfig
 
 __all__ = ["EnsembleMLP", "EnsembleRun", "ensemble_ddpm_sample"]
 
@@ -99,30 +99,19 @@ class EnsembleMLP(nn.Module):
         return model.to(self.out_weight.device)
 
 
-@dataclass(frozen=True)
-class EnsembleConfig:
-    """The training settings every member shares (those of `TrainConfig` that a 2-D run uses)."""
-
-    batch_size: int = 64
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    T: int = 1000
-    schedule: str = "linear"
-    backend: str | None = None
-
-
 class EnsembleRun:
-    """Train M members at once; member m is the single run with ``seeds[m]``, ``lambdas[m]``, ``data[m]``.
+    """Train M members at once; member m is the single run of ``config`` with ``seed=seeds[m]``,
+    ``iso_lambda=lambdas[m]`` on ``data[m]`` (the config's own seed and iso_lambda are not used).
 
     data: (M, N, d) float tensor, or a sequence of M (N, d) tensors. seeds: M ints. lambdas: M floats >= 0.
+    config: a `TrainConfig` whose settings the members share: steps, batch_size, lr, betas, adam_eps,
+    grad_clip, ema_decay, ema_warmup, T, schedule, backend; Adam, mode "batch", fp32 and no LR warm-up
+    (other settings are refused).
     """
 
-    def __init__(self, data, seeds: Sequence[int], lambdas: Sequence[float], config: EnsembleConfig,
+    def __init__(self, data, seeds: Sequence[int], lambdas: Sequence[float], config: TrainConfig,
                  device: torch.device | str = "cpu") -> None:
+        _check_config(config)
         self.config, self.device = config, torch.device(device)
         self.seeds, self.lambdas = [int(s) for s in seeds], [float(v) for v in lambdas]
         M = len(self.seeds)
@@ -140,9 +129,11 @@ class EnsembleRun:
             members.append(TimeMLP(data_dim=self.data.shape[2]))
         self.model = EnsembleMLP(members).to(self.device)
         self.ema = EnsembleMLP(members).to(self.device).requires_grad_(False) if config.ema_decay > 0 else None
-        # fused: one pass over the stacked parameters, as the Trainer's optimizer (and so the same numbers)
+        # The Trainer's optimizer, so that members compute its numbers: on a CPU the per-tensor Adam. (The
+        # fused CPU Adam is 6x faster here, but rounds differently per memory layout, and Adam amplifies an
+        # ulp into visibly different weights within a few hundred steps; see the equality test.)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=config.betas,
-                                          eps=config.adam_eps, fused=self.device.type in ("cuda", "cpu"))
+                                          eps=config.adam_eps, fused=self.device.type == "cuda")
         self.schedule = NoiseSchedule.from_name(config.schedule, config.T).to(self.device)
         self.orders = [EpochOrder(N, config.batch_size, s) for s in self.seeds]
         self.generators = [make_noise_generator(s) for s in self.seeds]
@@ -187,10 +178,11 @@ class EnsembleRun:
         self.step += 1
         return loss.detach()
 
-    def fit(self, steps: int, progress: bool = False) -> EnsembleRun:
-        """Train until ``steps`` optimizer steps are done (one bar over the steps of all members)."""
+    def fit(self, steps: int | None = None, progress: bool = False) -> EnsembleRun:
+        """Train until ``steps`` (default: the config's) optimizer steps are done (one bar for all members)."""
         from tqdm.auto import tqdm
 
+        steps = self.config.steps if steps is None else steps
         with tqdm(total=steps, initial=self.step, desc=f"train {self.members} members", disable=not progress,
                   unit="step") as bar:
             while self.step < steps:
@@ -201,6 +193,17 @@ class EnsembleRun:
     @property
     def ema_model(self) -> EnsembleMLP:
         return self.ema if self.ema is not None else self.model
+
+
+def _check_config(config: TrainConfig) -> None:
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config.validate()
+    unsupported = {"optimizer": "adam", "weight_decay": 0.0, "warmup_steps": 0, "iso_mode": "batch",
+                   "precision": "fp32", "compile": False, "channels_last": False}
+    bad = [f"{k}={getattr(config, k)!r}" for k, v in unsupported.items() if getattr(config, k) != v]
+    if bad:
+        raise ValueError(f"the ensemble engine trains with {unsupported}; config has {', '.join(bad)}")
 
 
 def _stack_data(data, members: int) -> torch.Tensor:

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import TypedDict
 
 import torch
 from tqdm.auto import tqdm
+from typing_extensions import Unpack  # typing.Unpack is Python >= 3.11
 
 from . import cuda_graph
 from .noise import NoiseKey, calls_for, to_signed
@@ -33,7 +35,7 @@ from .ops import backends
 from .ops.steps import ddim_step_keyed, ddpm_step_keyed
 from .schedule import NoiseSchedule
 
-__all__ = ["ddpm_sample", "ddim_sample", "ddpm_timesteps", "ddim_timesteps", "step_key"]
+__all__ = ["ddpm_sample", "ddim_sample", "ddpm_timesteps", "ddim_timesteps", "step_key", "SampleOptions", "StepLoop"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # update(x, eps_pred, t, t_prev, key, backend) -> x_prev: one step op, graph-safe (device tensors only)
@@ -68,6 +70,29 @@ def step_key(seed: int, i: int, shape: Sequence[int], dtype: torch.dtype = torch
     return NoiseKey(seed=seed, offset=i * calls_for(key.numel), shape=key.shape, dtype=dtype, device=device)
 
 
+class SampleOptions(TypedDict, total=False):
+    """How a sampler runs, the same for every sampler (keyword arguments).
+
+    generator: torch generator the keys are drawn from (default: torch's global one).
+    device: where to sample (default: the device of the model's first parameter, else CPU).
+    dtype: dtype of x (float32 default; float64, float16, bfloat16).
+    cuda_graph: capture one step as a CUDA graph and replay it (None: on CUDA with a fused
+        backend). Ignored on CPU; True with the reference backend raises ValueError.
+    progress: tqdm bar over the steps (None: only when stderr is a terminal).
+    backend: backend of the step op (see `isofast.ops.backends`).
+    batch_size: sample in chunks of at most this many samples, each with its own keys
+        (so samples depend on it); None: one chunk.
+    """
+
+    generator: torch.Generator | None
+    device: torch.device | str | None
+    dtype: torch.dtype
+    cuda_graph: bool | None
+    progress: bool | None
+    backend: str | None
+    batch_size: int | None
+
+
 # ----- the samplers -------------------------------------------------------------------------------------
 def ddpm_sample(
     model: Model,
@@ -76,13 +101,7 @@ def ddpm_sample(
     *,
     clip_x0: bool = False,
     variance: str = "fixed_small",
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    cuda_graph: bool | None = None,
-    progress: bool | None = None,
-    backend: str | None = None,
-    batch_size: int | None = None,
+    **options: Unpack[SampleOptions],
 ) -> torch.Tensor:
     """Ancestral DDPM sampling (Ho et al., 2020): T steps x_T ~ N(0, I) -> x_0.
 
@@ -94,15 +113,8 @@ def ddpm_sample(
         model: ``model(x_t, t) -> eps_pred`` of x_t's shape; t is int64 (B,) on ``device``.
         shape: (B, ...) of the samples.
         sched: the schedule the model was trained with.
-        generator: torch generator the keys are drawn from (default: torch's global one).
-        device: where to sample (default: the device of the model's first parameter, else CPU).
-        dtype: dtype of x (float32, float64, float16, bfloat16).
-        cuda_graph: capture one step as a CUDA graph and replay it (None: on CUDA with a fused
-            backend). Ignored on CPU; True with the reference backend raises ValueError.
-        progress: tqdm bar over the steps (None: only when stderr is a terminal).
-        backend: backend of the step op (see `isofast.ops.backends`).
-        batch_size: sample in chunks of at most this many samples, each with its own keys
-            (so samples depend on it); None: one chunk.
+        clip_x0, variance: as above.
+        options: `SampleOptions` (generator, device, dtype, cuda_graph, progress, backend, batch_size).
 
     Returns:
         (B, ...) tensor of ``dtype`` on ``device``: the samples x_0.
@@ -114,8 +126,7 @@ def ddpm_sample(
     def update(x, eps, t, t_prev, key, name):
         return ddpm_step_keyed(x, eps, t, sched, None, key, bool(clip_x0), variance, name)
 
-    loop = _Loop.plan(model, shape, generator, device, dtype, cuda_graph, progress, backend, batch_size)
-    return loop.sample(model, update, *ddpm_timesteps(sched.T), "ddpm sampling")
+    return _Loop.plan(model, shape, **options).sample(model, update, *ddpm_timesteps(sched.T), "ddpm sampling")
 
 
 def ddim_sample(
@@ -126,13 +137,7 @@ def ddim_sample(
     eta: float = 0.0,
     *,
     clip_x0: bool = False,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    cuda_graph: bool | None = None,
-    progress: bool | None = None,
-    backend: str | None = None,
-    batch_size: int | None = None,
+    **options: Unpack[SampleOptions],
 ) -> torch.Tensor:
     """DDIM sampling (Song et al., 2021) over ``steps`` timesteps of `ddim_timesteps` (leading spacing).
 
@@ -150,8 +155,7 @@ def ddim_sample(
     def update(x, eps, t, t_prev, key, name):
         return ddim_step_keyed(x, eps, t, t_prev, sched, eta, None, key, bool(clip_x0), name)
 
-    loop = _Loop.plan(model, shape, generator, device, dtype, cuda_graph, progress, backend, batch_size)
-    return loop.sample(model, update, t_seq, t_prev_seq, "ddim sampling")
+    return _Loop.plan(model, shape, **options).sample(model, update, t_seq, t_prev_seq, "ddim sampling")
 
 
 # ----- the shared driver: chunks, keys, graph or eager --------------------------------------------------
@@ -169,7 +173,8 @@ class _Loop:
         self.backend, self.use_graph, self.chunk, self.progress = backend, use_graph, chunk, progress
 
     @classmethod
-    def plan(cls, model, shape, generator, device, dtype, cuda_graph, progress, backend, batch_size) -> _Loop:
+    def plan(cls, model, shape, *, generator=None, device=None, dtype=torch.float32, cuda_graph=None, progress=None,
+             backend=None, batch_size=None) -> _Loop:
         shape = _check_shape(shape)
         if not callable(model):
             raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")

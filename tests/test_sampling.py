@@ -127,7 +127,6 @@ def test_ddim_timesteps_leading_spacing():
 def test_step_keys_of_graph_loop_equal_eager_keys():
     """The device-side key of step i (base + offsets[i]) is the eager NoiseKey's (seed, offset), bitwise."""
     shape = (5, 3)  # 15 elements: 4 Philox calls per step, so offsets are not a multiple of numel
-    sched = NoiseSchedule.linear(T=6)
     seed = 2**64 - 12345  # above 2^63: exercises the signed bit-pattern encoding
     loop = sampling.StepLoop(ToyModel(shape[1:], 6), None, torch.zeros(shape), *sampling.ddpm_timesteps(6),
                              "cpu" if _fused("cpu") else "triton")

@@ -1,10 +1,11 @@
 // The O(B) tail of the Iso-Diffusion loss on the CPU: from the per-sample sums of iso_sums to
 // the loss, its detached parts and the backward coefficients, in one call.
 //
-// In torch ops this tail is ~20 tiny ops of ~2.5 us each: on the CPU, at training sizes, more
-// than the two kernels of the loss together (B=64 x 3072 float32: iso_sums 26 us, iso_grad
-// 18 us). The formulas are those of isofast/ops/loss.py (`_slopes`, `reference.loss_from_terms`),
-// which the tests hold this op to. Arithmetic in float64; outputs in the dtype of the sums.
+// In torch ops this tail is ~20 tiny ops: on the CPU, at training sizes, they cost more than the
+// two kernels of the loss together (benchmarks/results/design-measurements.md). The formulas are
+// those of isofast/ops/iso_loss.py (`_LossTail`, `_slopes`, `reference.loss_from_terms`), which the
+// tests hold this op to. Arithmetic in float64; outputs in the dtype of the sums. Its autograd is
+// in csrc/autograd.cpp.
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

@@ -10,13 +10,11 @@
 //
 // Vectorisation (g++ 12 -O3 -fopt-info-vec-optimized): the Box-Muller loop is vectorised in
 // every version (64-byte vectors for AVX-512, 32 for AVX2, 16 for the baseline), the portable
-// Philox loop in the AVX2 and baseline clones. One thread, 196608 normals (B=64 x 3072): AVX-512
-// 0.18 ms (its Philox alone ~0.1 ms), the AVX2 clone 0.44 ms, torch.randn 0.45 ms.
+// Philox loop in the AVX2 and baseline clones; the AVX-512 Philox is ~2x the compiler's.
 //
-// Regenerate vs. materialise (measured, B=64 x 3072 float32, 2 cores): generating the normals
-// costs several times reading them back from memory (0.09 ms vs ~0.02 ms), so on the CPU
-// q_sample stores the eps it drew (isofast_C::q_sample_noise) and iso_sums/iso_grad read it
-// (isofast/ops/compiled.py has the numbers); the GPU kernels regenerate.
+// Regenerate vs. materialise: generating the normals costs several reads of them, so on the CPU
+// q_sample also returns the eps it drew (isofast_C::q_sample_noise) and the loss reads it
+// (NoiseKey.kept); the GPU kernels regenerate. Timings: benchmarks/results/design-measurements.md.
 #include "cpu_common.h"
 #include "../philox.h"
 
@@ -146,7 +144,7 @@ inline float radius_of(float u) {
 // AVX-512 Philox, 16 calls per vector. The 32x32 -> 64-bit products come from vpmuludq on the
 // even and the odd lanes (two per multiply), the three-way XORs from one vpternlogd each; the key
 // schedule is the same for every lane, so it stays scalar. Same words as philox.h, bit for bit
-// (tests/test_philox_cpp.py, including counters that carry into the high word).
+// (tests/ops/test_noise_ops.py, including counters that carry into the high word).
 __attribute__((target("avx512f"), always_inline)) inline void mulhilo16(__m512i x, __m512i m, __m512i& hi,
                                                                          __m512i& lo) {
   const __m512i even = _mm512_mul_epu32(x, m);                         // lanes 0, 2, ..: full products
@@ -258,7 +256,7 @@ at::Tensor philox_bits_cpu(const at::Tensor& like, int64_t seed, int64_t offset)
 
 // The normals of the draw (seed, offset) of like.numel() elements, float32 (numel,).
 // scalar=false: the vectorised generator the kernels use (also how the CPU backend materialises a
-// draw the loss needs, isofast/ops/compiled.py); scalar=true: philox.h's randn4 (libm), for tests.
+// draw the loss needs, isofast/ops/extension.py); scalar=true: philox.h's randn4 (libm), for tests.
 at::Tensor philox_randn_cpu(const at::Tensor& like, int64_t seed, int64_t offset, bool scalar) {
   const int64_t numel = like.numel(), calls = (numel + 3) / 4;
   at::Tensor out = at::empty({calls * 4}, like.options().dtype(at::kFloat));

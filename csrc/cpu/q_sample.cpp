@@ -36,7 +36,7 @@ void q_sample_kernel(const T* x0, const int64_t* t, const acc_t<T>* sa, const ac
 
 // q_sample that also returns the eps it generated (float32, or float64 for float64 data: the
 // same values the loss kernels would regenerate, converted exactly; float32 for 16-bit data too,
-// so nothing is rounded), for the CPU backend's materialise-once path (isofast/ops/compiled.py).
+// so nothing is rounded), for the CPU backend's materialise-once path (NoiseKey.kept, isofast/ops/q_sample.py).
 template <typename T>
 void q_sample_noise_kernel(const T* x0, const int64_t* t, const acc_t<T>* sa, const acc_t<T>* sb, uint64_t seed,
                            uint64_t offset, T* out, acc_t<T>* eps, int64_t B, int64_t n) {

@@ -26,7 +26,6 @@ from ..noise import NoiseKey
 from ..reference import LossParts
 from . import backends, extension, operands, validation
 
-
 ONCE_DIFFERENTIABLE = ("iso_ddpm_loss: the fused loss is differentiable once (its backward, iso_grad, has no "
                        "derivative); for higher-order gradients (create_graph=True) use backend='reference'")
 
