@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from isofast.kernels.philox import contract_normals, join_u64, row_window, split_u64
-from isofast.kernels.settings import calculate_settings, check_rows
+from isofast.kernels.launch import keyed_noise, launch_keyed, prepare_rows
+from isofast.kernels.philox import row_window
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi"])
@@ -53,10 +53,7 @@ def iso_sums_kernel(p_ptr, e_ptr, sse_part_ptr, ssq_part_ptr, n, nwin, seed_lo, 
     pid = tl.program_id(0)
     b, flat, mask, counter_index, lane = row_window(pid, n, nwin, BLOCK)
     p = tl.load(p_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    if HAS_E:
-        eps = tl.load(e_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    else:
-        eps = contract_normals(join_u64(seed_lo, seed_hi), join_u64(offset_lo, offset_hi), counter_index, lane)
+    eps = keyed_noise(e_ptr, flat, mask, counter_index, lane, seed_lo, seed_hi, offset_lo, offset_hi, HAS_E)
     # Lanes outside the row carry generated noise: zero them before squaring.
     diff = tl.where(mask, p - eps, 0.0)
     sse = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
@@ -73,31 +70,22 @@ def iso_grad_kernel(p_ptr, e_ptr, c1_ptr, c2_ptr, g_ptr, n, nwin, seed_lo, seed_
     c1 = tl.load(c1_ptr + b).to(tl.float32)
     c2 = tl.load(c2_ptr + b).to(tl.float32)
     p = tl.load(p_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    if HAS_E:
-        eps = tl.load(e_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    else:
-        eps = contract_normals(join_u64(seed_lo, seed_hi), join_u64(offset_lo, offset_hi), counter_index, lane)
+    eps = keyed_noise(e_ptr, flat, mask, counter_index, lane, seed_lo, seed_hi, offset_lo, offset_hi, HAS_E)
     g = c1 * (p - eps) + c2 * p
     tl.store(g_ptr + flat, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def iso_sums(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sse, ssq)``: float32 (B,) row sums of ``(p - eps)**2`` and ``p**2``."""
-    check_rows("eps_pred", p)
-    if e is not None:
-        check_rows("noise", e, p, "eps_pred")
-    batch, n = p.shape
-    if p.numel() == 0:
+    cfg = prepare_rows("eps_pred", p, e)
+    batch = p.shape[0]
+    if cfg is None:
         zeros = torch.zeros(batch, dtype=torch.float32, device=p.device)
         return zeros, zeros.clone()
-    cfg = calculate_settings(n)
     # two buffers, not one (2, B, nwin): the outputs must not alias (torch.library custom ops)
     sse_part = torch.empty((batch, cfg.nwin), dtype=torch.float32, device=p.device)
     ssq_part = torch.empty_like(sse_part)
-    iso_sums_kernel[(batch * cfg.nwin,)](
-        p, p if e is None else e, sse_part, ssq_part, n, cfg.nwin,
-        *split_u64(seed), *split_u64(offset),
-        HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
+    launch_keyed(iso_sums_kernel, p, cfg, (p, p if e is None else e, sse_part, ssq_part), e, seed, offset)
     if cfg.nwin == 1:  # one window per row: the partials are the sums, skip two launches
         return sse_part.view(batch), ssq_part.view(batch)
     return sse_part.sum(dim=1), ssq_part.sum(dim=1)
@@ -106,18 +94,11 @@ def iso_sums(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int) ->
 def iso_grad(p: torch.Tensor, e: torch.Tensor | None, seed: int, offset: int,
              c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
     """``g = c1[b] * (p - eps) + c2[b] * p``: (B, n) in p's dtype."""
-    check_rows("eps_pred", p)
-    if e is not None:
-        check_rows("noise", e, p, "eps_pred")
-    batch, n = p.shape
+    cfg = prepare_rows("eps_pred", p, e)
     g = torch.empty_like(p)
-    if g.numel() == 0:
-        return g
-    cfg = calculate_settings(n)
-    # O(B) operands: .contiguous() is free when they already are (autograd may hand in
-    # expanded gradients), and the kernel indexes them as dense vectors
-    iso_grad_kernel[(batch * cfg.nwin,)](
-        p, p if e is None else e, c1.contiguous(), c2.contiguous(), g, n, cfg.nwin,
-        *split_u64(seed), *split_u64(offset),
-        HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
+    if cfg is not None:
+        # O(B) operands: .contiguous() is free when they already are (autograd may hand in
+        # expanded gradients), and the kernel indexes them as dense vectors
+        launch_keyed(iso_grad_kernel, p, cfg, (p, p if e is None else e, c1.contiguous(), c2.contiguous(), g),
+                     e, seed, offset)
     return g

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from isofast.kernels.philox import contract_normals, join_u64, row_window, split_u64
-from isofast.kernels.settings import calculate_settings, check_rows
+from isofast.kernels.launch import keyed_noise, launch_keyed, prepare_rows
+from isofast.kernels.philox import row_window
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi"])
@@ -27,10 +27,7 @@ def q_sample_kernel(x0_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr, e_ptr, out_ptr, n
     coef_x = tl.load(sqrt_ab_ptr + step).to(tl.float32)
     coef_e = tl.load(sqrt_1mab_ptr + step).to(tl.float32)
     x0 = tl.load(x0_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    if HAS_E:
-        eps = tl.load(e_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    else:
-        eps = contract_normals(join_u64(seed_lo, seed_hi), join_u64(offset_lo, offset_hi), counter_index, lane)
+    eps = keyed_noise(e_ptr, flat, mask, counter_index, lane, seed_lo, seed_hi, offset_lo, offset_hi, HAS_E)
     x_t = coef_x * x0 + coef_e * eps
     tl.store(out_ptr + flat, x_t.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -38,16 +35,10 @@ def q_sample_kernel(x0_ptr, t_ptr, sqrt_ab_ptr, sqrt_1mab_ptr, e_ptr, out_ptr, n
 def q_sample(x0: torch.Tensor, t: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor,
              e: torch.Tensor | None, seed: int, offset: int) -> torch.Tensor:
     """``x_t[b] = sqrt_ab[t[b]] * x0[b] + sqrt_1mab[t[b]] * eps[b]``; (B, n) in x0's dtype."""
-    check_rows("x0", x0)
-    if e is not None:
-        check_rows("noise", e, x0, "x0")
-    batch, n = x0.shape
+    cfg = prepare_rows("x0", x0, e)
     out = torch.empty_like(x0)
-    if out.numel() == 0:
-        return out
-    cfg = calculate_settings(n)
-    q_sample_kernel[(batch * cfg.nwin,)](
-        x0, t.contiguous(), sqrt_ab.contiguous(), sqrt_1mab.contiguous(), x0 if e is None else e, out, n, cfg.nwin,
-        *split_u64(seed), *split_u64(offset),
-        HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
+    if cfg is not None:
+        launch_keyed(q_sample_kernel, x0, cfg,
+                     (x0, t.contiguous(), sqrt_ab.contiguous(), sqrt_1mab.contiguous(), x0 if e is None else e, out),
+                     e, seed, offset)
     return out

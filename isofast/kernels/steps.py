@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from isofast.kernels.launch import launch_rows, prepare_rows
 from isofast.kernels.philox import as_uint64, contract_normals, row_window
-from isofast.kernels.settings import calculate_settings, check_rows
 
 
 @triton.jit
@@ -100,26 +100,15 @@ def _noise_args(x: torch.Tensor, t: torch.Tensor, e: torch.Tensor | None, key: t
     return (x if e is None else e), (t if key is None else key.contiguous())
 
 
-def _prepare_step(x: torch.Tensor, eps_pred: torch.Tensor, e: torch.Tensor | None):
-    """Check a step's data operands; return (output buffer, launch settings, or None when empty)."""
-    check_rows("x_t", x)
-    check_rows("eps_pred", eps_pred, x, "x_t")
-    if e is not None:
-        check_rows("noise", e, x, "x_t")
-    out = torch.empty_like(x)
-    return out, (calculate_settings(x.shape[1]) if out.numel() else None)
-
-
 def ddpm_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
               e: torch.Tensor | None, key: torch.Tensor | None, clip_x0: bool) -> torch.Tensor:
     """x_{t-1} of the DDPM ancestral step; (B, n) in x's dtype. table: float32 (5, T)."""
-    out, cfg = _prepare_step(x, eps_pred, e)
-    if cfg is None:
-        return out
-    batch, n = x.shape
-    ddpm_step_kernel[(batch * cfg.nwin,)](
-        x, eps_pred, t.contiguous(), table.contiguous(), *_noise_args(x, t, e, key), out, n, cfg.nwin, table.shape[1],
-        HAS_E=e is not None, CLIP_X0=bool(clip_x0), BLOCK=cfg.block, num_warps=cfg.num_warps)
+    cfg = prepare_rows("x_t", x, e, ("eps_pred", eps_pred))
+    out = torch.empty_like(x)
+    if cfg is not None:
+        launch_rows(ddpm_step_kernel, x, cfg,
+                    (x, eps_pred, t.contiguous(), table.contiguous(), *_noise_args(x, t, e, key), out), table.shape[1],
+                    HAS_E=e is not None, CLIP_X0=bool(clip_x0))
     return out
 
 
@@ -127,14 +116,12 @@ def ddim_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, t_prev: 
               alphas_cumprod: torch.Tensor, eta: float, e: torch.Tensor | None, key: torch.Tensor | None,
               clip_x0: bool) -> torch.Tensor:
     """x_{t_prev} of the DDIM step; (B, n) in x's dtype. alphas_cumprod: float32 (T,)."""
-    out, cfg = _prepare_step(x, eps_pred, e)
-    if cfg is None:
-        return out
-    batch, n = x.shape
-    eta = float(eta)
-    ddim_step_kernel[(batch * cfg.nwin,)](
-        x, eps_pred, t.contiguous(), t_prev.contiguous(), alphas_cumprod.contiguous(), eta,
-        *_noise_args(x, t, e, key, eta != 0.0), out, n, cfg.nwin,
-        HAS_NOISE=eta != 0.0, HAS_E=e is not None, CLIP_X0=bool(clip_x0),
-        BLOCK=cfg.block, num_warps=cfg.num_warps)
+    cfg = prepare_rows("x_t", x, e, ("eps_pred", eps_pred))
+    out = torch.empty_like(x)
+    if cfg is not None:
+        eta = float(eta)
+        launch_rows(ddim_step_kernel, x, cfg,
+                    (x, eps_pred, t.contiguous(), t_prev.contiguous(), alphas_cumprod.contiguous(), eta,
+                     *_noise_args(x, t, e, key, eta != 0.0), out),
+                    HAS_NOISE=eta != 0.0, HAS_E=e is not None, CLIP_X0=bool(clip_x0))
     return out
