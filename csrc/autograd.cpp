@@ -1,7 +1,7 @@
 // Autograd of the differentiable isofast_C ops, registered on the ops themselves (as torchvision
 // does in csrc/ops/autograd/): one registration for CPU and CUDA tensors alike, and no Python on
-// the training step's hot path (a Python autograd kernel costs ~40 us a call on a 2-core CPU, as
-// much as the loss's kernels at training sizes).
+// the training step's hot path (a Python autograd kernel costs as much as the loss's kernels at
+// training sizes on a CPU: benchmarks/results/design-measurements.md).
 //
 // The rules (each input's gradient is computed only when autograd asks for it):
 //   q_sample:       x_t = sqrt_ab[t] x0 + sqrt_1mab[t] e   ->  dx0 = sqrt_ab[t] g,  de = sqrt_1mab[t] g
