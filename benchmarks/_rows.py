@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import _baselines as B
 import _harness as H
@@ -172,6 +173,28 @@ def _inputs(shape, dtype, device, sched, n_sets: int | None = None, *, grad: boo
     return sets
 
 
+class _OpSetup(NamedTuple):
+    """What an op row starts from: its dtype, the linear schedule (T = 1000) and its sqrt(ab),
+    sqrt(1 - ab) tables on the device, the rotated input sets and the output tolerances."""
+
+    dtype: torch.dtype
+    sched: NoiseSchedule
+    sched_dev: NoiseSchedule
+    sqrt_ab: torch.Tensor
+    sqrt_1mab: torch.Tensor
+    ins: dict[str, list]
+    rtol: float
+    atol: float
+
+
+def _op_setup(settings: Settings, dtype_name: str, shape, *, grad: bool) -> _OpSetup:
+    dev, dtype = settings.device, DTYPES[dtype_name]
+    sched = NoiseSchedule.linear(1000)
+    sd = sched.to(device=dev)
+    return _OpSetup(dtype, sched, sd, sd.sqrt_alphas_cumprod, sd.sqrt_one_minus_alphas_cumprod,
+                    _inputs(shape, dtype, dev, sched, grad=grad), *TOLERANCES[dtype])
+
+
 def _grad_of(loss, p):
     (g,) = torch.autograd.grad(loss, p)
     return g
@@ -185,12 +208,9 @@ def _ref_loss_grad(p, eps, mode):
 
 # ----- op rows ------------------------------------------------------------------------------------------
 def q_sample_row(settings: Settings, dtype_name: str, shape, use_compile: bool) -> Row:
-    dev, dtype = settings.device, DTYPES[dtype_name]
-    sched = NoiseSchedule.linear(1000)
-    sd = sched.to(device=dev)
-    ins = _inputs(shape, dtype, dev, sched, grad=False)
-    rtol, atol = TOLERANCES[dtype]
-    sqrt_ab, sqrt_1mab = sd.sqrt_alphas_cumprod, sd.sqrt_one_minus_alphas_cumprod
+    setup = _op_setup(settings, dtype_name, shape, grad=False)
+    dtype, sched, ins, rtol, atol = setup.dtype, setup.sched, setup.ins, setup.rtol, setup.atol
+    sqrt_ab, sqrt_1mab = setup.sqrt_ab, setup.sqrt_1mab
 
     def baseline(fn):
         def run(i):
@@ -228,10 +248,8 @@ def q_sample_row(settings: Settings, dtype_name: str, shape, use_compile: bool) 
 
 
 def loss_row(settings: Settings, mode: str, dtype_name: str, shape, use_compile: bool, tensor_noise: bool) -> Row:
-    dev, dtype = settings.device, DTYPES[dtype_name]
-    sched = NoiseSchedule.linear(1000)
-    ins = _inputs(shape, dtype, dev, sched, grad=True)
-    rtol, atol = TOLERANCES[dtype]
+    setup = _op_setup(settings, dtype_name, shape, grad=True)
+    dtype, ins, rtol, atol = setup.dtype, setup.ins, setup.rtol, setup.atol
 
     def check_against_reference(run):
         loss, grad = run(0)
@@ -270,12 +288,9 @@ def loss_row(settings: Settings, mode: str, dtype_name: str, shape, use_compile:
 
 def noise_loss_row(settings: Settings, dtype_name: str, shape, use_compile: bool) -> Row:
     """Noising + loss fwd + bwd: the per-step work of training outside the model (eps_pred stands in for it)."""
-    dev, dtype = settings.device, DTYPES[dtype_name]
-    sched = NoiseSchedule.linear(1000)
-    sd = sched.to(device=dev)
-    ins = _inputs(shape, dtype, dev, sched, grad=True)
-    rtol, atol = TOLERANCES[dtype]
-    sqrt_ab, sqrt_1mab = sd.sqrt_alphas_cumprod, sd.sqrt_one_minus_alphas_cumprod
+    setup = _op_setup(settings, dtype_name, shape, grad=True)
+    dtype, sched, sd, ins, rtol, atol = setup.dtype, setup.sched, setup.sched_dev, setup.ins, setup.rtol, setup.atol
+    sqrt_ab, sqrt_1mab = setup.sqrt_ab, setup.sqrt_1mab
 
     def forward(x0, t, p, noise=None):
         x_t, noise = B.q_sample(x0, t, sqrt_ab, sqrt_1mab, noise)
@@ -357,14 +372,12 @@ def _check_noise_variance(x_t, x0, t, sd) -> None:
 
 def ddpm_step_row(settings: Settings, dtype_name: str, shape, use_compile: bool) -> Row:
     """One ancestral sampler step x_t -> x_{t-1} with fresh noise (eps_pred given: no model)."""
-    dev, dtype = settings.device, DTYPES[dtype_name]
-    sched = NoiseSchedule.linear(1000)
+    setup = _op_setup(settings, dtype_name, shape, grad=False)
+    dev, dtype, sched, ins, rtol, atol = settings.device, setup.dtype, setup.sched, setup.ins, setup.rtol, setup.atol
     tables = B.step_tables(sched, dev)
-    ins = _inputs(shape, dtype, dev, sched, grad=False)
     n = len(ins["x0"])
     steps = [int(s) for s in torch.randint(1, sched.T, (n,), generator=torch.Generator().manual_seed(7))]
     t_vec = [torch.full((shape[0],), s, dtype=torch.int64, device=dev) for s in steps]
-    rtol, atol = TOLERANCES[dtype]
 
     def ref_step(i, noise):
         return reference.ddpm_step(ins["x0"][i], ins["eps_pred"][i], t_vec[i], sched, noise)
