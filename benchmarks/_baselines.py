@@ -109,15 +109,23 @@ def ddim_loop(model, x_T, alphas_cumprod, steps: int):
     return x
 
 
-def diffusers_ddim_scheduler(sched_T: int, beta_start: float, beta_end: float):
-    """diffusers' DDIMScheduler with isofast's DDIM conventions ("leading" spacing, ab_prev = 1 at the end)."""
+def _diffusers_linear(class_name: str, sched_T: int, beta_start: float, beta_end: float, **config):
+    """diffusers' scheduler ``class_name`` on our linear schedule (epsilon prediction, no clipping), with
+    the extra ``config``; None when diffusers (or that class) does not import."""
     try:
-        from diffusers import DDIMScheduler
+        import diffusers
+
+        scheduler_class = getattr(diffusers, class_name)
     except Exception:
         return None
-    return DDIMScheduler(num_train_timesteps=sched_T, beta_schedule="linear", beta_start=beta_start,
-                         beta_end=beta_end, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
-                         timestep_spacing="leading", prediction_type="epsilon")
+    return scheduler_class(num_train_timesteps=sched_T, beta_schedule="linear", beta_start=beta_start,
+                           beta_end=beta_end, clip_sample=False, prediction_type="epsilon", **config)
+
+
+def diffusers_ddim_scheduler(sched_T: int, beta_start: float, beta_end: float):
+    """diffusers' DDIMScheduler with isofast's DDIM conventions ("leading" spacing, ab_prev = 1 at the end)."""
+    return _diffusers_linear("DDIMScheduler", sched_T, beta_start, beta_end,
+                             set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
 
 
 def diffusers_ddim_loop(model, x_T, scheduler, steps: int):
@@ -134,13 +142,7 @@ def diffusers_ddim_loop(model, x_T, scheduler, steps: int):
 
 def diffusers_scheduler(sched_T: int, beta_start: float, beta_end: float):
     """diffusers' DDPMScheduler configured as our linear schedule, or None when diffusers is missing."""
-    try:
-        from diffusers import DDPMScheduler
-    except Exception:
-        return None
-    return DDPMScheduler(num_train_timesteps=sched_T, beta_schedule="linear", beta_start=beta_start,
-                         beta_end=beta_end, clip_sample=False, variance_type="fixed_small",
-                         prediction_type="epsilon")
+    return _diffusers_linear("DDPMScheduler", sched_T, beta_start, beta_end, variance_type="fixed_small")
 
 
 def diffusers_loop(model, x_T, scheduler, generator=None):
