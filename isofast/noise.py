@@ -13,7 +13,7 @@ high word even when the product's top bit is set.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -142,7 +142,8 @@ class NoiseKey:
 
     def keeping(self, draw: torch.Tensor | None) -> NoiseKey:
         """This key carrying ``draw`` (its values as a CPU kernel generated them; None: carrying nothing)."""
-        key = replace(self)
+        key = object.__new__(NoiseKey)  # a copy without re-validating the fields (hot path: every step)
+        key.__dict__.update(self.__dict__)
         object.__setattr__(key, "kept", draw)
         return key
 

@@ -29,7 +29,10 @@ def noise(noise: torch.Tensor | NoiseKey, like: torch.Tensor, use_kept: bool) ->
     """
     if isinstance(noise, torch.Tensor):
         return rows(noise.to(like.dtype)), 0, 0
-    kept = None if noise.kept is None or not use_kept else noise.kept.view(like.shape).to(extension.noise_dtype(like.dtype))
+    kept = noise.kept if use_kept else None
+    if kept is not None:
+        dtype = extension.noise_dtype(like.dtype)
+        kept = kept if kept.shape == like.shape and kept.dtype == dtype else kept.view(like.shape).to(dtype)
     return kept, to_signed(noise.seed), to_signed(noise.offset)
 
 

@@ -26,7 +26,7 @@ def float_tensor(name: str, x: object) -> torch.Tensor:
         raise TypeError(f"{name} must have a floating dtype (float32, float64, float16, bfloat16), got {x.dtype}")
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-    if x[0].numel() == 0:
+    if math.prod(x.shape[1:]) == 0:  # not x[0].numel(): indexing builds a view, ~5 us a call
         raise ValueError(f"{name} must have at least one element per sample, got shape {tuple(x.shape)}")
     return x
 
