@@ -4,7 +4,7 @@ The ops have the schemas of the compiled ones (``torch.ops.isofast_C.*``, csrc/o
 the two to each other), so `isofast.ops` calls either library the same way; their fake and autograd
 functions are registered in `isofast.ops`, one module per op. One file per kernel family here:
 `q_sample`, `iso_loss` (iso_sums, iso_grad), `steps` (ddpm_step, ddim_step); `philox` is the noise
-contract in Triton and `settings` the launch settings.
+contract in Triton, `settings` the launch settings and `launch` the launchers' shared prologue.
 
 Data is contiguous (B, n) float32, bfloat16 or float16 (float64 raises TypeError: the ops layer
 routes it to the reference); math runs in float32. Kernels run on CUDA tensors, or on CPU tensors
