@@ -1,7 +1,7 @@
 """Build of the compiled extension isofast._C (metadata lives in pyproject.toml).
 
 - The C++ CPU kernels are built wherever a C++ compiler works; without one the package
-  installs as pure Python and ``isofast.ops.compiled.available`` says why.
+  installs as pure Python and ``isofast.ops.extension.available`` says why.
 - The CUDA kernels are added when torch has CUDA, nvcc is found and a GPU is present, or
   when ``ISOFAST_CUDA=1`` (cross-compiling without a GPU; ``TORCH_CUDA_ARCH_LIST`` is
   honoured, default "8.0;9.0" plus the local GPU's arch). ``ISOFAST_CUDA=0`` skips them. When CUDA was chosen, a
