@@ -71,3 +71,29 @@ def test_bad_members_are_refused(tmp_path):
         EnsembleRun(data, [0, 1], [0.1, 0.2], TrainConfig(out_dir=str(tmp_path), steps=1, warmup_steps=10))
     with pytest.raises(ValueError, match="seeds"):
         ensemble_ddpm_sample(EnsembleMLP([TimeMLP()]), 4, NoiseSchedule.linear(T=5), seeds=[1, 2])
+
+
+def test_toy2d_sweep_ensemble_engine_equals_single_engine(tmp_path):
+    """`isofast toy2d --engine ensemble`: the same runs, samples and PRDC as the single engine."""
+    from isofast.experiments.toy2d import _load_run, config_from_preset, run_dir, run_sweep
+
+    results = {}
+    for engine in ("single", "ensemble"):
+        cfg = config_from_preset("default", quick=True, out=str(tmp_path / engine))
+        run_sweep(cfg, log=lambda msg: None, engine=engine)
+        results[engine] = {key: _load_run(run_dir(cfg, *key)) for key in
+                           [(d, lam, s) for d in cfg.datasets for lam in cfg.lambdas for s in cfg.seeds]}
+    assert results["single"].keys() == results["ensemble"].keys()
+    for key, single in results["single"].items():
+        ensemble = results["ensemble"][key]
+        torch.testing.assert_close(torch.from_numpy(ensemble.samples), torch.from_numpy(single.samples),
+                                   rtol=1e-4, atol=1e-4)
+        for metric in ("precision", "recall", "density", "coverage"):
+            assert abs(getattr(ensemble, metric) - getattr(single, metric)) <= 1e-3, (key, metric)
+
+
+def test_toy2d_sweep_refuses_unknown_engine(tmp_path):
+    from isofast.experiments.toy2d import config_from_preset, run_sweep
+
+    with pytest.raises(ValueError, match="engine"):
+        run_sweep(config_from_preset("default", quick=True, out=str(tmp_path)), engine="parallel")

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         print("isofast toy2d: error: --jobs must be >= 1", file=sys.stderr)
         return 2
-    run_sweep(cfg, resume=args.resume, jobs=jobs)
+    run_sweep(cfg, resume=args.resume, jobs=jobs, engine=args.engine)
     with open(f"{cfg.out}/results.md") as f:
         print(f.read(), end="")
     return 0
@@ -65,6 +65,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--jobs", type=int,
                         help="runs trained at once, one process each, torch threads split between them "
                              "(default: min(2, CPU cores)); results do not depend on it")
+    parser.add_argument("--engine", choices=("single", "ensemble"), default="single",
+                        help="single: one Trainer per run (default); ensemble: all runs trained and sampled as one "
+                             "batched ensemble (isofast.ensemble; each member equals its single run)")
     parser.add_argument("--resume", action="store_true",
                         help="continue a sweep in --out: finished runs are reused, an interrupted one resumes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

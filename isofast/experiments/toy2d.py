@@ -285,17 +285,20 @@ def _run_in_worker(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: int,
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None] | None = None,
-              jobs: int = 1) -> list[dict]:
+              jobs: int = 1, engine: str = "single") -> list[dict]:
     """Run every (dataset, lambda, seed) of ``cfg`` and write the artefacts; returns the summary rows.
 
     jobs: runs trained at once, each in its own process with torch.get_num_threads() // jobs threads
     (at least 1). Small MLPs use cores better as parallel single-threaded runs than as one multi-threaded
-    run; the results do not depend on ``jobs``.
+    run; the results do not depend on ``jobs``. engine "ensemble": all pending runs as one ensemble
+    (`toy2d_ensemble`; ``jobs`` is not used).
     """
     from .toy2d_report import plot_isotropy, plot_samples_grid, summarize, write_tables
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    if engine not in ("single", "ensemble"):
+        raise ValueError(f"engine must be 'single' or 'ensemble', got {engine!r}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = prepare_output(cfg, resume)
     atomic_write_text(out / "sweep.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
@@ -321,7 +324,12 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
             report(key, done, True)
         else:
             todo.append(key)
-    if jobs == 1:
+    if engine == "ensemble" and todo:
+        from .toy2d_ensemble import train_and_evaluate_all
+
+        for key, result in zip(todo, train_and_evaluate_all(cfg, todo), strict=True):
+            report(key, result, False)
+    elif jobs == 1:
         for key in todo:
             report(key, train_and_evaluate(cfg, *key, resume=resume), False)
     elif todo:
