@@ -97,22 +97,26 @@ def test_iso_sums_and_iso_grad_equal_formula(backend, dtype, explicit):
           seed=KEYS, offset=KEYS, data_seed=st.integers(0, 2**31))
 
 
-@on("cpu", "cuda")
-@pytest.mark.parametrize("n", [2047, 2048, 2049, 4099])
-def test_iso_sums_multi_tile_rows(backend, n):
-    # Rows longer than one tile (2048) with row starts that are not multiples of 4: the tile
-    # partials and the noise's counter alignment must add up.
-    B, seed, offset = 3, 2**37 + 11, 2**34 + 3
-    gen = torch.Generator().manual_seed(n)
+def _check_generated_sums_and_grad(backend, B, n, seed, offset, sums_atol, data_seed):
+    """iso_sums and iso_grad with in-kernel noise against the formulas over the contract's normals."""
+    gen = torch.Generator().manual_seed(data_seed)
     p = torch.randn(B, n, generator=gen)
     eps = eps_of(seed, offset, B, n)
     dev = backend.device
     sse, ssq = backend.ops.iso_sums(p.to(dev), None, seed, offset)
     want_sse, want_ssq = sums_expr(p, eps)
-    torch.testing.assert_close(sse.cpu().double(), want_sse, rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(ssq.cpu().double(), want_ssq, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(sse.cpu().double(), want_sse, rtol=1e-5, atol=sums_atol)
+    torch.testing.assert_close(ssq.cpu().double(), want_ssq, rtol=1e-5, atol=sums_atol)
     g = backend.ops.iso_grad(p.to(dev), None, seed, offset, torch.ones(B, device=dev), torch.zeros(B, device=dev))
     torch.testing.assert_close(g.cpu(), p - eps, rtol=0, atol=NOISE_ATOL)
+
+
+@on("cpu", "cuda")
+@pytest.mark.parametrize("n", [2047, 2048, 2049, 4099])
+def test_iso_sums_multi_tile_rows(backend, n):
+    # Rows longer than one tile (2048) with row starts that are not multiples of 4: the tile
+    # partials and the noise's counter alignment must add up.
+    _check_generated_sums_and_grad(backend, 3, n, 2**37 + 11, 2**34 + 3, sums_atol=1e-3, data_seed=n)
 
 
 @on("cpu", "cuda")
@@ -120,17 +124,7 @@ def test_iso_sums_multi_tile_rows(backend, n):
 def test_iso_sums_short_rows_packed_several_per_tile(backend, B, n):
     # Rows shorter than half a tile are packed several per tile with one noise fill per tile; tiles
     # after the first start mid-stream (flat index not a multiple of 4 for odd n).
-    seed, offset = 2**40 + 5, 2**33 + 1
-    gen = torch.Generator().manual_seed(B * n)
-    p = torch.randn(B, n, generator=gen)
-    eps = eps_of(seed, offset, B, n)
-    dev = backend.device
-    sse, ssq = backend.ops.iso_sums(p.to(dev), None, seed, offset)
-    want_sse, want_ssq = sums_expr(p, eps)
-    torch.testing.assert_close(sse.cpu().double(), want_sse, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(ssq.cpu().double(), want_ssq, rtol=1e-5, atol=1e-4)
-    g = backend.ops.iso_grad(p.to(dev), None, seed, offset, torch.ones(B, device=dev), torch.zeros(B, device=dev))
-    torch.testing.assert_close(g.cpu(), p - eps, rtol=0, atol=NOISE_ATOL)
+    _check_generated_sums_and_grad(backend, B, n, 2**40 + 5, 2**33 + 1, sums_atol=1e-4, data_seed=B * n)
 
 
 @on("cpu")
