@@ -25,6 +25,9 @@ from hypothesis import strategies as st
 from isofast import noise
 from isofast.ops import backends
 
+# Row lengths n drawn by the hypothesis tests: the edge cases (1, 2, 3, odd, around a power of two) and any n.
+LENGTHS = st.sampled_from([1, 2, 3, 5, 7, 31, 33, 64, 70]) | st.integers(1, 70)
+
 FUSED = ("cpu", "triton", "cuda")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 NOISE_ATOL = 4e-6  # a generator's normals vs the reference's (ARCHITECTURE.md, noise contract step 3)
@@ -45,7 +48,7 @@ PRIMITIVE_TOL = {
 # interpreter rows of a few windows of 32
 PRIMITIVE_SHAPES = {
     "compiled": st.tuples(st.integers(1, 5), st.sampled_from([1, 2, 3, 4, 5, 7, 8, 31, 64, 97, 300])),
-    "triton": st.tuples(st.integers(1, 4), st.sampled_from([1, 2, 3, 5, 7, 31, 33, 64, 70]) | st.integers(1, 70)),
+    "triton": st.tuples(st.integers(1, 4), LENGTHS),
 }
 # keys whose counters carry (offset near 2**64) on the smallest rows, run by every primitive test
 EDGE_EXAMPLES = (
@@ -177,3 +180,9 @@ def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
         big[::2] = x
         return big[::2]
     return x
+
+
+# The public ops against the reference: (rtol, atol) in the data dtype, as for the compiled primitives;
+# hypothesis strategies of sample shapes (image-like and flat; row lengths: LENGTHS above).
+PUBLIC_TOL = PRIMITIVE_TOL["compiled"]
+IMAGE_SHAPES = st.sampled_from([(1, 1), (2, 2), (3, 5), (1, 3, 4, 4), (4, 3, 5, 3), (2, 7, 3)])

@@ -18,11 +18,14 @@ import torch
 from conftest import (
     DTYPES,
     EDGE_EXAMPLES,
+    IMAGE_SHAPES,
     KEYS,
     LAYOUTS,
+    LENGTHS,
     NOISE_ATOL,
     PRIMITIVE_SHAPES,
     PRIMITIVE_TOL,
+    PUBLIC_TOL,
     U64,
     acc,
     check,
@@ -39,11 +42,8 @@ from isofast import NoiseKey, NoiseSchedule, noise, reference
 from isofast.ops import backends, extension, operands
 from isofast.ops import iso_loss as loss_mod
 
-TOL = PRIMITIVE_TOL["compiled"]  # (rtol, atol) of an output in the data dtype, as for the compiled primitives
 LOSS_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2),
             torch.float16: (2e-3, 2e-3)}
-IMAGE_SHAPES = st.sampled_from([(1, 1), (2, 2), (3, 5), (1, 3, 4, 4), (4, 3, 5, 3), (2, 7, 3)])
-LENGTHS = st.sampled_from([1, 2, 3, 5, 7, 31, 33, 64, 70]) | st.integers(1, 70)
 CASES = [(m, r) for m, r in itertools.product(("batch", "sample"), ("mean", "sum", "none")) if (m, r) != ("batch", "none")]
 
 
@@ -500,7 +500,7 @@ def test_public_loss_equals_reference_forward_backward(backend, dtype):
         for a, b in zip(parts_got, parts_ref, strict=True):
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol + extra)
         assert g_got.dtype == dtype and g_got.shape == shape
-        close(g_got, g_ref, TOL[dtype], extra_atol=extra)
+        close(g_got, g_ref, PUBLIC_TOL[dtype], extra_atol=extra)
 
     check(8, body, shape=IMAGE_SHAPES, seed=U64, keyed=st.booleans(), mode=st.sampled_from(["batch", "sample"]),
           reduction=st.sampled_from(["mean", "sum", "none"]), weighted=st.booleans(),
@@ -626,7 +626,7 @@ def test_public_loss_takes_any_strides(backend, dtype):
             results[name] = (loss.detach(), p.grad)
         for what, got, want in zip(("loss", "grad"), results[backend.name], results["reference"], strict=True):
             assert got.shape == want.shape and got.dtype == want.dtype, what
-            close(got, want, TOL[dtype if what != "loss" else acc(dtype)],
+            close(got, want, PUBLIC_TOL[dtype if what != "loss" else acc(dtype)],
                   extra_atol=extra + (1e-6 if what == "loss" else 0.0), msg=what)
 
     check(10, body, shape=st.sampled_from([(2, 3), (3, 4, 5), (2, 3, 4, 5), (4, 2, 3, 3)]), seed=U64,
@@ -785,7 +785,7 @@ def test_cuda_iso_ops_equal_cpu(backend, dtype, shape):
     s, o = noise.to_signed(seed), noise.to_signed(offset)
     ops, cu = torch.ops.isofast_C, (lambda z: None if z is None else z.to(backend.device))
     for e_arg in (None, e):
-        close(ops.iso_grad(cu(p), cu(e_arg), s, o, cu(c1), cu(c2)), ops.iso_grad(p, e_arg, s, o, c1, c2), TOL[dtype],
+        close(ops.iso_grad(cu(p), cu(e_arg), s, o, cu(c1), cu(c2)), ops.iso_grad(p, e_arg, s, o, c1, c2), PUBLIC_TOL[dtype],
               extra_atol=20 * NOISE_ATOL)
         sums_cpu, sums_gpu = ops.iso_sums(p, e_arg, s, o), ops.iso_sums(cu(p), cu(e_arg), s, o)
         for want, got in zip(sums_cpu, sums_gpu, strict=True):

@@ -13,11 +13,14 @@ import torch
 from conftest import (
     DTYPES,
     EDGE_EXAMPLES,
+    IMAGE_SHAPES,
     KEYS,
     LAYOUTS,
+    LENGTHS,
     NOISE_ATOL,
     PRIMITIVE_SHAPES,
     PRIMITIVE_TOL,
+    PUBLIC_TOL,
     U64,
     acc,
     check,
@@ -32,10 +35,6 @@ from hypothesis import strategies as st
 import isofast
 from isofast import NoiseKey, NoiseSchedule, noise
 from isofast.ops import operands
-
-# (rtol, atol) of the public op against the reference, in the data dtype, as for the compiled primitives
-TOL = PRIMITIVE_TOL["compiled"]
-IMAGE_SHAPES = st.sampled_from([(1, 1), (2, 2), (3, 5), (1, 3, 4, 4), (4, 3, 5, 3), (2, 7, 3)])
 
 
 def q_sample_expr(x0, t, sa, sb, eps):
@@ -283,7 +282,7 @@ def test_public_q_sample_equals_reference(backend, dtype):
         got, _ = isofast.q_sample(x0, t, sched, eps, backend=backend.name)
         want, _ = isofast.q_sample(x0, t, sched, eps, backend="reference")
         assert got.shape == want.shape and got.dtype == want.dtype and got.device == want.device
-        close(got, want, TOL[dtype], extra_atol=NOISE_ATOL if keyed else 0.0)
+        close(got, want, PUBLIC_TOL[dtype], extra_atol=NOISE_ATOL if keyed else 0.0)
 
     check(8, body, shape=IMAGE_SHAPES, seed=U64, offset=U64, keyed=st.booleans())
 
@@ -305,7 +304,7 @@ def test_public_q_sample_gradient_in_x0(backend, dtype):
         (x_t * upstream).sum().backward()
         grads.append(x0.grad)
     assert grads[0].dtype == dtype
-    close(grads[0], grads[1], TOL[dtype])
+    close(grads[0], grads[1], PUBLIC_TOL[dtype])
     if dtype == torch.float64:
         x0 = torch.randn(shape, dtype=torch.float64, device=dev, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x: isofast.q_sample(x, t, sched, key, backend=backend.name)[0], (x0,))
@@ -342,7 +341,7 @@ def test_public_q_sample_noise_is_the_key_the_loss_regenerates(backend, dtype):
                 assert parts.mse.item() < (4e-6) ** 2
 
     check(4, body, data_seed=st.integers(0, 2**16), batch=st.integers(1, 4),
-          n=st.sampled_from([1, 2, 3, 5, 7, 31, 33, 64, 70]) | st.integers(1, 70))
+          n=LENGTHS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -362,7 +361,7 @@ def test_public_q_sample_takes_any_strides(backend, dtype):
         got, _ = isofast.q_sample(x0, t, sched, eps, backend=backend.name)
         want, _ = isofast.q_sample(x0, t, sched, eps, backend="reference")
         assert got.shape == want.shape and got.dtype == want.dtype
-        close(got, want, TOL[dtype], extra_atol=4 * NOISE_ATOL if keyed else 0.0, msg="x_t")
+        close(got, want, PUBLIC_TOL[dtype], extra_atol=4 * NOISE_ATOL if keyed else 0.0, msg="x_t")
 
     check(10, body, shape=st.sampled_from([(2, 3), (3, 4, 5), (2, 3, 4, 5), (4, 2, 3, 3)]), seed=U64,
           keyed=st.booleans(), layout=st.sampled_from(LAYOUTS))
@@ -385,5 +384,5 @@ def test_cuda_q_sample_equals_cpu(backend, dtype, shape):
     for e_arg in (None, e):
         want = ops.q_sample(x, t, ab.sqrt(), (1 - ab).sqrt(), e_arg, s, o)
         got = ops.q_sample(cu(x), cu(t), cu(ab.sqrt()), cu((1 - ab).sqrt()), cu(e_arg), s, o)
-        close(got, want, TOL[dtype], extra_atol=20 * NOISE_ATOL)
+        close(got, want, PUBLIC_TOL[dtype], extra_atol=20 * NOISE_ATOL)
 

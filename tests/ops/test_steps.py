@@ -13,11 +13,14 @@ import torch
 from conftest import (
     DTYPES,
     EDGE_EXAMPLES,
+    IMAGE_SHAPES,
     KEYS,
     LAYOUTS,
+    LENGTHS,
     NOISE_ATOL,
     PRIMITIVE_SHAPES,
     PRIMITIVE_TOL,
+    PUBLIC_TOL,
     U64,
     acc,
     check,
@@ -32,10 +35,6 @@ from hypothesis import strategies as st
 
 import isofast
 from isofast import NoiseKey, NoiseSchedule, noise
-
-TOL = PRIMITIVE_TOL["compiled"]  # (rtol, atol) of an output in the data dtype, as for the compiled primitives
-IMAGE_SHAPES = st.sampled_from([(1, 1), (2, 2), (3, 5), (1, 3, 4, 4), (4, 3, 5, 3), (2, 7, 3)])
-LENGTHS = st.sampled_from([1, 2, 3, 5, 7, 31, 33, 64, 70]) | st.integers(1, 70)
 
 
 def ddpm_expr(x, ep, t, table, z, clip):
@@ -236,11 +235,11 @@ def test_public_steps_equal_reference(backend, dtype):
         got = isofast.ddpm_step(x, ep, t, sched, z, clip_x0=clip, variance=variance, backend=backend.name)
         want = isofast.ddpm_step(x, ep, t, sched, z, clip_x0=clip, variance=variance, backend="reference")
         assert got.dtype == want.dtype == dtype and got.shape == want.shape
-        close(got, want, TOL[dtype], extra_atol=extra, msg="ddpm")
+        close(got, want, PUBLIC_TOL[dtype], extra_atol=extra, msg="ddpm")
         got = isofast.ddim_step(x, ep, t, t_prev, sched, eta, z, clip_x0=clip, backend=backend.name)
         want = isofast.ddim_step(x, ep, t, t_prev, sched, eta, z, clip_x0=clip, backend="reference")
         assert got.dtype == want.dtype == dtype and got.shape == want.shape
-        close(got, want, TOL[dtype], extra_atol=extra, msg="ddim")
+        close(got, want, PUBLIC_TOL[dtype], extra_atol=extra, msg="ddim")
 
     check(6, body, shape=IMAGE_SHAPES, seed=U64, keyed=st.booleans(), clip=st.booleans(),
           eta=st.sampled_from([0.0, 1.0]), variance=st.sampled_from(["fixed_small", "fixed_large"]))
@@ -293,7 +292,7 @@ def test_public_ddpm_step_takes_any_strides(backend, dtype):
         got = isofast.ddpm_step(x0, p0, t, sched, z, backend=backend.name)
         want = isofast.ddpm_step(x0, p0, t, sched, z, backend="reference")
         assert got.shape == want.shape and got.dtype == want.dtype
-        close(got, want, TOL[dtype], extra_atol=4 * NOISE_ATOL if keyed else 0.0, msg="ddpm_step")
+        close(got, want, PUBLIC_TOL[dtype], extra_atol=4 * NOISE_ATOL if keyed else 0.0, msg="ddpm_step")
 
     check(10, body, shape=st.sampled_from([(2, 3), (3, 4, 5), (2, 3, 4, 5), (4, 2, 3, 3)]), seed=U64,
           keyed=st.booleans(), layout=st.sampled_from(LAYOUTS))
@@ -345,4 +344,4 @@ def test_cuda_steps_equal_cpu(backend, dtype, shape):
              ops.ddim_step(cu(x), cu(p), cu(t), cu(t_prev), cu(acp), 0.7, cu(e_arg), cu(key), False)),
         ]
         for want, got in pairs:
-            close(got, want, TOL[dtype], extra_atol=20 * NOISE_ATOL)
+            close(got, want, PUBLIC_TOL[dtype], extra_atol=20 * NOISE_ATOL)
