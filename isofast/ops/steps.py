@@ -26,17 +26,23 @@ def _check_step_inputs(x_t, eps_pred, sched):
     return x_t, eps_pred
 
 
-def _resolve_noise(noise, x_t, generator):
+def _step_operands(noise, x_t, eps_pred, generator, backend):
+    """(explicit noise or None, device key tensor or None, backend) of a step from its public arguments.
+
+    The reference backend, and inputs that need autograd (the fused steps treat them as constants),
+    take the reference step with the noise materialised; fused backends get rows or the key tensor.
+    """
     if noise is None:
-        return NoiseKey.draw(x_t.shape, x_t.dtype, x_t.device, generator)
-    return validation.noise_for(noise, x_t)
-
-
-def _fused_noise_args(noise, x_t):
-    """(explicit noise rows or None, device key tensor or None) for the kernels."""
+        noise = NoiseKey.draw(x_t.shape, x_t.dtype, x_t.device, generator)
+    else:
+        noise = validation.noise_for(noise, x_t)
+    name = backends.resolve(backend, x_t.device, x_t.dtype)
+    noise_tensor = noise if isinstance(noise, torch.Tensor) else None
+    if name == "reference" or operands.needs_reference_autograd(x_t, eps_pred, noise_tensor):
+        return (noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise), None, "reference"
     if isinstance(noise, NoiseKey):
-        return None, noise.as_tensor(x_t.device)
-    return operands.rows(noise.to(x_t.dtype)), None
+        return None, noise.as_tensor(x_t.device), name
+    return operands.rows(noise.to(x_t.dtype)), None, name
 
 
 def ddpm_step(
@@ -61,13 +67,7 @@ def ddpm_step(
     x_t, eps_pred = _check_step_inputs(x_t, eps_pred, sched)
     t = validation.timesteps("t", t, x_t.shape[0], sched.T, x_t.device)
     variance = validation.choice("variance", variance, ("fixed_small", "fixed_large"))
-    noise = _resolve_noise(noise, x_t, generator)
-    name = backends.resolve(backend, x_t.device, x_t.dtype)
-    noise_tensor = noise if isinstance(noise, torch.Tensor) else None
-    if name == "reference" or operands.needs_reference_autograd(x_t, eps_pred, noise_tensor):
-        z = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
-        return reference.ddpm_step(x_t, eps_pred, t, sched, z, clip_x0, variance)
-    e, key = _fused_noise_args(noise, x_t)
+    e, key, name = _step_operands(noise, x_t, eps_pred, generator, backend)
     return ddpm_step_keyed(x_t, eps_pred, t, sched, e, key, clip_x0, variance, name)
 
 
@@ -104,13 +104,7 @@ def ddim_step(
     t_prev = validation.timesteps("t_prev", t_prev, x_t.shape[0], sched.T, x_t.device)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0 or eta != eta or eta == float("inf"):
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
-    noise = _resolve_noise(noise, x_t, generator)
-    name = backends.resolve(backend, x_t.device, x_t.dtype)
-    noise_tensor = noise if isinstance(noise, torch.Tensor) else None
-    if name == "reference" or operands.needs_reference_autograd(x_t, eps_pred, noise_tensor):
-        z = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
-        return reference.ddim_step(x_t, eps_pred, t, t_prev, sched, float(eta), z, clip_x0)
-    e, key = _fused_noise_args(noise, x_t)
+    e, key, name = _step_operands(noise, x_t, eps_pred, generator, backend)
     return ddim_step_keyed(x_t, eps_pred, t, t_prev, sched, float(eta), e, key, clip_x0, name)
 
 
