@@ -5,7 +5,8 @@ dispatching, not computing. Here M members are held as stacked parameters ((M, i
 run as batched matmuls (``torch.baddbmm``): one forward, one backward, one optimizer step for all.
 
 Every member is exactly the single run of `isofast.train.Trainer` with its own seed (`EnsembleRun`
-reproduces that run's streams): the same initial weights (``torch.manual_seed(seed); TimeMLP()``), data
+reproduces that run's streams): the same initial weights (``torch.manual_seed(seed); TimeMLP()``, or the
+named model of `isofast.models.registry.MODELS_2D`; stacked by `isofast.ensemble_models`), data
 order (`EpochOrder`), timesteps and noise keys (`make_noise_generator`), Adam state, gradient-norm
 clipping, EMA and loss, with its own lambda. Members never share gradients: the loss is the sum of
 the members' losses (`iso_ddpm_loss` with ``groups=M``), so member m's gradient is its own loss's.
@@ -22,9 +23,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .data.order import EpochOrder, make_noise_generator
-from .models.embedding import timestep_embedding
-from .models.mlp import TimeMLP
+from .data.order import EpochOrder, draw_timesteps, make_noise_generator
+from .ensemble_models import EnsembleAuthorsMLP, EnsembleMLP, stack_members
+from .models.registry import build_model_2d
 from .noise import NoiseKey, calls_for, to_signed
 from .ops import backends, extension, iso_ddpm_loss, q_sample
 from .ops.steps import ddpm_step_keyed
@@ -32,71 +33,9 @@ from .sampling import ddpm_timesteps
 from .schedule import NoiseSchedule
 from .train_config import TrainConfig
 
-__all__ = ["EnsembleMLP", "EnsembleRun", "ensemble_ddpm_sample"]
+__all__ = ["EnsembleAuthorsMLP", "EnsembleMLP", "EnsembleRun", "ensemble_ddpm_sample"]
 
 _SAMPLE_CHUNK = 512  # rows per member per forward when sampling
-
-
-class EnsembleMLP(nn.Module):
-    """M `TimeMLP` members with stacked parameters; member m computes exactly what its TimeMLP does.
-
-    Parameters (for layer l of n_layers, ``in_l`` = data_dim for l = 0, else hidden):
-    ``weight_l`` (M, in_l, hidden), ``bias_l`` (M, 1, hidden), ``proj_l`` (M, emb_dim, hidden),
-    ``out_weight`` (M, hidden, data_dim), ``out_bias`` (M, 1, data_dim): the TimeMLP's weights transposed.
-    """
-
-    def __init__(self, members: Sequence[TimeMLP]) -> None:
-        super().__init__()
-        members = list(members)
-        if not members or not all(isinstance(m, TimeMLP) for m in members):
-            raise TypeError("members must be a non-empty sequence of TimeMLP")
-        first = members[0]
-        arch = (first.data_dim, first.hidden, first.n_layers, first.emb_dim, first.max_period)
-        for i, m in enumerate(members):
-            if (m.data_dim, m.hidden, m.n_layers, m.emb_dim, m.max_period) != arch:
-                raise ValueError(f"members must share one architecture: member {i} differs from member 0")
-        self.data_dim, self.hidden, self.n_layers, self.emb_dim, self.max_period = arch
-        self.members = len(members)
-
-        def stack(get):
-            return nn.Parameter(torch.stack([get(m).detach() for m in members]).clone())
-
-        self.weight = nn.ParameterList(stack(lambda m, i=i: m.layers[i].weight.t()) for i in range(self.n_layers))
-        self.bias = nn.ParameterList(stack(lambda m, i=i: m.layers[i].bias[None]) for i in range(self.n_layers))
-        self.proj = nn.ParameterList(stack(lambda m, i=i: m.time_proj[i].weight.t()) for i in range(self.n_layers))
-        self.out_weight = stack(lambda m: m.out.weight.t())
-        self.out_bias = stack(lambda m: m.out.bias[None])
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps_pred (M, B, d) for x (M, B, d) and timesteps t (M, B)."""
-        M, B, _ = x.shape
-        emb = timestep_embedding(t.reshape(-1), self.emb_dim, self.max_period).to(x.dtype).view(M, B, -1)
-        h = x
-        for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
-            # accumulated in place into one (M, B, hidden) buffer: no broadcast copy of the bias, no sum buffer
-            h = torch.bmm(h, w).baddbmm_(emb, p).add_(b).relu_()
-        return torch.bmm(h, self.out_weight).add_(self.out_bias)
-
-    def forward_shared_t(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """eps_pred (M, B, d) for x (M, B, d) when every row has timestep ``t``: the time projections
-        are (M, 1, hidden), computed once and folded into the biases."""
-        emb = timestep_embedding(torch.tensor([t], device=x.device), self.emb_dim, self.max_period).to(x.dtype)
-        h = x
-        for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
-            h = torch.bmm(h, w).add_(b + torch.matmul(emb, p)).relu_()
-        return torch.bmm(h, self.out_weight).add_(self.out_bias)
-
-    def member(self, m: int) -> TimeMLP:
-        """Member m as an ordinary TimeMLP (a copy of its weights)."""
-        model = TimeMLP(self.data_dim, self.hidden, self.n_layers, self.emb_dim, self.max_period)
-        with torch.no_grad():
-            for i in range(self.n_layers):
-                model.layers[i].weight.copy_(self.weight[i][m].t())
-                model.layers[i].bias.copy_(self.bias[i][m, 0])
-                model.time_proj[i].weight.copy_(self.proj[i][m].t())
-            model.out.weight.copy_(self.out_weight[m].t())
-            model.out.bias.copy_(self.out_bias[m, 0])
-        return model.to(self.out_weight.device)
 
 
 class EnsembleRun:
@@ -105,12 +44,12 @@ class EnsembleRun:
 
     data: (M, N, d) float tensor, or a sequence of M (N, d) tensors. seeds: M ints. lambdas: M floats >= 0.
     config: a `TrainConfig` whose settings the members share: steps, batch_size, lr, betas, adam_eps,
-    grad_clip, ema_decay, ema_warmup, T, schedule, backend; Adam, mode "batch", fp32 and no LR warm-up
-    (other settings are refused).
+    grad_clip, ema_decay, ema_warmup, timesteps, T, schedule, backend; Adam, mode "batch", fp32 and no LR
+    warm-up (other settings are refused). model: a name of `MODELS_2D` ("mlp": `TimeMLP`).
     """
 
     def __init__(self, data, seeds: Sequence[int], lambdas: Sequence[float], config: TrainConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", model: str = "mlp") -> None:
         _check_config(config)
         self.config, self.device = config, torch.device(device)
         self.seeds, self.lambdas = [int(s) for s in seeds], [float(v) for v in lambdas]
@@ -126,9 +65,9 @@ class EnsembleRun:
         members = []
         for seed in self.seeds:
             torch.manual_seed(seed)  # the single run's initial weights
-            members.append(TimeMLP(data_dim=self.data.shape[2]))
-        self.model = EnsembleMLP(members).to(self.device)
-        self.ema = EnsembleMLP(members).to(self.device).requires_grad_(False) if config.ema_decay > 0 else None
+            members.append(build_model_2d(model, data_dim=self.data.shape[2]))
+        self.model = stack_members(members).to(self.device)
+        self.ema = stack_members(members).to(self.device).requires_grad_(False) if config.ema_decay > 0 else None
         # The Trainer's optimizer, so that members compute its numbers: on a CPU the per-tensor Adam. (The
         # fused CPU Adam is 6x faster here, but rounds differently per memory layout, and Adam amplifies an
         # ulp into visibly different weights within a few hundred steps; see the equality test.)
@@ -139,6 +78,7 @@ class EnsembleRun:
         self.generators = [make_noise_generator(s) for s in self.seeds]
         self.lambda_tensor = torch.tensor(self.lambdas, device=self.device)
         self.step = 0
+        self.loss_log: list[tuple[int, list[float]]] = []  # (step, each member's mean loss of the window)
 
     @property
     def members(self) -> int:
@@ -148,7 +88,7 @@ class EnsembleRun:
         """(t (M, B), eps (M, B, d)): each member's timesteps and noise, as its single run draws them."""
         ts, eps = [], []
         for gen in self.generators:
-            ts.append(torch.randint(0, self.config.T, (shape[0],), generator=gen))
+            ts.append(draw_timesteps(self.config.T, shape[0], self.config.timesteps, gen))
             key = NoiseKey.draw(shape, torch.float32, self.device, gen)
             eps.append(_draw(key))
         return torch.stack(ts).to(self.device), torch.stack(eps)
@@ -183,16 +123,42 @@ class EnsembleRun:
         from tqdm.auto import tqdm
 
         steps = self.config.steps if steps is None else steps
+        every, window = self.config.log_every, None
         with tqdm(total=steps, initial=self.step, desc=f"train {self.members} members", disable=not progress,
                   unit="step") as bar:
             while self.step < steps:
-                self.train_step()
+                loss = self.train_step()
+                window = loss if window is None else window + loss
+                if self.step % every == 0:  # the members' mean loss over the last `log_every` steps
+                    self.loss_log.append((self.step, (window / every).tolist()))
+                    window = None
                 bar.update(1)
         return self
 
     @property
-    def ema_model(self) -> EnsembleMLP:
+    def ema_model(self) -> nn.Module:
         return self.ema if self.ema is not None else self.model
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit (the data order needs no state)."""
+        return {"step": self.step, "seeds": self.seeds, "lambdas": self.lambdas,
+                "model": self.model.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "generators": [g.get_state() for g in self.generators],
+                "loss_log": self.loss_log}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s snapshot; refuses one of other members."""
+        if state["seeds"] != self.seeds or state["lambdas"] != self.lambdas:
+            raise ValueError(f"state is of members seeds={state['seeds']} lambdas={state['lambdas']}, this run "
+                             f"has seeds={self.seeds} lambdas={self.lambdas}")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for g, s in zip(self.generators, state["generators"], strict=True):
+            g.set_state(s)
+        self.step = int(state["step"])
+        self.loss_log = [(int(s), list(v)) for s, v in state["loss_log"]]
 
 
 def _check_config(config: TrainConfig) -> None:
@@ -239,22 +205,33 @@ def _clip_per_member(params: list[torch.Tensor], max_norm: float) -> None:
 
 
 @torch.no_grad()
-def ensemble_ddpm_sample(model: EnsembleMLP, num: int, sched: NoiseSchedule, seeds: Sequence[int],
-                         backend: str | None = None, progress: bool = False) -> torch.Tensor:
-    """(M, num, d) DDPM samples of every member: member m's equal `ddpm_sample(member m, (num, d), sched,
-    generator=torch.Generator().manual_seed(seeds[m]))` (its x_T and step keys are drawn as there)."""
+def ensemble_ddpm_sample(model: nn.Module, num: int, sched: NoiseSchedule, seeds: Sequence[int],
+                         backend: str | None = None, progress: bool = False, temperature: float = 1.0
+                         ) -> torch.Tensor:
+    """(M, num, d) DDPM samples of every member (an `isofast.ensemble_models` ensemble): member m's equal
+    `ddpm_sample(member m, (num, d), sched, generator=torch.Generator().manual_seed(seeds[m]))` (its x_T
+    and step keys are drawn as there).
+
+    temperature: tau > 0 scales x_T and every step's added noise (tau < 1 samples nearer the modes, the
+    usual "lower temperature"); tau = 1 is the plain sampler, bit for bit.
+    """
     from tqdm.auto import tqdm
 
     M, d = model.members, model.data_dim
     if len(seeds) != M:
         raise ValueError(f"seeds must have one value per member: {len(seeds)} for {M} members")
-    device = model.out_weight.device
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < 1e6:
+        raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+    device = model.device
     x, step_seeds = [], []
     for seed in seeds:
         gen = torch.Generator().manual_seed(int(seed))
         x.append(NoiseKey.draw((num, d), torch.float32, device, gen).materialize())
         step_seeds.append(NoiseKey.draw((num, d), torch.float32, device, gen).seed)
     x = torch.stack(x)
+    scale = float(temperature) != 1.0
+    if scale:
+        x = x * temperature
     calls, rows = calls_for(num * d), M * num
     name = backends.resolve(backend, device, torch.float32)
     t_seq, _ = ddpm_timesteps(sched.T)
@@ -265,6 +242,8 @@ def ensemble_ddpm_sample(model: EnsembleMLP, num: int, sched: NoiseSchedule, see
         # Each member's step noise is its own key's draw (the last step adds none: z is not read).
         z = torch.stack([_draw(NoiseKey(s, i * calls, (num, d), device=device)) for s in step_seeds]) if t > 0 \
             else torch.zeros_like(x)
+        if scale:
+            z = z * temperature
         tt = torch.full((rows,), t, dtype=torch.int64, device=device)
         x = ddpm_step_keyed(x.view(rows, d), eps.view(rows, d), tt, sched, z.view(rows, d), None, False,
                             "fixed_small", name).view(M, num, d)

@@ -2,7 +2,7 @@
 
 One optimizer step on a global batch of B samples x0 (B, ...) of n elements each::
 
-    t ~ U{0..T-1} (B,),  key = NoiseKey.draw(x0.shape)            (the trainer's noise generator)
+    t ~ U{0..T-1} (B,) (or one t for the batch),  key = NoiseKey.draw(x0.shape)            (the trainer's noise generator)
     x_t, key = q_sample(x0, t, sched, key)                          (fused: eps generated in-kernel)
     eps_pred = model(x_t, t)                                        (bf16 autocast if asked)
     loss, parts = iso_ddpm_loss(eps_pred, key, iso_lambda, iso_mode, return_parts=True)
@@ -49,7 +49,15 @@ from torch.utils.data import Dataset
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .data.order import EpochOrder, first_item, global_seed, make_noise_generator, seed_global_rngs, step_batches
+from .data.order import (
+    EpochOrder,
+    draw_timesteps,
+    first_item,
+    global_seed,
+    make_noise_generator,
+    seed_global_rngs,
+    step_batches,
+)
 from .ema import EMA
 from .io import atomic_write_text, check_writable_dir
 from .models.registry import model_spec_of
@@ -182,7 +190,7 @@ class Trainer:
     def _noise_for_step(self, x0_shape: tuple[int, ...]) -> tuple[torch.Tensor, NoiseKey | torch.Tensor]:
         """(t, noise) of this rank's rows, drawn from the global (B, ...) draw shared by every rank."""
         cfg = self.config
-        t_global = torch.randint(0, cfg.T, (cfg.batch_size,), generator=self.noise_generator)
+        t_global = draw_timesteps(cfg.T, cfg.batch_size, cfg.timesteps, self.noise_generator)
         key = NoiseKey.draw((cfg.batch_size, *x0_shape[1:]), torch.float32, self.device, self.noise_generator)
         # t stays on the CPU: q_sample checks CPU timesteps without a device sync and copies them over.
         t = t_global[self.rows]

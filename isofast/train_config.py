@@ -5,6 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .data.order import TIMESTEP_MODES
 from .schedule import SCHEDULES
 
 __all__ = ["ISO_MODES", "OPTIMIZERS", "PRECISIONS", "TrainConfig"]
@@ -27,6 +28,7 @@ class TrainConfig:
         ema_warmup: use min(ema_decay, (1 + k)/(10 + k)) after step k (see `isofast.ema.EMA`).
     warmup_steps: linear LR warm-up, lr_k = lr * min(1, (k + 1) / warmup_steps) for step k.
     iso_lambda, iso_mode: the Iso-Diffusion penalty weight (>= 0; 0 is plain DDPM) and mode.
+    timesteps: "per-sample" (each row its own t, DDPM) or "per-batch" (one t for the whole batch).
     schedule ("linear" | "cosine" | "scaled_linear"), T: the noise schedule.
     seed: seeds data order, timesteps, noise and torch's global RNG.
     log_every, ckpt_every (a checkpoint is always written at the end), keep_checkpoints (>= 1),
@@ -53,6 +55,7 @@ class TrainConfig:
     warmup_steps: int = 0
     iso_lambda: float = 0.0
     iso_mode: str = "batch"
+    timesteps: str = "per-sample"
     schedule: str = "linear"
     T: int = 1000
     seed: int = 0
@@ -112,6 +115,7 @@ class TrainConfig:
         integer("warmup_steps", 0)
         real("iso_lambda", 0.0)
         choice("iso_mode", ISO_MODES)
+        choice("timesteps", TIMESTEP_MODES)
         choice("schedule", SCHEDULES)
         integer("T", 1)
         integer("seed", 0)

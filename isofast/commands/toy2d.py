@@ -11,13 +11,51 @@ import sys
 import torch
 
 
+def run_protocol(args: argparse.Namespace) -> int:
+    """`--protocol NAME`: the protocol study (isofast.experiments.study) on the ensemble engine."""
+    from ..experiments.study import run_study, study_config
+    from ..experiments.toy2d import PAPER_DATASETS
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = study_config(
+            args.protocol, args.out, args.datasets or PAPER_DATASETS, lambdas=args.lambdas, seeds=args.seeds,
+            temperatures=args.temperatures, eval_at=args.eval_at, device=args.device, backend=args.backend,
+            progress=sys.stderr.isatty() and not args.no_progress, steps=args.steps, batch_size=args.batch_size,
+            lr=args.lr, timesteps=args.timesteps, data_noise=args.data_noise, n_points=args.n_points,
+            ema_decay=args.ema_decay, grad_clip=args.grad_clip, model=args.model, references=args.eval_against,
+            n_eval=args.n_eval)
+        from ..experiments.study import prepare_study
+
+        prepare_study(cfg, args.resume)  # bad input fails here, before any training
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"isofast toy2d: error: {exc}", file=sys.stderr)
+        return 2
+    run_study(cfg, resume=args.resume)
+    print(f"isofast toy2d: wrote {cfg.out}/prdc.csv and {cfg.out}/summary.md")
+    return 0
+
+
+_STUDY_ONLY = ("timesteps", "data_noise", "n_points", "ema_decay", "grad_clip", "model", "eval_against",
+               "temperatures", "eval_at", "n_eval")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..experiments.toy2d import config_from_preset, prepare_output, run_sweep
 
+    if args.threads is not None and args.threads < 1:
+        print("isofast toy2d: error: --threads must be >= 1", file=sys.stderr)
+        return 2
+    if args.protocol is not None:
+        return run_protocol(args)
+    given = [f"--{k.replace('_', '-')}" for k in _STUDY_ONLY if getattr(args, k) is not None]
+    if given:
+        print(f"isofast toy2d: error: {', '.join(given)} need --protocol (e.g. --protocol isofast for today's "
+              "setup)", file=sys.stderr)
+        return 2
+
     if args.threads is not None:
-        if args.threads < 1:
-            print("isofast toy2d: error: --threads must be >= 1", file=sys.stderr)
-            return 2
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() and not args.no_progress
     try:
@@ -71,4 +109,25 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue a sweep in --out: finished runs are reused, an interrupted one resumes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study = parser.add_argument_group(
+        "protocol study", "--protocol NAME runs a protocol's lambda sweep on the ensemble engine, with a temperature "
+        "baseline, several training lengths and paired intervals over seeds; writes prdc.csv and summary.md "
+        "(isofast.experiments.study). The options below override the protocol's settings.")
+    study.add_argument("--protocol", choices=("isofast", "authors2024", "authors2025"),
+                       help="isofast: today's setup; authors2024 / authors2025: the authors' 2024 / 2025 code "
+                            "(see isofast.experiments.protocols)")
+    study.add_argument("--timesteps", choices=("per-sample", "per-batch"),
+                       help="per-sample: one t per row (DDPM); per-batch: one t shared by the batch")
+    study.add_argument("--data-noise", type=float, help="data noise of the datasets that have one")
+    study.add_argument("--n-points", type=int, help="points generated per run (before a train/test split)")
+    study.add_argument("--ema-decay", type=float, help="EMA decay of the weights (0: none)")
+    study.add_argument("--grad-clip", type=float, help="max gradient norm (0: no clipping)")
+    study.add_argument("--model", choices=("mlp", "authors_mlp"), help="the 2-D noise predictor")
+    study.add_argument("--eval-against", nargs="+", choices=("fresh", "train", "test"), metavar="REF",
+                       help="PRDC reference sets: fresh points, the training points, the held-out points")
+    study.add_argument("--temperatures", nargs="+", type=float, metavar="TAU",
+                       help="temperatures at which the lambda = 0 models also sample (1 is always sampled)")
+    study.add_argument("--eval-at", nargs="+", type=float, metavar="F",
+                       help="training lengths to evaluate, as fractions of the steps (1 is always evaluated)")
+    study.add_argument("--n-eval", type=int, help="samples per model (default: the protocol's, 10,000)")
     parser.set_defaults(func=run)

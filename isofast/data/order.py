@@ -23,12 +23,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
+    "TIMESTEP_MODES",
     "EpochOrder",
     "StepBatchSampler",
+    "draw_timesteps",
     "epoch_permutation",
     "first_item",
     "global_seed",
     "make_noise_generator",
+    "mix_seed",
     "seed_global_rngs",
     "step_batches",
 ]
@@ -38,20 +41,34 @@ _DATA_STREAM = 0xDA7A
 _GLOBAL_STREAM = 0x610B
 
 
-def _mix_seed(*words: int) -> int:
+def mix_seed(*words: int) -> int:
     """A 63-bit seed mixed from integers (numpy's SeedSequence: well spread, platform independent)."""
     return int(np.random.SeedSequence([int(w) & 0xFFFFFFFFFFFFFFFF for w in words]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def make_noise_generator(seed: int) -> torch.Generator:
     """The CPU generator of timesteps and noise keys of a run with ``seed`` (identical on every rank)."""
-    return torch.Generator(device="cpu").manual_seed(_mix_seed(seed, _NOISE_STREAM))
+    return torch.Generator(device="cpu").manual_seed(mix_seed(seed, _NOISE_STREAM))
+
+
+TIMESTEP_MODES = ("per-sample", "per-batch")
+
+
+def draw_timesteps(T: int, batch_size: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """int64 (batch_size,) training timesteps from ``generator``: "per-sample", each row its own draw of
+    U{0..T-1} (DDPM); "per-batch", one draw shared by the whole batch (what the Iso-Diffusion authors'
+    2024 training loop did in effect; it gives the batch isotropy penalty a single noise level)."""
+    if mode == "per-sample":
+        return torch.randint(0, T, (batch_size,), generator=generator)
+    if mode == "per-batch":
+        return torch.randint(0, T, (1,), generator=generator).repeat(batch_size)
+    raise ValueError(f"timesteps must be one of {TIMESTEP_MODES}, got {mode!r}")
 
 
 def global_seed(seed: int, rank: int, *step: int) -> int:
     """The seed of torch's and numpy's global generators on ``rank``: of a fresh run (no ``step``), or of a
     run resumed at ``step`` with another world size (whose saved global states do not fit every rank)."""
-    return _mix_seed(seed, _GLOBAL_STREAM, rank, *step)
+    return mix_seed(seed, _GLOBAL_STREAM, rank, *step)
 
 
 def seed_global_rngs(seed: int, rank: int) -> None:
@@ -62,7 +79,7 @@ def seed_global_rngs(seed: int, rank: int) -> None:
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """int64 (n,): the order in which epoch ``epoch`` visits a dataset of n samples."""
-    g = torch.Generator(device="cpu").manual_seed(_mix_seed(seed, _DATA_STREAM, epoch))
+    g = torch.Generator(device="cpu").manual_seed(mix_seed(seed, _DATA_STREAM, epoch))
     return torch.randperm(n, generator=g)
 
 
@@ -127,7 +144,7 @@ def step_batches(data: torch.Tensor | Dataset, order: EpochOrder, rows: slice, s
             yield data.index_select(0, idx)
             step += 1
     sampler = StepBatchSampler(order.n, order.batch_size, order.seed, rows, start_step)
-    loader_gen = torch.Generator().manual_seed(_mix_seed(order.seed, rank, start_step))
+    loader_gen = torch.Generator().manual_seed(mix_seed(order.seed, rank, start_step))
     loader = DataLoader(data, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
                         generator=loader_gen, persistent_workers=False)
     for batch in loader:

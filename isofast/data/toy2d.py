@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from sklearn.datasets import make_circles, make_moons, make_swiss_roll
 
-__all__ = ["DATASETS", "make_dataset"]
+__all__ = ["DATASETS", "DATA_NOISE", "make_dataset"]
 
 DEFAULT_N_POINTS = 10_000
 
@@ -73,25 +73,25 @@ def _crescent(n: int, noise: float, rng: np.random.Generator) -> np.ndarray:
     return x[y == 0]
 
 
-def _parts_swiss_roll(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _parts_swiss_roll(n_points: int, rng: np.random.Generator, noise: float = 0.5) -> list[np.ndarray]:
     """Swiss roll seen from its axis: sklearn ``make_swiss_roll(n_points, noise=0.5)``, columns 0 and 2."""
-    x, _ = make_swiss_roll(n_samples=n_points, noise=0.5, random_state=_sklearn_seed(rng))
+    x, _ = make_swiss_roll(n_samples=n_points, noise=noise, random_state=_sklearn_seed(rng))
     return [x[:, [0, 2]]]
 
 
-def _parts_moon_scatter(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _parts_moon_scatter(n_points: int, rng: np.random.Generator, noise: float = 0.1) -> list[np.ndarray]:
     """Moon with scatterings: one crescent plus a cloud of points scattered around it.
 
     Parts (at n_points = 10,000): 9,500 points of the upper crescent of ``make_moons(noise=0.1)``;
     500 scatter points, each a distinct crescent point (chosen at random) moved by ``0.3 * N(0, I_2)``.
     """
     n_scatter = _part_size(n_points)
-    crescent = _crescent(n_points - n_scatter, 0.1, rng)
+    crescent = _crescent(n_points - n_scatter, noise, rng)
     anchors = crescent[rng.choice(crescent.shape[0], size=n_scatter, replace=False)]
     return [crescent, anchors + 0.3 * rng.standard_normal((n_scatter, 2))]
 
 
-def _parts_moon_circles(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _parts_moon_circles(n_points: int, rng: np.random.Generator, noise: float = 0.1) -> list[np.ndarray]:
     """Moon with two circles: one crescent plus two small filled discs below its tips.
 
     Parts (at n_points = 10,000): 9,000 points of the upper crescent of ``make_moons(noise=0.1)``;
@@ -99,7 +99,7 @@ def _parts_moon_circles(n_points: int, rng: np.random.Generator) -> list[np.ndar
     over radii 0.01 .. 0.25 (radius = sqrt(U(0.01^2, 0.25^2)), angle = U(0, 2 pi)).
     """
     n_disc = _part_size(n_points)
-    parts = [_crescent(n_points - 2 * n_disc, 0.1, rng)]
+    parts = [_crescent(n_points - 2 * n_disc, noise, rng)]
     for centre in ((-1.5, -1.0), (1.5, -1.0)):
         angle = rng.uniform(0.0, 2.0 * np.pi, n_disc)
         radius = np.sqrt(rng.uniform(0.01**2, 0.25**2, n_disc))
@@ -131,14 +131,14 @@ def _parts_central_banana(n_points: int, rng: np.random.Generator) -> list[np.nd
     return [tail, centre + rng.normal(0.0, 0.05, (n_centre, 2))]
 
 
-def _parts_moons(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _parts_moons(n_points: int, rng: np.random.Generator, noise: float = 0.1) -> list[np.ndarray]:
     """Both crescents of sklearn ``make_moons(n_points, noise=0.1)``."""
-    return [make_moons(n_samples=n_points, noise=0.1, random_state=_sklearn_seed(rng))[0]]
+    return [make_moons(n_samples=n_points, noise=noise, random_state=_sklearn_seed(rng))[0]]
 
 
-def _parts_circles(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _parts_circles(n_points: int, rng: np.random.Generator, noise: float = 0.05) -> list[np.ndarray]:
     """Two concentric rings, sklearn ``make_circles(n_points, noise=0.05, factor=0.5)``."""
-    return [make_circles(n_samples=n_points, noise=0.05, factor=0.5, random_state=_sklearn_seed(rng))[0]]
+    return [make_circles(n_samples=n_points, noise=noise, factor=0.5, random_state=_sklearn_seed(rng))[0]]
 
 
 def _parts_gaussians8(n_points: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -164,23 +164,38 @@ _PARTS: dict[str, Callable[[int, np.random.Generator], list[np.ndarray]]] = {
 }
 
 
-def make_dataset(name: str, n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> torch.Tensor:
+def make_dataset(name: str, n_points: int = DEFAULT_N_POINTS, seed: int = 0, noise: float | None = None
+                 ) -> torch.Tensor:
     """The dataset ``name`` of :data:`DATASETS`: a (n_points, 2) float32 tensor in [-1, 1].
 
     Its parts (see ``_parts_<name>``) drawn from ``numpy.random.default_rng(seed)``, then shuffled and
-    scaled to the unit square by `_to_unit_square` with the same generator.
+    scaled to the unit square by `_to_unit_square` with the same generator. ``noise``: the data noise of
+    the sklearn generator a dataset is made from (None: its default, :data:`DATA_NOISE`; only the
+    datasets named there have one).
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the valid ones), or bad ``n_points``/``seed``.
+        ValueError: unknown ``name`` (the message lists the valid ones), bad ``n_points``/``seed``, or a
+            ``noise`` that is not a finite float >= 0 or is given for a dataset without one.
     """
     try:
         parts = _PARTS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown dataset name {name!r}; valid names: {', '.join(_PARTS)}") from None
     _check_args(n_points, seed)
+    kwargs = {}
+    if noise is not None:
+        if name not in DATA_NOISE:
+            raise ValueError(f"noise: dataset {name!r} has no data-noise parameter (datasets with one: "
+                             f"{', '.join(DATA_NOISE)})")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float, np.floating)) or not 0 <= noise < np.inf:
+            raise ValueError(f"noise must be a finite float >= 0, got {noise!r}")
+        kwargs["noise"] = float(noise)
     rng = np.random.default_rng(seed)
-    return _to_unit_square(parts(n_points, rng), rng)
+    return _to_unit_square(parts(n_points, rng, **kwargs), rng)
 
+
+# The default data noise of the datasets that have one (the ``noise`` of the sklearn generator they use).
+DATA_NOISE = {"swiss_roll": 0.5, "moon_scatter": 0.1, "moon_circles": 0.1, "moons": 0.1, "circles": 0.05}
 
 # name -> gen(n_points=10_000, seed=0): the datasets by name, each `make_dataset` with its name bound.
 DATASETS: dict[str, Callable[..., torch.Tensor]] = {name: functools.partial(make_dataset, name) for name in _PARTS}

@@ -1,0 +1,191 @@
+"""Stacked ensembles of the 2-D noise predictors: M members' weights as (M, in, out) tensors, run as bmm.
+
+`EnsembleMLP` stacks `TimeMLP` members, `EnsembleAuthorsMLP` stacks `AuthorsMLP` members; member m of
+either computes exactly what its own model computes (`member(m)` gives it back). Both offer
+
+    forward(x (M, B, d), t (M, B))           one timestep per row (training)
+    forward_shared_t(x (M, B, d), t)         every row of member m at timestep t[m] (or one int t):
+                                             the time terms are (M, 1, width), computed once and
+                                             folded into the biases (sampling; per-batch training)
+    subset(members)                          the sub-ensemble of the given member indices (a copy)
+
+`stack_members` picks the class for a list of models.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .models.authors_mlp import AuthorsMLP, sinusoidal_encoding
+from .models.embedding import timestep_embedding
+from .models.mlp import TimeMLP
+
+__all__ = ["EnsembleAuthorsMLP", "EnsembleMLP", "stack_members"]
+
+
+def _check_members(members: Sequence[nn.Module], kind: type, fields: tuple[str, ...]) -> list:
+    members = list(members)
+    if not members or not all(isinstance(m, kind) for m in members):
+        raise TypeError(f"members must be a non-empty sequence of {kind.__name__}")
+    arch = tuple(getattr(members[0], f) for f in fields)
+    for i, m in enumerate(members):
+        if tuple(getattr(m, f) for f in fields) != arch:
+            raise ValueError(f"members must share one architecture: member {i} differs from member 0")
+    return members
+
+
+def _stacker(members: list):
+    def stack(get):
+        return nn.Parameter(torch.stack([get(m).detach() for m in members]).clone())
+    return stack
+
+
+def _per_member_t(t: int | torch.Tensor, members: int, device: torch.device) -> torch.Tensor:
+    """(M,) timesteps from one int or an (M,) tensor."""
+    t = torch.as_tensor(t, device=device)
+    return t.expand(members) if t.dim() == 0 else t
+
+
+class _Stacked(nn.Module):
+    members: int
+    data_dim: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def subset(self, members: Sequence[int]) -> _Stacked:
+        """A copy holding only the given members (in that order)."""
+        index = torch.as_tensor(list(members), dtype=torch.int64)
+        if index.numel() == 0 or index.min() < 0 or index.max() >= self.members:
+            raise ValueError(f"members must be indices in [0, {self.members}), got {list(members)}")
+        out = copy.deepcopy(self)
+        with torch.no_grad():
+            for p in out.parameters():
+                p.data = p.data[index.to(p.device)].clone()
+        out.members = index.numel()
+        return out
+
+
+class EnsembleMLP(_Stacked):
+    """M `TimeMLP` members with stacked parameters; member m computes exactly what its TimeMLP does.
+
+    Parameters (for layer l of n_layers, ``in_l`` = data_dim for l = 0, else hidden):
+    ``weight_l`` (M, in_l, hidden), ``bias_l`` (M, 1, hidden), ``proj_l`` (M, emb_dim, hidden),
+    ``out_weight`` (M, hidden, data_dim), ``out_bias`` (M, 1, data_dim): the TimeMLP's weights transposed.
+    """
+
+    def __init__(self, members: Sequence[TimeMLP]) -> None:
+        super().__init__()
+        members = _check_members(members, TimeMLP, ("data_dim", "hidden", "n_layers", "emb_dim", "max_period"))
+        first = members[0]
+        self.data_dim, self.hidden, self.n_layers = first.data_dim, first.hidden, first.n_layers
+        self.emb_dim, self.max_period, self.members = first.emb_dim, first.max_period, len(members)
+        stack = _stacker(members)
+        self.weight = nn.ParameterList(stack(lambda m, i=i: m.layers[i].weight.t()) for i in range(self.n_layers))
+        self.bias = nn.ParameterList(stack(lambda m, i=i: m.layers[i].bias[None]) for i in range(self.n_layers))
+        self.proj = nn.ParameterList(stack(lambda m, i=i: m.time_proj[i].weight.t()) for i in range(self.n_layers))
+        self.out_weight = stack(lambda m: m.out.weight.t())
+        self.out_bias = stack(lambda m: m.out.bias[None])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_pred (M, B, d) for x (M, B, d) and timesteps t (M, B)."""
+        M, B, _ = x.shape
+        emb = timestep_embedding(t.reshape(-1), self.emb_dim, self.max_period).to(x.dtype).view(M, B, -1)
+        h = x
+        for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
+            # accumulated in place into one (M, B, hidden) buffer: no broadcast copy of the bias, no sum buffer
+            h = torch.bmm(h, w).baddbmm_(emb, p).add_(b).relu_()
+        return torch.bmm(h, self.out_weight).add_(self.out_bias)
+
+    def forward_shared_t(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """eps_pred (M, B, d) when every row of member m has timestep t[m] (or the one int t)."""
+        t = _per_member_t(t, self.members, x.device)
+        emb = timestep_embedding(t, self.emb_dim, self.max_period).to(x.dtype)[:, None]  # (M, 1, emb)
+        h = x
+        for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
+            h = torch.bmm(h, w).add_(b + torch.matmul(emb, p)).relu_()
+        return torch.bmm(h, self.out_weight).add_(self.out_bias)
+
+    def member(self, m: int) -> TimeMLP:
+        """Member m as an ordinary TimeMLP (a copy of its weights)."""
+        model = TimeMLP(self.data_dim, self.hidden, self.n_layers, self.emb_dim, self.max_period)
+        with torch.no_grad():
+            for i in range(self.n_layers):
+                model.layers[i].weight.copy_(self.weight[i][m].t())
+                model.layers[i].bias.copy_(self.bias[i][m, 0])
+                model.time_proj[i].weight.copy_(self.proj[i][m].t())
+            model.out.weight.copy_(self.out_weight[m].t())
+            model.out.bias.copy_(self.out_bias[m, 0])
+        return model.to(self.device)
+
+
+class EnsembleAuthorsMLP(_Stacked):
+    """M `AuthorsMLP` members with stacked parameters (each nn.Linear's weight transposed, bias (M, 1, out)):
+    ``weight``/``bias`` of the main layers, ``time_in_w``/``time_in_b`` and ``time_out_w``/``time_out_b`` of
+    each layer's learned time embedding."""
+
+    def __init__(self, members: Sequence[AuthorsMLP]) -> None:
+        super().__init__()
+        members = _check_members(members, AuthorsMLP, ("data_dim", "hidden", "n_layers", "emb_dim"))
+        first = members[0]
+        self.data_dim, self.hidden, self.n_layers, self.emb_dim = (first.data_dim, first.hidden, first.n_layers,
+                                                                   first.emb_dim)
+        self.members = len(members)
+        stack, n = _stacker(members), len(first.layers)
+
+        def linear(group: str):
+            return (nn.ParameterList(stack(lambda m, i=i: getattr(m, group)[i].weight.t()) for i in range(n)),
+                    nn.ParameterList(stack(lambda m, i=i: getattr(m, group)[i].bias[None]) for i in range(n)))
+
+        self.weight, self.bias = linear("layers")
+        self.time_in_w, self.time_in_b = linear("time_in")
+        self.time_out_w, self.time_out_b = linear("time_out")
+
+    def _time_terms(self, t: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Each layer's learned time embedding for timesteps t (M, R): a list of (M, R, width_l)."""
+        M, R = t.shape
+        e = sinusoidal_encoding(t.reshape(-1).to(torch.float32) + 1.0, self.emb_dim).to(dtype).view(M, R, -1)
+        return [torch.baddbmm(cb, torch.baddbmm(ab, e, aw).relu_(), cw)
+                for aw, ab, cw, cb in zip(self.time_in_w, self.time_in_b, self.time_out_w, self.time_out_b,
+                                          strict=True)]
+
+    def _run(self, x: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
+        h, last = x, len(self.weight) - 1
+        for i, (w, b, term) in enumerate(zip(self.weight, self.bias, terms, strict=True)):
+            h = torch.baddbmm(b, h, w).add_(term)
+            if i < last:
+                h = h.relu_()
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_pred (M, B, d) for x (M, B, d) and 0-based timesteps t (M, B)."""
+        return self._run(x, self._time_terms(t, x.dtype))
+
+    def forward_shared_t(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """eps_pred (M, B, d) when every row of member m has timestep t[m] (or the one int t)."""
+        t = _per_member_t(t, self.members, x.device)
+        return self._run(x, self._time_terms(t[:, None], x.dtype))
+
+    def member(self, m: int) -> AuthorsMLP:
+        """Member m as an ordinary AuthorsMLP (a copy of its weights)."""
+        model = AuthorsMLP(self.data_dim, self.hidden, self.n_layers, self.emb_dim)
+        with torch.no_grad():
+            for group, (ws, bs) in (("layers", (self.weight, self.bias)),
+                                    ("time_in", (self.time_in_w, self.time_in_b)),
+                                    ("time_out", (self.time_out_w, self.time_out_b))):
+                for lin, w, b in zip(getattr(model, group), ws, bs, strict=True):
+                    lin.weight.copy_(w[m].t())
+                    lin.bias.copy_(b[m, 0])
+        return model.to(self.device)
+
+
+def stack_members(members: Sequence[nn.Module]) -> _Stacked:
+    """The stacked ensemble of ``members`` (all TimeMLP or all AuthorsMLP, one architecture)."""
+    members = list(members)
+    if members and isinstance(members[0], AuthorsMLP):
+        return EnsembleAuthorsMLP(members)
+    return EnsembleMLP(members)

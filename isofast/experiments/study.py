@@ -1,0 +1,240 @@
+"""`isofast toy2d --protocol NAME`: a protocol's lambda sweep with a temperature baseline, evaluated at
+several training lengths against named reference sets, on the ensemble engine.
+
+For each dataset, one `isofast.ensemble.EnsembleRun` trains every (lambda, seed) member at once: members
+of one seed share the training points, initial weights, data order, timesteps and noise (common random
+numbers), so lambda's effect is measured in pairs. At each training length in ``eval_at`` (fractions of
+the protocol's steps) every member samples ``n_eval`` points (DDPM, its seed's sampler noise), and at the
+last one the lambda = 0 members also sample at each temperature tau of ``temperatures`` (x_T and every
+step's noise scaled by tau). PRDC against each reference set gives one row of ``prdc.csv``:
+
+    dataset, lambda, temperature, seed, step, fraction, reference, precision, recall, density, coverage
+
+The tables, paired intervals and figures are `study_report`'s. Resumable: each dataset's ensemble is saved
+(atomically) at every evaluation, with the rows so far; ``resume=True`` continues from there.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write_bytes, atomic_write_text, check_writable_dir
+from ..train_config import TrainConfig
+from .protocols import PROTOCOLS, Protocol, member_data, reference_points
+
+__all__ = ["PRDC_COLUMNS", "StudyConfig", "run_study"]
+
+PRDC_COLUMNS = ("dataset", "lambda", "temperature", "seed", "step", "fraction", "reference",
+                "precision", "recall", "density", "coverage")
+METRICS = ("precision", "recall", "density", "coverage")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """out: output folder. protocol: the resolved `Protocol`. datasets, lambdas (>= 0, must hold 0: the
+    pairs' baseline), seeds. temperatures: taus (> 0) for the lambda = 0 members (1 is always sampled).
+    eval_at: training lengths as fractions in (0, 1] of protocol.steps (1 is always evaluated)."""
+
+    out: str
+    protocol: Protocol
+    datasets: tuple[str, ...]
+    lambdas: tuple[float, ...] = (0.0, 0.1, 0.3)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    temperatures: tuple[float, ...] = (1.0,)
+    eval_at: tuple[float, ...] = (1.0,)
+    device: str = "auto"
+    backend: str | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", str(self.out))
+        for name in ("datasets", "lambdas", "seeds", "temperatures", "eval_at"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "temperatures", tuple(sorted({1.0, *map(float, self.temperatures)}, reverse=True)))
+        object.__setattr__(self, "eval_at", tuple(sorted({1.0, *map(float, self.eval_at)})))
+
+    def validate(self) -> None:
+        from ..data.toy2d import DATASETS
+
+        self.protocol.validate()
+        if not self.datasets or any(d not in DATASETS for d in self.datasets) or len(set(self.datasets)) != len(
+                self.datasets):
+            raise ValueError(f"--datasets must name distinct datasets of {', '.join(DATASETS)}, "
+                             f"got {list(self.datasets)}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf
+               for v in self.lambdas) or len(set(self.lambdas)) != len(self.lambdas):
+            raise ValueError(f"--lambdas must be distinct finite floats >= 0, got {list(self.lambdas)}")
+        if 0.0 not in self.lambdas:
+            raise ValueError(f"--lambdas must include 0 (plain DDPM, the baseline of every pair), "
+                             f"got {list(self.lambdas)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"--seeds must be distinct ints >= 0, got {list(self.seeds)}")
+        if any(not (0 < t < math.inf) for t in self.temperatures):
+            raise ValueError(f"--temperatures must be finite floats > 0, got {list(self.temperatures)}")
+        if any(not (0 < f <= 1) for f in self.eval_at):
+            raise ValueError(f"--eval-at must be fractions in (0, 1], got {list(self.eval_at)}")
+
+    def eval_steps(self) -> list[int]:
+        """The optimizer steps at which the members are evaluated (distinct, >= 1)."""
+        return sorted({max(1, round(f * self.protocol.steps)) for f in self.eval_at})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["protocol"] = dataclasses.asdict(self.protocol)
+        return d
+
+
+def study_config(protocol: str, out: str, datasets: Sequence[str], **overrides) -> StudyConfig:
+    """A `StudyConfig` for the named protocol; ``overrides`` hold protocol fields and StudyConfig fields
+    (None: the protocol's or the default)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol: unknown protocol {protocol!r}; valid names: {', '.join(PROTOCOLS)}")
+    study_fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    own = {k: v for k, v in overrides.items() if k in study_fields and v is not None}
+    proto = PROTOCOLS[protocol].with_overrides(**{k: v for k, v in overrides.items() if k not in study_fields})
+    return StudyConfig(out=out, protocol=proto, datasets=tuple(datasets), **own)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _members(cfg: StudyConfig) -> list[tuple[float, int]]:
+    return [(float(lam), seed) for seed in cfg.seeds for lam in cfg.lambdas]
+
+
+def _evaluate(cfg: StudyConfig, dataset: str, run, step: int, data: dict, log: Callable[[str], None]) -> list[dict]:
+    """PRDC rows of every member at this step (and the temperature baseline at the last step)."""
+    from ..ensemble import ensemble_ddpm_sample
+    from ..metrics.prdc import prdc
+
+    p, members = cfg.protocol, _members(cfg)
+    last = step == cfg.eval_steps()[-1]
+    rows = []
+    for tau in cfg.temperatures if last else (1.0,):
+        idx = list(range(len(members))) if tau == 1.0 else [i for i, (lam, _) in enumerate(members) if lam == 0]
+        model = run.ema_model if len(idx) == len(members) else run.ema_model.subset(idx)
+        t0 = time.perf_counter()
+        samples = ensemble_ddpm_sample(model, p.n_eval, run.schedule, [members[i][1] for i in idx],
+                                       backend=cfg.backend, progress=cfg.progress, temperature=tau).float().cpu()
+        for j, i in enumerate(idx):
+            lam, seed = members[i]
+            for ref in p.references:
+                real = data["refs"][(seed, ref)]
+                finite = bool(torch.isfinite(samples[j]).all())
+                metrics = prdc(real, samples[j], k=p.k) if finite else dict.fromkeys(METRICS, math.nan)
+                rows.append({"dataset": dataset, "lambda": lam, "temperature": tau, "seed": seed, "step": step,
+                             "fraction": step / p.steps, "reference": ref, **{m: float(metrics[m]) for m in METRICS}})
+        log(f"  {dataset} step {step}: sampled {len(idx)} members at tau={tau:g} "
+            f"({time.perf_counter() - t0:.0f} s with PRDC)")
+    return rows
+
+
+def _save_state(folder: Path, run, rows: list[dict]) -> None:
+    buffer = io.BytesIO()
+    torch.save(run.state_dict(), buffer)
+    atomic_write_bytes(folder / "ensemble.pt", buffer.getvalue())
+    atomic_write_text(folder / "rows.json", json.dumps(rows) + "\n")  # after the state: rows never run ahead
+
+
+def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str], None]) -> list[dict]:
+    """Train, evaluate and save one dataset's members; returns its PRDC rows."""
+    from ..ensemble import EnsembleRun
+
+    p, folder = cfg.protocol, Path(cfg.out) / "runs" / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    if resume and (folder / "done.json").exists():
+        return json.loads((folder / "rows.json").read_text())
+    members = _members(cfg)
+    data: dict = {"train": {}, "refs": {}}
+    for seed in cfg.seeds:
+        train, test = member_data(p, dataset, seed)
+        data["train"][seed] = train
+        for ref in p.references:
+            data["refs"][(seed, ref)] = reference_points(p, ref, dataset, seed, train, test)
+    train_cfg = TrainConfig(out_dir=str(folder), steps=p.steps, batch_size=p.batch_size, lr=p.lr, T=p.T,
+                            ema_decay=p.ema_decay, grad_clip=p.grad_clip or None, timesteps=p.timesteps,
+                            backend=cfg.backend, progress=False, tensorboard=False,
+                            log_every=max(1, p.steps // 200))
+    run = EnsembleRun([data["train"][s] for _, s in members], [s for _, s in members], [lam for lam, _ in members],
+                      train_cfg, _device(cfg.device), model=p.model)
+    rows: list[dict] = []
+    if resume and (folder / "ensemble.pt").exists():
+        run.load_state_dict(torch.load(folder / "ensemble.pt", weights_only=False))
+        rows = json.loads((folder / "rows.json").read_text())
+        log(f"  {dataset}: resumed at step {run.step}")
+    for step in cfg.eval_steps():
+        if step <= run.step and any(r["step"] == step for r in rows):
+            continue
+        t0 = time.perf_counter()
+        run.fit(step, progress=cfg.progress)
+        log(f"  {dataset}: trained {len(members)} members to step {step} ({time.perf_counter() - t0:.0f} s)")
+        rows += _evaluate(cfg, dataset, run, step, data, log)
+        _save_state(folder, run, rows)
+    _write_losses(folder / "losses.csv", run, members)
+    atomic_write_text(folder / "done.json", json.dumps({"step": run.step}) + "\n")
+    return rows
+
+
+def _write_losses(path: Path, run, members: list[tuple[float, int]]) -> None:
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["step"] + [f"lambda_{lam:g}_seed_{s}" for lam, s in members])
+    for step, losses in run.loss_log:
+        w.writerow([step] + [f"{v:.6g}" for v in losses])
+    atomic_write_text(path, out.getvalue())
+
+
+def prepare_study(cfg: StudyConfig, resume: bool) -> Path:
+    """Validate ``cfg`` and the output folder before any training (as `toy2d.prepare_output`)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    try:
+        check_writable_dir(out)
+    except OSError as exc:
+        raise PermissionError(f"output folder {str(out)!r} is not writable: {exc}") from exc
+    recorded = out / "study.json"
+    if recorded.exists() and not resume:
+        raise FileExistsError(f"output folder {str(out)!r} already holds a study: pass --resume to continue it, "
+                              "or choose another --out")
+    if resume and recorded.exists():
+        old = json.loads(recorded.read_text())
+        if old["protocol"] != cfg.to_dict()["protocol"]:
+            changed = [k for k, v in cfg.to_dict()["protocol"].items() if old["protocol"].get(k) != v]
+            raise ValueError(f"cannot resume {str(out)!r}: its study.json has other values of {', '.join(changed)}")
+    return out
+
+
+def run_study(cfg: StudyConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run every dataset of ``cfg``, write prdc.csv and the report; returns the PRDC rows."""
+    from .study_report import write_report
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = prepare_study(cfg, resume)
+    atomic_write_text(out / "study.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+    wall0 = time.perf_counter()
+    rows: list[dict] = []
+    for dataset in cfg.datasets:
+        log(f"isofast toy2d: protocol {cfg.protocol.name}, {dataset}: {len(_members(cfg))} members, "
+            f"{cfg.protocol.steps} steps, evaluated at steps {cfg.eval_steps()}")
+        rows += run_dataset(cfg, dataset, resume, log)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=PRDC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "prdc.csv", buf.getvalue())
+    write_report(out, cfg, rows, wall_s=time.perf_counter() - wall0)
+    return rows
