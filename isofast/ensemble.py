@@ -79,6 +79,7 @@ class EnsembleRun:
         self.lambda_tensor = torch.tensor(self.lambdas, device=self.device)
         self.step = 0
         self.loss_log: list[tuple[int, list[float]]] = []  # (step, each member's mean loss of the window)
+        self._window: torch.Tensor | None = None  # the losses summed since the last log entry
 
     @property
     def members(self) -> int:
@@ -123,15 +124,15 @@ class EnsembleRun:
         from tqdm.auto import tqdm
 
         steps = self.config.steps if steps is None else steps
-        every, window = self.config.log_every, None
+        every = self.config.log_every
         with tqdm(total=steps, initial=self.step, desc=f"train {self.members} members", disable=not progress,
                   unit="step") as bar:
             while self.step < steps:
                 loss = self.train_step()
-                window = loss if window is None else window + loss
+                self._window = loss if self._window is None else self._window + loss
                 if self.step % every == 0:  # the members' mean loss over the last `log_every` steps
-                    self.loss_log.append((self.step, (window / every).tolist()))
-                    window = None
+                    self.loss_log.append((self.step, (self._window / every).tolist()))
+                    self._window = None
                 bar.update(1)
         return self
 
@@ -144,7 +145,7 @@ class EnsembleRun:
         return {"step": self.step, "seeds": self.seeds, "lambdas": self.lambdas,
                 "model": self.model.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "generators": [g.get_state() for g in self.generators],
-                "loss_log": self.loss_log}
+                "loss_log": self.loss_log, "loss_window": self._window}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict`'s snapshot; refuses one of other members."""
@@ -159,6 +160,7 @@ class EnsembleRun:
             g.set_state(s)
         self.step = int(state["step"])
         self.loss_log = [(int(s), list(v)) for s, v in state["loss_log"]]
+        self._window = state["loss_window"]
 
 
 def _check_config(config: TrainConfig) -> None:

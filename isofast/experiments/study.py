@@ -211,9 +211,10 @@ def prepare_study(cfg: StudyConfig, resume: bool) -> Path:
         raise FileExistsError(f"output folder {str(out)!r} already holds a study: pass --resume to continue it, "
                               "or choose another --out")
     if resume and recorded.exists():
-        old = json.loads(recorded.read_text())
-        if old["protocol"] != cfg.to_dict()["protocol"]:
-            changed = [k for k, v in cfg.to_dict()["protocol"].items() if old["protocol"].get(k) != v]
+        old = json.loads(recorded.read_text())["protocol"]
+        new = json.loads(json.dumps(cfg.to_dict()["protocol"]))  # as JSON has it (tuples are lists)
+        if old != new:
+            changed = [k for k, v in new.items() if old.get(k) != v]
             raise ValueError(f"cannot resume {str(out)!r}: its study.json has other values of {', '.join(changed)}")
     return out
 
