@@ -97,3 +97,37 @@ def test_toy2d_sweep_refuses_unknown_engine(tmp_path):
 
     with pytest.raises(ValueError, match="engine"):
         run_sweep(config_from_preset("default", quick=True, out=str(tmp_path)), engine="parallel")
+
+
+def test_ensemble_sweep_resumes_mid_training_bit_for_bit(tmp_path, monkeypatch):
+    """A sweep stopped mid-training continues from the ensemble's last save; samples equal an unbroken sweep's."""
+    import numpy as np
+
+    from isofast.ensemble import EnsembleRun as Run
+    from isofast.experiments import toy2d_ensemble
+    from isofast.experiments.toy2d import _load_run, config_from_preset, run_dir, run_sweep
+
+    monkeypatch.setattr(toy2d_ensemble, "CKPT_EVERY", 6)
+    whole = config_from_preset("default", quick=True, out=str(tmp_path / "whole"))
+    run_sweep(whole, engine="ensemble", log=lambda msg: None)
+
+    broken = config_from_preset("default", quick=True, out=str(tmp_path / "broken"))
+    step = Run.train_step
+
+    def stop_at_15(self):
+        if self.step == 15:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Run, "train_step", stop_at_15)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(broken, engine="ensemble", log=lambda msg: None)
+    monkeypatch.setattr(Run, "train_step", step)
+    resumed_at = []
+    load = Run.load_state_dict
+    monkeypatch.setattr(Run, "load_state_dict", lambda self, s: (resumed_at.append(s["step"]), load(self, s)))
+    run_sweep(broken, resume=True, engine="ensemble", log=lambda msg: None)
+    assert resumed_at == [12]  # the last save before the stop, not step 0
+    for key in [(d, lam, s) for d in whole.datasets for lam in whole.lambdas for s in whole.seeds]:
+        a, b = _load_run(run_dir(whole, *key)), _load_run(run_dir(broken, *key))
+        assert np.array_equal(a.samples, b.samples), key

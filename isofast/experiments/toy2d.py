@@ -327,7 +327,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     if engine == "ensemble" and todo:
         from .toy2d_ensemble import train_and_evaluate_all
 
-        for key, result in zip(todo, train_and_evaluate_all(cfg, todo), strict=True):
+        for key, result in zip(todo, train_and_evaluate_all(cfg, todo, resume=resume), strict=True):
             report(key, result, False)
     elif jobs == 1:
         for key in todo:
