@@ -3,7 +3,8 @@
 Each (dataset, lambda, seed) run is a member of one `isofast.ensemble.EnsembleRun` (exactly the single
 engine's run of that seed, lambda and dataset: `tests/test_ensemble.py`), sampled with
 `ensemble_ddpm_sample` from its EMA weights and scored with PRDC as `toy2d.train_and_evaluate` does; each
-run's folder gets the same ``samples.npy`` and ``result.json``. The members' wall and CPU times are the
+run's folder gets the same ``samples.npy`` and ``result.json``, its ``config.json`` and a ``metrics.csv`` of
+its mean training loss per ``log_every`` steps (its weights are in the ensemble's save, not a checkpoint). The members' wall and CPU times are the
 ensemble's, divided evenly among them.
 
 Resume: the ensemble is saved atomically to ``out/ensemble_state.pt`` every ``CKPT_EVERY`` steps (with the
@@ -12,14 +13,16 @@ save when it holds the same runs (bit for bit: `EnsembleRun.state_dict`), else s
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, atomic_write_text
 from ..train_config import TrainConfig
 from .toy2d import METRICS, REAL_SEED_OFFSET, RunResult, SweepConfig, _save_run, run_dir
 
@@ -81,6 +84,11 @@ def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]],
                            train_cpu / M, sample_wall / M, sample_cpu / M, samples[m].numpy())
         folder = run_dir(cfg, dataset, lam, seed)
         folder.mkdir(parents=True, exist_ok=True)
+        # the member's own record, as its single run would leave it (its weights live in the ensemble's save)
+        member_cfg = dataclasses.replace(train_cfg, out_dir=str(folder), seed=seed, iso_lambda=float(lam))
+        atomic_write_text(folder / "config.json", json.dumps(member_cfg.to_dict(), indent=1) + "\n")
+        atomic_write_text(folder / "metrics.csv", "step,loss\n" + "".join(
+            f"{step},{losses[m]:.6g}\n" for step, losses in ensemble.loss_log))
         _save_run(folder, result)
         results.append(result)
     return results
