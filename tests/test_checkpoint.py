@@ -163,3 +163,21 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "latest").write_text("../../etc\n")
     with pytest.raises(ck.CheckpointError, match="does not name a checkpoint"):
         ck.load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("edit", ["step", "adam_beta", "rng"])
+def test_an_edited_state_json_is_refused(tmp_path, edit):
+    model = TimeMLP(hidden=8, emb_dim=8)
+    path, _ = _save(tmp_path, 3, model)
+    record = json.loads((path / "state.json").read_text())
+    if edit == "step":
+        record["step"] = 4
+    elif edit == "adam_beta":
+        record["state"]["optimizer"]["param_groups"][0]["betas"]["__tuple__"][0] = 0.5
+    else:
+        record["state"]["rng"]["python"]["__tuple__"][0] = 2
+    (path / "state.json").write_text(json.dumps(record, indent=1))
+    with pytest.raises(ck.CheckpointError, match=r"state\.json.*does not match the checksum"):
+        ck.load_checkpoint(path)
+    with pytest.raises(ck.CheckpointError, match=r"state\.json.*does not match the checksum"):
+        ck.checkpoint_meta(path)
