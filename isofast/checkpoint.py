@@ -68,6 +68,7 @@ __all__ = [
     "resolve_checkpoint",
     "restore_rng",
     "save_checkpoint",
+    "step_of",
     "unflatten_state",
 ]
 
@@ -246,7 +247,7 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
     complete = list_checkpoints(root)
     doomed = [p for p in complete[:-keep] if p != newest]
     # Incomplete leftovers of killed runs that are older than the newest complete checkpoint.
-    newest_step = _step_of(newest)
+    newest_step = step_of(newest)
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
         if m and p.is_dir() and not (p / "state.json").exists() and int(m.group(1)) < newest_step:
@@ -257,7 +258,8 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
+    """The step of checkpoint directory ``path`` (``step_0001000`` -> 1000; -1 for another name)."""
     m = _STEP_DIR.match(path.name)
     return int(m.group(1)) if m else -1
 
@@ -268,7 +270,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=_step_of)
+    return sorted(found, key=step_of)
 
 
 # ----- loading --------------------------------------------------------------------------------------------

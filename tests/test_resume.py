@@ -1,6 +1,7 @@
 """Resume can neither lose a run nor change it silently: which checkpoint, which config changes, what is kept."""
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -177,8 +178,12 @@ def test_cli_resume_rebuilds_the_recorded_model_and_refuses_another_config(tmp_p
 
 # ----- byte-identical files ------------------------------------------------------------------------------
 def test_equal_runs_write_byte_identical_checkpoints(tmp_path):
-    def digests(run):
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (run / "checkpoints" / "step_0000005").iterdir()}
-
-    first = [digests(_train(tmp_path / f"run{i}", 5).out_dir) for i in range(4)]
-    assert all(d == first[0] for d in first), first
+    # the same run folder each time: state.json records it, so only there can every file agree
+    run = tmp_path / "run"
+    found = []
+    for _ in range(4):
+        _train(run, 5)
+        found.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                      for p in (run / "checkpoints" / "step_0000005").iterdir()})
+        shutil.rmtree(run)
+    assert len(found[0]) == 4 and all(d == found[0] for d in found), found
