@@ -159,6 +159,9 @@ def test_cli_resume_keeps_the_recorded_settings_and_refuses_changes(tmp_path, ca
     assert cli_main(["train", "--out", str(run), "--resume", "--steps", "6", "--iso-lambda", "0.5",
                      "--override", "iso-lambda", "--no-progress"]) == 0
     assert json.loads((run / "config.json").read_text())["iso_lambda"] == 0.5
+    capsys.readouterr()
+    assert cli_main(["train", "--out", str(run), "--resume", "--steps", "8", "--mlp-hidden", "32"]) == 2
+    assert "--mlp-hidden 32 differs from the run's hidden 16" in capsys.readouterr().err
 
 
 def test_cli_resume_rebuilds_the_recorded_model_and_refuses_another_config(tmp_path, capsys):
@@ -172,6 +175,8 @@ def test_cli_resume_rebuilds_the_recorded_model_and_refuses_another_config(tmp_p
     assert cli_main(["train", "--out", str(run), "--resume", "--steps", "3", "--config", "digits8"]) == 2
     err = capsys.readouterr().err
     assert "--config digits8" in err and "Traceback" not in err
+    assert cli_main(["train", "--out", str(run), "--resume", "--steps", "3", "--model", "mlp"]) == 2
+    assert "--model mlp" in capsys.readouterr().err
     assert cli_main(["train", "--out", str(run), "--resume", "--steps", "2"]) == 0
     assert "nothing trained" in capsys.readouterr().err
 

@@ -309,7 +309,8 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("run folder")
     g.add_argument("--out", required=True, help="run folder: config, metrics.csv, TensorBoard, checkpoints, samples")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue the latest checkpoint of --out (or the checkpoint at PATH)")
+                   help="continue the newest complete checkpoint of --out (or the checkpoint at PATH) with the "
+                   "run's recorded model, data and settings (options left out keep the run's values)")
     g.add_argument("--override", action="append", default=[], metavar="KEY",
                    help="with --resume: let the run setting KEY (a config.json field: lr, iso_lambda, seed, data, ...) "
                    "differ from the run's; repeatable; recorded in the run's history.jsonl")
