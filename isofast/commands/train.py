@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, checkpoint_meta
-from ..models.registry import build_model
+from ..models.registry import MODELS_2D, build_model
 from ..resume import ResumeError, check_override, checkpoint_to_resume, run_fields, with_recovery_hint
 from ..schedule import SCHEDULES
 from ..train import Trainer
@@ -104,7 +104,7 @@ def build_model_and_data(args: argparse.Namespace, spec: dict | None = None):
         raise ValueError(f"unknown --data {args.data!r}; 2D datasets: {', '.join(toy)}; image datasets: {', '.join(images)}")
     recorded = build_model(spec) if spec else None  # checked and sized before anything else is built
     model_kind = spec["kind"] if spec else args.model or ("mlp" if args.data in toy else "unet")
-    if model_kind == "mlp":
+    if model_kind in MODELS_2D:
         if args.data not in toy:
             raise ValueError(f"--model mlp trains on 2D data ({', '.join(toy)}), got --data {args.data}")
         from ..data.toy2d import make_dataset
