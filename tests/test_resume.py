@@ -31,13 +31,19 @@ def _names(root):
 
 
 # ----- which checkpoint ---------------------------------------------------------------------------------
-def test_missing_latest_resumes_from_the_newest_complete_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("latest", ["missing", "dangling"])
+def test_missing_latest_resumes_from_the_newest_complete_checkpoint(tmp_path, capsys, latest):
     run = tmp_path / "run"
     _train(run, 10)
-    (run / "checkpoints" / "latest").unlink()
+    if latest == "missing":
+        (run / "checkpoints" / "latest").unlink()
+    else:
+        (run / "checkpoints" / "latest").write_text("step_0000020\n")  # a checkpoint moved away by hand
     # another initialisation: only a resume from step 10 can give the uninterrupted run's weights
     resumed = _train(run, 15, model_seed=99, resume=True)
-    assert "latest is missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("latest is missing" if latest == "missing" else "step_0000020, which does not exist") in err
+    assert "resuming from the newest complete checkpoint" in err and "step_0000010" in err
     full = _train(tmp_path / "full", 15)
     assert_bitwise(full.model.state_dict(), resumed.model.state_dict(), "model")
 

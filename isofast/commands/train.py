@@ -29,7 +29,7 @@ import torch
 
 from ..checkpoint import CheckpointError, checkpoint_meta
 from ..models.registry import MODELS_2D, build_model
-from ..resume import ResumeError, check_override, checkpoint_to_resume, run_fields, with_recovery_hint
+from ..resume import ResumeError, check_override, checkpoint_to_resume, with_recovery_hint
 from ..schedule import SCHEDULES
 from ..train import Trainer
 from ..train_config import OPTIMIZERS, TrainConfig
@@ -209,11 +209,13 @@ def train_config(args: argparse.Namespace, data_record: dict, record: dict | Non
     values = {field: getattr(args, dest) for dest, field in _RUN_OPTIONS.items()}
     values["grad_clip"] = values["grad_clip"] or None
     values["data"] = data_record
-    if record is not None:  # settings the command line has no option for (a run made through the API)
+    machine = dict(out_dir=args.out, device=args.device, backend=args.backend, num_workers=args.num_workers,
+                   progress=not args.no_progress, tensorboard=not args.no_tensorboard)
+    if record is not None:  # fields no option sets (betas, keep_checkpoints, ...: a run made through the API)
         recorded = record.get("config", {})
-        values.update({k: recorded[k] for k in run_fields() if k in recorded and k not in values})
-    return TrainConfig(out_dir=args.out, device=args.device, backend=args.backend, num_workers=args.num_workers,
-                       progress=not args.no_progress, tensorboard=not args.no_tensorboard, **values)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        values.update({k: v for k, v in recorded.items() if k in known and k not in values and k not in machine})
+    return TrainConfig(**machine, **values)
 
 
 def make_sample_fn(sample_shape: tuple[int, ...], count: int, seed: int, backend: str | None):
