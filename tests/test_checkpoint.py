@@ -181,3 +181,17 @@ def test_an_edited_state_json_is_refused(tmp_path, edit):
         ck.load_checkpoint(path)
     with pytest.raises(ck.CheckpointError, match=r"state\.json was edited or is damaged.*checksum"):
         ck.checkpoint_meta(path)
+
+
+def test_a_version_1_record_without_its_checksum_loads_with_a_warning(tmp_path):
+    model = TimeMLP(hidden=8, emb_dim=8)
+    path, _ = _save(tmp_path, 3, model)
+    record = json.loads((path / "state.json").read_text())
+    del record["record_sha256"]
+    (path / "state.json").write_text(json.dumps({**record, "version": 2}))
+    with pytest.raises(ck.CheckpointError, match="was edited or is damaged"):
+        ck.load_checkpoint(path)  # version 2 needs its checksum
+    (path / "state.json").write_text(json.dumps({**record, "version": 1}))  # as isofast wrote before
+    with pytest.warns(RuntimeWarning, match="older isofast.*not checksummed"):
+        loaded = ck.load_checkpoint(path)
+    _same_weights(model.state_dict(), loaded.model)
