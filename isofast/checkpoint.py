@@ -8,14 +8,18 @@ Layout of a run folder (written by `isofast.train.Trainer`; only rank 0 writes):
         state.safetensors   every tensor of the trainer state: optimizer moments and steps, RNG states
         state.json          written last: format/version, step, the trainer state's structure (tensors
                             replaced by {"__tensor__": name-in-state.safetensors}), the run's config,
-                            the model spec, and the byte size + sha256 of each file above
+                            the model spec, the byte size + sha256 of each file above, and the sha256
+                            of all of that (``record_sha256``), so state.json itself is checked too
     <out_dir>/checkpoints/latest   the name of the newest complete checkpoint ("step_0001000"), written last
 
 Why this scheme: weights stay in plain safetensors files that any tool can read; the optimizer
 state (a nested dict with int keys, tuples and tensors) is split losslessly into a JSON tree and a
 flat tensor file (`flatten_state` / `unflatten_state`), so nothing is pickled and loading executes
 no code. The sha256 in state.json catches truncated and bit-flipped files, which safetensors alone
-would not notice inside tensor data.
+would not notice inside tensor data; ``record_sha256`` (over the canonical JSON of every other field of
+state.json) catches an edited or damaged state.json: a changed step, Adam beta or RNG state. Equal
+checkpoints are equal files, byte for byte (safetensors metadata is written in sorted order,
+`isofast.io.atomic_write_tensors`), so a ``sha256sum`` of two equal runs agrees.
 
 Atomicity: every file is written whole or not at all (`isofast.io`: a temporary name in its own
 directory, fsync-ed, ``os.replace``-d over its final name). A checkpoint is complete once
@@ -34,6 +38,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,7 @@ __all__ = [
     "CheckpointError",
     "capture_rng",
     "check_state_dict",
+    "checkpoint_meta",
     "flatten_state",
     "list_checkpoints",
     "load_checkpoint",
@@ -62,11 +68,12 @@ __all__ = [
     "resolve_checkpoint",
     "restore_rng",
     "save_checkpoint",
+    "step_of",
     "unflatten_state",
 ]
 
 CHECKPOINT_FORMAT = "isofast-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: state.json carries record_sha256
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -82,6 +89,13 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _record_sha256(record: dict) -> str:
+    """sha256 of state.json's fields other than ``record_sha256``, as canonical JSON (sorted keys, no spaces):
+    the same for the record written and the record read back (JSON floats and ints round-trip exactly)."""
+    fields = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 # ----- lossless split of nested state into JSON + tensors ---------------------------------------------
@@ -222,6 +236,7 @@ def save_checkpoint(
         "torch_version": torch.__version__,
         **(meta or {}),
     }
+    record["record_sha256"] = _record_sha256(record)
     atomic_write_text(directory / "state.json", json.dumps(record, indent=1))
     atomic_write_text(root / LATEST, directory.name + "\n")
     _prune(root, keep, directory)
@@ -232,7 +247,7 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
     complete = list_checkpoints(root)
     doomed = [p for p in complete[:-keep] if p != newest]
     # Incomplete leftovers of killed runs that are older than the newest complete checkpoint.
-    newest_step = _step_of(newest)
+    newest_step = step_of(newest)
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
         if m and p.is_dir() and not (p / "state.json").exists() and int(m.group(1)) < newest_step:
@@ -243,7 +258,8 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: Path) -> int:
+    """The step of checkpoint directory ``path`` (``step_0001000`` -> 1000; -1 for another name)."""
     m = _STEP_DIR.match(path.name)
     return int(m.group(1)) if m else -1
 
@@ -254,7 +270,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=_step_of)
+    return sorted(found, key=step_of)
 
 
 # ----- loading --------------------------------------------------------------------------------------------
@@ -304,13 +320,9 @@ def _read_tensors(path: Path, expected: dict | None) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {path} cannot be read as safetensors: {exc}") from exc
 
 
-def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
-    """Load the checkpoint at ``path`` (see `resolve_checkpoint`). Tensors are on the CPU.
-
-    ``verify`` checks each file's size and sha256 against state.json. Any problem raises
-    `CheckpointError` naming the file.
-    """
-    directory = resolve_checkpoint(path)
+def _read_record(directory: Path) -> dict:
+    """state.json of checkpoint ``directory``, checked: an isofast record of a version this code reads, whose
+    ``record_sha256`` matches its contents (version-1 records, from before it existed, load with a warning)."""
     state_json = directory / "state.json"
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -323,9 +335,35 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
         raise CheckpointError(f"checkpoint file {state_json} is corrupted: not valid JSON ({exc})") from exc
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{state_json} is not an isofast checkpoint record")
-    if record.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{state_json} has format version {record['version']}; this isofast reads "
+    version = record.get("version", 0)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{state_json} has format version {version!r}; this isofast reads "
                               f"up to {CHECKPOINT_VERSION}")
+    if version >= 2 and record.get("record_sha256") != _record_sha256(record):
+        raise CheckpointError(f"checkpoint file {state_json} was edited or is damaged: its contents do not "
+                              "match the checksum it records (record_sha256)")
+    if version < 2:
+        warnings.warn(f"{state_json} was written by an older isofast (format version {version}): its own "
+                      "contents (step, optimizer and RNG state) are not checksummed", RuntimeWarning, stacklevel=3)
+    return record
+
+
+def checkpoint_meta(path: str | Path) -> dict:
+    """The checked state.json fields (step, config, model_spec, ...) of the checkpoint at ``path`` (see
+    `resolve_checkpoint`), without reading its tensor files: what a resume needs to rebuild the run."""
+    directory = resolve_checkpoint(path)
+    record = _read_record(directory)
+    return {k: v for k, v in record.items() if k not in ("state", "files")}
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
+    """Load the checkpoint at ``path`` (see `resolve_checkpoint`). Tensors are on the CPU.
+
+    state.json is always checked against its ``record_sha256``; ``verify`` also checks each tensor file's
+    size and sha256 against state.json. Any problem raises `CheckpointError` naming the file.
+    """
+    directory = resolve_checkpoint(path)
+    record = _read_record(directory)
     files = record.get("files", {})
 
     def read(name: str) -> dict[str, torch.Tensor]:

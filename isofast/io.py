@@ -7,6 +7,7 @@ a stray ``.<name>.*.tmp`` beside it).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -81,7 +82,34 @@ def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], met
         if t.numel():
             seen.add(t.untyped_storage().data_ptr())
         clean[name] = t
-    atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        save_file(clean, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
+
+    atomic_write(path, write)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place.
+
+    safetensors keeps the metadata in a hash map whose order changes from one call to the next, so equal
+    tensors would give files of different bytes (and sha256). Sorting changes only the order of the same
+    keys and values: the header keeps its length and the tensor data stays where it is.
+    """
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        raw = f.read(length)
+        header = json.loads(raw)
+        metadata = header.get("__metadata__")
+        if not metadata or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # cannot happen for a header safetensors wrote; never move the data
+            raise RuntimeError(f"{path}: sorted safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text.ljust(length, b" "))  # safetensors pads its header with spaces
 
 
 def check_writable_dir(path: str | Path) -> None:

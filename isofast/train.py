@@ -40,7 +40,7 @@ import contextlib
 import json
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ from torch.utils.data import Dataset
 
 from . import checkpoint as ckpt_io
 from . import distributed
+from . import resume as resume_io
 from .data.order import (
     EpochOrder,
     draw_timesteps,
@@ -85,8 +86,8 @@ class Trainer:
     `isofast.models.model_spec_of`) so `isofast.checkpoint.load_trained_model` can rebuild it.
 
     Attributes: ``model`` (the unwrapped module, trained in place), ``ema_model``, ``step`` (optimizer
-    steps done), ``schedule`` (`NoiseSchedule` on the device), ``optimizer``, ``dist`` (`DistInfo`),
-    ``device``, ``out_dir``.
+    steps done), ``steps_trained`` (by the last `fit`), ``schedule`` (`NoiseSchedule` on the device),
+    ``optimizer``, ``dist`` (`DistInfo`), ``device``, ``out_dir``.
     """
 
     def __init__(
@@ -139,6 +140,7 @@ class Trainer:
         self._global_iso = self.dist.distributed and config.iso_mode == "batch" and config.iso_lambda > 0
         self.stats = TrainStats(self.out_dir, self.device, config.batch_size, self.dist.is_main)
         self._last_saved = -1
+        self.steps_trained = 0
 
     # ----- set-up ------------------------------------------------------------------------------------
     def _set_data(self, data: Dataset | torch.Tensor) -> None:
@@ -280,7 +282,9 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> int:
         """Restore model, EMA, optimizer, RNG streams and step from a checkpoint; returns the step."""
-        ck = ckpt_io.load_checkpoint(path)
+        return self._restore(ckpt_io.load_checkpoint(path))
+
+    def _restore(self, ck: ckpt_io.Checkpoint) -> int:
         ckpt_io.load_state_dict_checked(self.model, ck.model, ck.path / "model.safetensors")
         if self.ema is not None:
             if ck.ema is None:
@@ -325,46 +329,70 @@ class Trainer:
         if error is not None:
             raise PermissionError(error)
 
-    def _resume(self, resume: bool | str | Path) -> int:
-        """Seed a fresh run, or restore the checkpoint ``resume`` names (see `fit`); returns its step (-1: fresh)."""
+    def _resume(self, resume: bool | str | Path, override: frozenset[str]) -> tuple[ckpt_io.Checkpoint | None, dict]:
+        """Seed a fresh run, or restore the checkpoint ``resume`` names (see `fit`); returns (that checkpoint
+        or None for a fresh run, the overridden settings {field: (old, new)})."""
         ckpt_root = self.out_dir / "checkpoints"
         if resume is False:
+            if override:
+                raise ValueError("override applies to a resume only (resume=True or a path; --resume)")
             if ckpt_io.list_checkpoints(ckpt_root) or (ckpt_root / ckpt_io.LATEST).exists():
                 raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass resume=True (--resume) to "
                                       "continue that run, or choose another out_dir")
             seed_global_rngs(self.config.seed, self.dist.rank)
-            return -1
-        source = ckpt_root if resume is True else Path(resume)
-        if resume is True and not (ckpt_root / ckpt_io.LATEST).exists():
-            if self.dist.is_main:
-                print(f"isofast: no checkpoint in {ckpt_root}; starting a fresh run", file=sys.stderr)
+            return None, {}
+        source, note = resume_io.checkpoint_to_resume(ckpt_root, resume)
+        if source is None:
+            self._say(f"no checkpoint in {ckpt_root}; starting a fresh run")
             seed_global_rngs(self.config.seed, self.dist.rank)
-            return -1
-        try:
-            return self.load_checkpoint(source)
-        except ckpt_io.CheckpointError as exc:
-            good = [str(p) for p in ckpt_io.list_checkpoints(ckpt_root)]
-            hint = (f"; other complete checkpoints: {', '.join(good)} (resume from one by passing its path: "
-                    "fit(resume=PATH), --resume PATH)") if good else ""
-            raise ckpt_io.CheckpointError(f"{exc}{hint}") from exc
+            return None, {}
+        if note:
+            self._say(note)
+        resume_io.check_destination(ckpt_root, source)
+        ck = resume_io.with_recovery_hint(ckpt_io.load_checkpoint, source, self.out_dir)
+        changes = resume_io.config_changes(ck.meta.get("config", {}), self.config.to_dict(), override, ck.path)
+        self._restore(ck)
+        return ck, changes
 
-    def fit(self, resume: bool | str | Path = False) -> Trainer:
-        """Train until ``config.steps`` optimizer steps are done; returns self.
+    def _say(self, message: str) -> None:
+        if self.dist.is_main:
+            print(f"isofast: {message}", file=sys.stderr)
+
+    def _start_resumed(self, ck: ckpt_io.Checkpoint, changes: dict) -> None:
+        """Rank 0, before the first step of a resumed run: set newer checkpoints aside, record overrides."""
+        moved = resume_io.set_aside_newer(self.out_dir / "checkpoints", ck.path)
+        if moved:
+            self._say(f"resuming {ck.path.name}: the newer checkpoints {', '.join(p.name for p in moved)} are "
+                      f"set aside in {moved[0].parent} (not deleted), so this run cannot overwrite them")
+        resume_io.record_changes(self.out_dir, ck.step, changes, ck.path)
+
+    def fit(self, resume: bool | str | Path = False, override: Iterable[str] = ()) -> Trainer:
+        """Train until ``config.steps`` optimizer steps are done; returns self (``steps_trained``: how many now).
 
         resume: False starts fresh (refused if out_dir already holds checkpoints); True continues from
-        ``out_dir``'s latest checkpoint (or starts fresh when there is none); a path continues from that
-        checkpoint (a step directory, a checkpoints folder or a run folder).
+        ``out_dir``'s newest complete checkpoint (or starts fresh when there is none); a path continues from
+        that checkpoint (a step directory, a checkpoints folder or a run folder). `isofast.resume` says what
+        a resume checks and keeps: the run's settings must equal the checkpoint's, except the fields named
+        in ``override`` (recorded in ``out_dir/history.jsonl``) and `isofast.resume.FREE_FIELDS`.
         """
         cfg = self.config
+        override = resume_io.check_override(override)
         # --- set-up: the run folder
         self._prepare_out_dir()
         # --- resume: a checkpoint's weights, optimizer, RNG streams and unlogged window (or a fresh run's seeds)
-        resumed = self._resume(resume)
+        ck, changes = self._resume(resume, override)
+        start, self.steps_trained = self.step, 0
+        if ck is not None and start >= cfg.steps:
+            self._say(f"{ck.path} is at step {start}, at or past steps={cfg.steps}: nothing trained (ask for "
+                      "more steps to continue the run)")
+            return self
         if self.dist.is_main:
+            if ck is not None:
+                self._start_resumed(ck, changes)
             atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
             if self.model_spec is not None:
                 atomic_write_text(self.out_dir / "model.json", json.dumps(self.model_spec, indent=1) + "\n")
-        self.stats.open(resumed, cfg.tensorboard)
+        self.stats.open(ck.step if ck is not None else -1, cfg.tensorboard)
         self.model.train()
 
         bar = None
@@ -397,6 +425,7 @@ class Trainer:
             if cfg.sample_every and self.sample_fn is not None and self.step % cfg.sample_every != 0:
                 self._sample()
         finally:
+            self.steps_trained = self.step - start
             if bar is not None:
                 bar.close()
             self.stats.close()

@@ -39,6 +39,10 @@ class TrainConfig:
     backend: isofast op backend (None: auto; see `isofast.ops.backends`).
     num_workers: DataLoader workers for Dataset data (tensor data needs none).
     progress: tqdm bar (only on a terminal). tensorboard: write events next to metrics.csv.
+    data: what the data is, for the record (JSON; `isofast train` stores {"name", "n_points"} for 2D sets and
+        {"name", "image_size"} for images; None: not described). A resume on other data is refused.
+
+    A resume keeps every field except `isofast.resume.FREE_FIELDS` unless told otherwise (`isofast.resume`).
     """
 
     out_dir: str
@@ -71,6 +75,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     tensorboard: bool = True
+    data: dict | None = None
 
     def __post_init__(self) -> None:
         self.out_dir = str(self.out_dir)
@@ -124,6 +129,8 @@ class TrainConfig:
         integer("sample_every", 0)
         choice("precision", PRECISIONS)
         integer("num_workers", 0)
+        if self.data is not None and not isinstance(self.data, dict):
+            raise TypeError(f"TrainConfig.data must be a dict describing the data or None, got {type(self.data).__name__}")
         if not isinstance(self.device, str):
             raise TypeError(f"TrainConfig.device must be a str, got {type(self.device).__name__}")
 

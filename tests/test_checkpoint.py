@@ -163,3 +163,35 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "latest").write_text("../../etc\n")
     with pytest.raises(ck.CheckpointError, match="does not name a checkpoint"):
         ck.load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("edit", ["step", "adam_beta", "rng"])
+def test_an_edited_state_json_is_refused(tmp_path, edit):
+    model = TimeMLP(hidden=8, emb_dim=8)
+    path, _ = _save(tmp_path, 3, model)
+    record = json.loads((path / "state.json").read_text())
+    if edit == "step":
+        record["step"] = 4
+    elif edit == "adam_beta":
+        record["state"]["optimizer"]["param_groups"][0]["betas"]["__tuple__"][0] = 0.5
+    else:
+        record["state"]["rng"]["python"]["__tuple__"][0] = 2
+    (path / "state.json").write_text(json.dumps(record, indent=1))
+    with pytest.raises(ck.CheckpointError, match=r"state\.json was edited or is damaged.*checksum"):
+        ck.load_checkpoint(path)
+    with pytest.raises(ck.CheckpointError, match=r"state\.json was edited or is damaged.*checksum"):
+        ck.checkpoint_meta(path)
+
+
+def test_a_version_1_record_without_its_checksum_loads_with_a_warning(tmp_path):
+    model = TimeMLP(hidden=8, emb_dim=8)
+    path, _ = _save(tmp_path, 3, model)
+    record = json.loads((path / "state.json").read_text())
+    del record["record_sha256"]
+    (path / "state.json").write_text(json.dumps({**record, "version": 2}))
+    with pytest.raises(ck.CheckpointError, match="was edited or is damaged"):
+        ck.load_checkpoint(path)  # version 2 needs its checksum
+    (path / "state.json").write_text(json.dumps({**record, "version": 1}))  # as isofast wrote before
+    with pytest.warns(RuntimeWarning, match="older isofast.*not checksummed"):
+        loaded = ck.load_checkpoint(path)
+    _same_weights(model.state_dict(), loaded.model)

@@ -43,6 +43,18 @@ def test_sample_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_sample_refuses_a_model_spec_of_absurd_size_before_allocating(tmp_path, capsys):
+    from isofast.checkpoint import save_checkpoint
+    from isofast.models.mlp import TimeMLP
+
+    spec = {"kind": "mlp", "config": {"data_dim": 2, "hidden": 10**6, "n_layers": 3, "emb_dim": 128}}
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, TimeMLP(hidden=8).state_dict(),
+                    meta={"model_spec": spec, "config": {"T": 10}})
+    assert main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "parameters" in err and "2^31" in err and "Traceback" not in err
+
+
 def test_eval_prdc_on_pixels_and_fid_is_with_local_weights(run_dir, tmp_path, capsys):
     from isofast.metrics.inception import FIDInceptionV3
 

@@ -55,3 +55,15 @@ def test_check_writable_dir_creates_the_folder_and_refuses_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError):
         check_writable_dir(tmp_path / "file" / "run")
+
+
+def test_tensor_files_are_byte_identical_whatever_the_metadata_order(tmp_path):
+    # safetensors keeps metadata in a hash map whose order changes from call to call
+    tensors = {"b": torch.ones(3), "a": torch.arange(4.0)}
+    files = []
+    for i, metadata in enumerate([{"format": "x", "step": "5", "kind": "k"}, {"step": "5", "kind": "k", "format": "x"}] * 6):
+        atomic_write_tensors(tmp_path / f"{i}.safetensors", tensors, metadata=metadata)
+        files.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    loaded = load_file(str(tmp_path / "0.safetensors"))
+    assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from trainer_helpers import assert_bitwise, tiny_config, tiny_mlp, toy_points
 
 from isofast import NoiseKey, NoiseSchedule, reference
 from isofast import checkpoint as ck
 from isofast.cli import main as cli_main
 from isofast.data.order import epoch_permutation, make_noise_generator
 from isofast.ema import EMA
-from isofast.models.mlp import TimeMLP
 from isofast.train import TrainConfig, Trainer
 from isofast.train_stats import METRIC_FIELDS
 
@@ -35,51 +35,29 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _config(out, **kw):
-    base = dict(out_dir=str(out), steps=10, batch_size=8, lr=1e-2, T=50, log_every=5, ckpt_every=5,
-                progress=False, tensorboard=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _model(seed=0, **kw):
-    torch.manual_seed(seed)
-    return TimeMLP(**{"hidden": 16, "emb_dim": 8, **kw})
-
-
-def _points(n=40, seed=1):
-    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed)) * 0.5
-
-
-def _assert_bitwise(a: dict, b: dict, what: str) -> None:
-    assert sorted(a) == sorted(b), what
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max |diff| {(a[k].float() - b[k].float()).abs().max()})"
-
-
 def _optimizer_tensors(state: dict) -> dict:
     return {f"{i}.{k}": v for i, s in state["optimizer"]["state"].items() for k, v in s.items()}
 
 
 def test_trainer_rejects_bad_inputs(tmp_path):
     with pytest.raises(TypeError, match="model"):
-        Trainer("mlp", _points(), _config(tmp_path))
+        Trainer("mlp", toy_points(), tiny_config(tmp_path))
     with pytest.raises(TypeError, match="data"):
-        Trainer(_model(), [1, 2], _config(tmp_path))
+        Trainer(tiny_mlp(), [1, 2], tiny_config(tmp_path))
     with pytest.raises(ValueError, match="batch_size=8 exceeds the dataset size 5"):
-        Trainer(_model(), _points(5), _config(tmp_path))
+        Trainer(tiny_mlp(), toy_points(5), tiny_config(tmp_path))
     with pytest.raises(ValueError, match="tensor data"):
-        Trainer(_model(), torch.arange(10), _config(tmp_path))
+        Trainer(tiny_mlp(), torch.arange(10), tiny_config(tmp_path))
 
 
 # ----- the step ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("iso_mode", ["batch", "sample"])
 def test_first_step_equals_the_reference_step(tmp_path, iso_mode):
     """Batch, t, noise, q_sample, loss and Adam, rebuilt from the reference ops, give the trainer's weights."""
-    data, lam, lr = _points(), 0.7, 1e-2
-    model = _model()
+    data, lam, lr = toy_points(), 0.7, 1e-2
+    model = tiny_mlp()
     ref_model = copy.deepcopy(model)
-    cfg = _config(tmp_path, steps=1, lr=lr, grad_clip=None, ema_decay=0.0, iso_lambda=lam, iso_mode=iso_mode,
+    cfg = tiny_config(tmp_path, steps=1, lr=lr, grad_clip=None, ema_decay=0.0, iso_lambda=lam, iso_mode=iso_mode,
                   seed=3)
     Trainer(model, data, cfg).fit()
 
@@ -94,11 +72,11 @@ def test_first_step_equals_the_reference_step(tmp_path, iso_mode):
     opt.step()
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(model.out.weight, copy.deepcopy(_model()).out.weight)  # it did train
+    assert not torch.equal(model.out.weight, copy.deepcopy(tiny_mlp()).out.weight)  # it did train
 
 
 def test_lr_warmup_and_ema(tmp_path):
-    trainer = Trainer(_model(), _points(), _config(tmp_path, warmup_steps=4, lr=0.1))
+    trainer = Trainer(tiny_mlp(), toy_points(), tiny_config(tmp_path, warmup_steps=4, lr=0.1))
     assert [trainer.lr_at(k) for k in range(6)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
     src, ema = nn.Linear(3, 2), None
     ema = EMA(src, decay=0.9, warmup=False)
@@ -121,7 +99,7 @@ def test_run_folder_has_every_artefact(tmp_path):
         assert not model.training
         return torch.rand(4, 3, 8, 8) * 2 - 1
 
-    trainer = Trainer(_model(), _points(), _config(out, steps=12, log_every=5, ckpt_every=5, sample_every=5,
+    trainer = Trainer(tiny_mlp(), toy_points(), tiny_config(out, steps=12, log_every=5, ckpt_every=5, sample_every=5,
                                                     tensorboard=True, iso_lambda=0.3), sample_fn=sample_fn)
     trainer.fit()
     assert trainer.step == 12 and calls == [5, 10, 12]
@@ -139,15 +117,15 @@ def test_run_folder_has_every_artefact(tmp_path):
         "step_0000005.png", "step_0000010.png", "step_0000012.png"]
     assert [p.name for p in ck.list_checkpoints(out / "checkpoints")] == ["step_0000010", "step_0000012"]
     model, sched, meta = ck.load_trained_model(out, which="ema")
-    _assert_bitwise(model.state_dict(), trainer.ema_model.state_dict(), "EMA weights")
+    assert_bitwise(model.state_dict(), trainer.ema_model.state_dict(), "EMA weights")
     assert sched.T == 50 and meta["step"] == 12
 
 
 def test_refuses_to_overwrite_a_run_and_resume_without_checkpoint_starts_fresh(tmp_path):
-    Trainer(_model(), _points(), _config(tmp_path, steps=5)).fit()
+    Trainer(tiny_mlp(), toy_points(), tiny_config(tmp_path, steps=5)).fit()
     with pytest.raises(FileExistsError, match="resume"):
-        Trainer(_model(), _points(), _config(tmp_path, steps=5)).fit()
-    fresh = Trainer(_model(), _points(), _config(tmp_path / "new", steps=5)).fit(resume=True)
+        Trainer(tiny_mlp(), toy_points(), tiny_config(tmp_path, steps=5)).fit()
+    fresh = Trainer(tiny_mlp(), toy_points(), tiny_config(tmp_path / "new", steps=5)).fit(resume=True)
     assert fresh.step == 5
 
 
@@ -155,23 +133,23 @@ def test_unwritable_out_dir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match="is not writable"):
-        Trainer(_model(), _points(), _config(blocker / "run")).fit()
+        Trainer(tiny_mlp(), toy_points(), tiny_config(blocker / "run")).fit()
 
 
 def test_resume_into_another_model_names_the_mismatch(tmp_path):
-    Trainer(_model(), _points(), _config(tmp_path, steps=5)).fit()
-    other = Trainer(_model(hidden=24), _points(), _config(tmp_path, steps=10))
+    Trainer(tiny_mlp(), toy_points(), tiny_config(tmp_path, steps=5)).fit()
+    other = Trainer(tiny_mlp(hidden=24), toy_points(), tiny_config(tmp_path, steps=10))
     with pytest.raises(ck.CheckpointError, match=r"model\.safetensors.*layers\.0\.weight: checkpoint \(16, 2\) vs model \(24, 2\)"):
         other.fit(resume=True)
 
 
 def test_resume_from_a_corrupted_latest_names_the_file_and_the_previous_checkpoint(tmp_path):
-    Trainer(_model(), _points(), _config(tmp_path, steps=10, ckpt_every=5)).fit()
+    Trainer(tiny_mlp(), toy_points(), tiny_config(tmp_path, steps=10, ckpt_every=5)).fit()
     bad = tmp_path / "checkpoints" / "step_0000010" / "ema.safetensors"
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(ck.CheckpointError, match=r"ema\.safetensors is truncated.*step_0000005"):
-        Trainer(_model(), _points(), _config(tmp_path, steps=20)).fit(resume=True)
-    resumed = Trainer(_model(), _points(), _config(tmp_path, steps=12)).fit(
+        Trainer(tiny_mlp(), toy_points(), tiny_config(tmp_path, steps=20)).fit(resume=True)
+    resumed = Trainer(tiny_mlp(), toy_points(), tiny_config(tmp_path, steps=12)).fit(
         resume=tmp_path / "checkpoints" / "step_0000005")
     assert resumed.step == 12
 
@@ -193,7 +171,7 @@ class _NoisyPoints(torch.utils.data.Dataset):
 class _DropoutMLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.mlp = _model()
+        self.mlp = tiny_mlp()
         self.drop = nn.Dropout(0.2)
 
     def forward(self, x, t):
@@ -203,20 +181,20 @@ class _DropoutMLP(nn.Module):
 @pytest.mark.parametrize("kind", ["tensor", "dataset"])
 def test_stop_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, kind):
     def data():
-        return _points() if kind == "tensor" else _NoisyPoints(_points())
+        return toy_points() if kind == "tensor" else _NoisyPoints(toy_points())
 
     def model():
-        return _model() if kind == "tensor" else _DropoutMLP()
+        return tiny_mlp() if kind == "tensor" else _DropoutMLP()
 
     kw = dict(iso_lambda=0.3, warmup_steps=3, grad_clip=0.5, ema_decay=0.9, log_every=4, ckpt_every=7, seed=5)
-    full = Trainer(model(), data(), _config(tmp_path / "full", steps=16, **kw)).fit()
-    Trainer(model(), data(), _config(tmp_path / "split", steps=7, **kw)).fit()  # stops at 7 (> one epoch: 5)
-    split = Trainer(model(), data(), _config(tmp_path / "split", steps=16, **kw)).fit(resume=True)
-    _assert_bitwise(full.model.state_dict(), split.model.state_dict(), "model")
-    _assert_bitwise(full.ema_model.state_dict(), split.ema_model.state_dict(), "EMA")
+    full = Trainer(model(), data(), tiny_config(tmp_path / "full", steps=16, **kw)).fit()
+    Trainer(model(), data(), tiny_config(tmp_path / "split", steps=7, **kw)).fit()  # stops at 7 (> one epoch: 5)
+    split = Trainer(model(), data(), tiny_config(tmp_path / "split", steps=16, **kw)).fit(resume=True)
+    assert_bitwise(full.model.state_dict(), split.model.state_dict(), "model")
+    assert_bitwise(full.ema_model.state_dict(), split.ema_model.state_dict(), "EMA")
     a = ck.load_checkpoint(tmp_path / "full").state
     b = ck.load_checkpoint(tmp_path / "split").state
-    _assert_bitwise(_optimizer_tensors(a), _optimizer_tensors(b), "optimizer")
+    assert_bitwise(_optimizer_tensors(a), _optimizer_tensors(b), "optimizer")
     assert torch.equal(a["rng"]["generators"]["noise"], b["rng"]["generators"]["noise"])
     rows = [line.split(",")[0] for line in (tmp_path / "split" / "metrics.csv").read_text().splitlines()[1:]]
     assert rows == ["4", "8", "12", "16"]
@@ -261,9 +239,9 @@ def test_sigkill_mid_run_then_resume_is_bitwise_equal(tmp_path):
     assert cli_main(_cli_args(tmp_path / "uninterrupted", steps)) == 0
     a, b = ck.load_checkpoint(killed), ck.load_checkpoint(tmp_path / "uninterrupted")
     assert a.step == b.step == steps
-    _assert_bitwise(a.model, b.model, "model")
-    _assert_bitwise(a.ema, b.ema, "EMA")
-    _assert_bitwise(_optimizer_tensors(a.state), _optimizer_tensors(b.state), "optimizer")
+    assert_bitwise(a.model, b.model, "model")
+    assert_bitwise(a.ema, b.ema, "EMA")
+    assert_bitwise(_optimizer_tensors(a.state), _optimizer_tensors(b.state), "optimizer")
     logged = [int(line.split(",")[0]) for line in (killed / "metrics.csv").read_text().splitlines()[1:]]
     # rows the killed run wrote past its checkpoint were dropped and written again, once
     assert logged == list(range(25, steps + 1, 25)) + ([steps] if steps % 25 else [])

@@ -10,20 +10,46 @@ Many GPUs (or CPU processes), the same command under torchrun (``--batch-size`` 
 
     torchrun --standalone --nproc_per_node 8 -m isofast.cli train --config flowers64 --data flowers102 ...
 
-``--resume`` continues ``--out``'s latest checkpoint (``--resume PATH``: that checkpoint), with any
-number of processes.
+``--resume`` continues ``--out``'s newest complete checkpoint (``--resume PATH``: that checkpoint), with
+any number of processes. It rebuilds the model and the data the run recorded, and keeps the run's settings:
+options left out take the run's values; options that change what is trained (--lr, --iso-lambda, --seed,
+--data, ...) are refused unless named by ``--override KEY`` (recorded in the run's history.jsonl);
+--steps and the logging/checkpoint intervals may change freely. See the README, "Resuming a run".
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from ..checkpoint import CheckpointError, checkpoint_meta
+from ..models.registry import MODELS_2D, build_model
+from ..resume import ResumeError, check_override, checkpoint_to_resume, with_recovery_hint
 from ..schedule import SCHEDULES
 from ..train import Trainer
 from ..train_config import OPTIMIZERS, TrainConfig
+
+# argparse dest -> TrainConfig field: the options a resume takes from the run when they are not given.
+_RUN_OPTIONS = {
+    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
+    "weight_decay": "weight_decay", "grad_clip": "grad_clip", "ema_decay": "ema_decay", "warmup": "warmup_steps",
+    "iso_lambda": "iso_lambda", "iso_mode": "iso_mode", "schedule": "schedule", "T": "T", "seed": "seed",
+    "log_every": "log_every", "ckpt_every": "ckpt_every", "sample_every": "sample_every",
+    "precision": "precision", "channels_last": "channels_last", "compile": "compile",
+}
+
+
+class _Given(argparse.Action):
+    """Store the option's value and note that it was given: on --resume, options not given keep the run's."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
 
 
 def _non_negative_float(text: str) -> float:
@@ -68,13 +94,17 @@ def _image_names() -> tuple[str, ...]:
     return tuple(DATASET_NAMES)
 
 
-def build_model_and_data(args: argparse.Namespace):
-    """(model, data, model_spec, sample_shape) for the parsed arguments; the model is built after seeding."""
+def build_model_and_data(args: argparse.Namespace, spec: dict | None = None):
+    """(model, data, sample_shape, data record) for the parsed arguments; the model is built after seeding.
+
+    ``spec``: a resumed run's recorded model (`isofast.models.build_model`), built instead of the options'.
+    """
     toy, images = _toy2d_names(), _image_names()
     if args.data not in toy + images:
         raise ValueError(f"unknown --data {args.data!r}; 2D datasets: {', '.join(toy)}; image datasets: {', '.join(images)}")
-    model_kind = args.model or ("mlp" if args.data in toy else "unet")
-    if model_kind == "mlp":
+    recorded = build_model(spec) if spec else None  # checked and sized before anything else is built
+    model_kind = spec["kind"] if spec else args.model or ("mlp" if args.data in toy else "unet")
+    if model_kind in MODELS_2D:
         if args.data not in toy:
             raise ValueError(f"--model mlp trains on 2D data ({', '.join(toy)}), got --data {args.data}")
         from ..data.toy2d import make_dataset
@@ -82,22 +112,28 @@ def build_model_and_data(args: argparse.Namespace):
 
         data = make_dataset(args.data, n_points=args.n_points, seed=args.seed)
         torch.manual_seed(args.seed)
-        model = TimeMLP(data_dim=data.shape[1], hidden=args.mlp_hidden, n_layers=args.mlp_layers)
-        return model, data, None, tuple(data.shape[1:])
+        model = recorded or TimeMLP(data_dim=data.shape[1], hidden=args.mlp_hidden, n_layers=args.mlp_layers)
+        return model, data, tuple(data.shape[1:]), {"name": args.data, "n_points": args.n_points}
     if args.data not in images:
         raise ValueError(f"--model unet trains on images ({', '.join(images)}), got --data {args.data}")
-    import dataclasses
-
     from ..data.images import make_image_dataset
     from ..models.unet import UNET_CONFIGS, UNet
 
-    name = args.config or ("digits8" if args.data == "digits" and "digits8" in UNET_CONFIGS else "flowers64")
-    if name not in UNET_CONFIGS:
-        raise ValueError(f"unknown --config {name!r}; known: {', '.join(sorted(UNET_CONFIGS))}")
-    config = UNET_CONFIGS[name]
-    size = args.image_size or config.image_size
+    if recorded is not None:
+        config = recorded.config
+    else:
+        name = args.config or ("digits8" if args.data == "digits" and "digits8" in UNET_CONFIGS else "flowers64")
+        if name not in UNET_CONFIGS:
+            raise ValueError(f"unknown --config {name!r}; known: {', '.join(sorted(UNET_CONFIGS))}")
+        config = UNET_CONFIGS[name]
+    size = config.image_size if recorded is not None else args.image_size or config.image_size
     dataset = make_image_dataset(args.data, root=args.data_root, image_size=size, download=args.download)
     channels = int(dataset[0].shape[0]) if isinstance(dataset[0], torch.Tensor) else int(dataset[0][0].shape[0])
+    data_record = {"name": args.data, "image_size": size}
+    if recorded is not None:
+        if channels != config.in_channels:
+            raise ValueError(f"--data {args.data} has {channels} channels; the run's model takes {config.in_channels}")
+        return recorded, dataset, (channels, size, size), data_record
     overrides = {}
     if size != config.image_size:
         overrides["image_size"] = size
@@ -107,8 +143,79 @@ def build_model_and_data(args: argparse.Namespace):
         print(f"isofast train: UNet config {name!r} with {overrides} to fit the data", file=sys.stderr)
         config = dataclasses.replace(config, **overrides)
     torch.manual_seed(args.seed)
-    model = UNet(config)
-    return model, dataset, None, (channels, size, size)
+    return UNet(config), dataset, (channels, size, size), data_record
+
+
+# ----- --resume: the run's own model, data and settings ----------------------------------------------------
+def recorded_run(args: argparse.Namespace) -> dict | None:
+    """The state.json fields (config, model_spec, step, ...) of the checkpoint ``--resume`` continues (None: a
+    fresh run)."""
+    if args.resume is None:
+        return None
+    source, _ = checkpoint_to_resume(Path(args.out) / "checkpoints", args.resume)
+    if source is None:
+        return None
+    meta = with_recovery_hint(checkpoint_meta, source, Path(args.out))
+    meta["path"] = source
+    if not isinstance(meta.get("model_spec"), dict):
+        raise CheckpointError(f"{source / 'state.json'} records no model_spec: isofast train cannot rebuild its model")
+    return meta
+
+
+def apply_recorded_settings(args: argparse.Namespace, record: dict) -> None:
+    """Give every run option not given on the command line the value the run recorded, and refuse model
+    options that ask for another model than the recorded one."""
+    given = args.given
+    config = record.get("config", {})
+    for dest, field in _RUN_OPTIONS.items():
+        if dest not in given and field in config:
+            setattr(args, dest, config[field])
+    data = config.get("data") or {}
+    for dest, key in (("data", "name"), ("n_points", "n_points")):
+        if dest not in given and key in data:
+            setattr(args, dest, data[key])
+    conflicts = _model_conflicts(args, record["model_spec"])
+    if conflicts:
+        raise ValueError(f"--resume rebuilds the model the run recorded ({record['path'] / 'state.json'}, also "
+                         f"{Path(args.out) / 'model.json'}), but {'; '.join(conflicts)}: leave these options "
+                         "out, or train the other model in a new --out")
+
+
+def _model_conflicts(args: argparse.Namespace, spec: dict) -> list[str]:
+    given, kind, recorded = args.given, spec.get("kind"), spec.get("config", {})
+    conflicts = []
+    if "model" in given and args.model != kind:
+        conflicts.append(f"--model {args.model} asks for another kind (the run's is {kind})")
+    if "config" in given:
+        from ..models.unet import UNET_CONFIGS
+
+        if args.config not in UNET_CONFIGS:
+            raise ValueError(f"unknown --config {args.config!r}; known: {', '.join(sorted(UNET_CONFIGS))}")
+        named = json.loads(json.dumps(dataclasses.asdict(UNET_CONFIGS[args.config])))
+        differ = [f"{k} {named[k]} vs the run's {recorded.get(k)}" for k in named
+                  if k not in ("image_size", "in_channels") and named[k] != recorded.get(k)]
+        if kind != "unet" or differ:
+            conflicts.append(f"--config {args.config} differs: " + (", ".join(differ) if kind == "unet" else
+                                                                   f"the run's model is a {kind}"))
+    for dest, key in (("mlp_hidden", "hidden"), ("mlp_layers", "n_layers"), ("image_size", "image_size")):
+        if dest in given and getattr(args, dest) != recorded.get(key):
+            conflicts.append(f"--{dest.replace('_', '-')} {getattr(args, dest)} differs from the run's "
+                             f"{key} {recorded.get(key)}")
+    return conflicts
+
+
+def train_config(args: argparse.Namespace, data_record: dict, record: dict | None) -> TrainConfig:
+    """The run's `TrainConfig`: the options, and on --resume the recorded settings no option sets."""
+    values = {field: getattr(args, dest) for dest, field in _RUN_OPTIONS.items()}
+    values["grad_clip"] = values["grad_clip"] or None
+    values["data"] = data_record
+    machine = dict(out_dir=args.out, device=args.device, backend=args.backend, num_workers=args.num_workers,
+                   progress=not args.no_progress, tensorboard=not args.no_tensorboard)
+    if record is not None:  # fields no option sets (betas, keep_checkpoints, ...: a run made through the API)
+        recorded = record.get("config", {})
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        values.update({k: v for k, v in recorded.items() if k in known and k not in values and k not in machine})
+    return TrainConfig(**machine, **values)
 
 
 def make_sample_fn(sample_shape: tuple[int, ...], count: int, seed: int, backend: str | None):
@@ -128,33 +235,34 @@ def make_sample_fn(sample_shape: tuple[int, ...], count: int, seed: int, backend
 
 def run(args: argparse.Namespace) -> int:
     try:
-        model, data, spec, sample_shape = build_model_and_data(args)
-    except (ValueError, FileNotFoundError) as exc:
+        if args.override and args.resume is None:
+            raise ValueError("--override applies to --resume only")
+        check_override(args.override)
+        record = recorded_run(args)
+        if record is not None:
+            apply_recorded_settings(args, record)
+        model, data, sample_shape, data_record = build_model_and_data(args, record and record["model_spec"])
+        config = train_config(args, data_record, record)
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointError and ResumeError are ValueErrors
         print(f"isofast train: error: {exc}", file=sys.stderr)
         return 2
-    config = TrainConfig(
-        out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, ema_decay=args.ema_decay,
-        warmup_steps=args.warmup, iso_lambda=args.iso_lambda, iso_mode=args.iso_mode, schedule=args.schedule,
-        T=args.T, seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
-        sample_every=args.sample_every, precision=args.precision, channels_last=args.channels_last,
-        compile=args.compile, device=args.device, backend=args.backend, num_workers=args.num_workers,
-        progress=not args.no_progress, tensorboard=not args.no_tensorboard,
-    )
     sample_fn = None
     if args.sample_every:
         count = args.sample_count or (2000 if len(sample_shape) == 1 else 64)
         sample_fn, holder = make_sample_fn(sample_shape, count, args.seed, args.backend)
-    trainer = Trainer(model, data, config, sample_fn=sample_fn, model_spec=spec)
+    trainer = Trainer(model, data, config, sample_fn=sample_fn)
     if sample_fn is not None:
         holder["schedule"] = trainer.schedule
     try:
-        trainer.fit(resume=args.resume if args.resume is not None else False)
+        trainer.fit(resume=args.resume if args.resume is not None else False, override=args.override)
+    except (CheckpointError, ResumeError, FileExistsError) as exc:
+        print(f"isofast train: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     if trainer.dist.is_main:
-        print(f"isofast train: {trainer.step} steps done; run folder {config.out_dir} "
-              f"(tensorboard: {trainer.tensorboard_status})", file=sys.stderr)
+        print(f"isofast train: {trainer.steps_trained} steps trained, {trainer.step} in all; run folder "
+              f"{config.out_dir} (tensorboard: {trainer.tensorboard_status})", file=sys.stderr)
     return 0
 
 
@@ -163,39 +271,39 @@ def add_parser(subparsers) -> None:
         "train", help="train a DDPM / Iso-Diffusion model (one process or under torchrun)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", choices=("mlp", "unet"), default=None,
+    g.add_argument("--model", action=_Given, choices=("mlp", "unet"), default=None,
                    help="mlp for 2D data, unet for images (default: from --data)")
-    g.add_argument("--config", default=None, help="UNet config name (isofast.models.unet.UNET_CONFIGS; default: "
+    g.add_argument("--config", action=_Given, default=None, help="UNet config name (isofast.models.unet.UNET_CONFIGS; default: "
                    "digits8 for digits, else flowers64)")
-    g.add_argument("--data", default="digits", help="a 2D dataset (swiss_roll, moon_scatter, moon_circles, "
+    g.add_argument("--data", action=_Given, default="digits", help="a 2D dataset (swiss_roll, moon_scatter, moon_circles, "
                    "central_banana, moons, circles, gaussians8) or images (digits, flowers102, pets, folder)")
     g.add_argument("--data-root", default=None, help="folder holding the image dataset (or the images, for folder)")
     g.add_argument("--download", action="store_true", help="download flowers102/pets into --data-root")
-    g.add_argument("--image-size", type=_positive_int, default=None, help="image side (default: the config's)")
-    g.add_argument("--n-points", type=_positive_int, default=10000, help="points of a 2D dataset")
-    g.add_argument("--mlp-hidden", type=_positive_int, default=128)
-    g.add_argument("--mlp-layers", type=_positive_int, default=3)
+    g.add_argument("--image-size", action=_Given, type=_positive_int, default=None, help="image side (default: the config's)")
+    g.add_argument("--n-points", action=_Given, type=_positive_int, default=10000, help="points of a 2D dataset")
+    g.add_argument("--mlp-hidden", action=_Given, type=_positive_int, default=128)
+    g.add_argument("--mlp-layers", action=_Given, type=_positive_int, default=3)
 
     g = p.add_argument_group("objective and optimisation")
-    g.add_argument("--iso-lambda", type=_non_negative_float, default=0.0,
+    g.add_argument("--iso-lambda", action=_Given, type=_non_negative_float, default=0.0,
                    help="isotropy penalty weight (>= 0; 0 is plain DDPM)")
-    g.add_argument("--iso-mode", choices=("batch", "sample"), default="batch")
-    g.add_argument("--schedule", choices=SCHEDULES, default="linear")
-    g.add_argument("--T", type=_positive_int, default=1000, help="diffusion steps")
-    g.add_argument("--steps", type=_positive_int, default=10000, help="optimizer steps in all")
-    g.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (split over processes)")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
-    g.add_argument("--grad-clip", type=_non_negative_float, default=1.0, help="max grad norm (0: off)")
-    g.add_argument("--ema-decay", type=_non_negative_float, default=0.999, help="0: no EMA")
-    g.add_argument("--warmup", type=_non_negative_int, default=0, help="LR warm-up steps")
-    g.add_argument("--seed", type=_non_negative_int, default=0)
+    g.add_argument("--iso-mode", action=_Given, choices=("batch", "sample"), default="batch")
+    g.add_argument("--schedule", action=_Given, choices=SCHEDULES, default="linear")
+    g.add_argument("--T", action=_Given, type=_positive_int, default=1000, help="diffusion steps")
+    g.add_argument("--steps", action=_Given, type=_positive_int, default=10000, help="optimizer steps in all")
+    g.add_argument("--batch-size", action=_Given, type=_positive_int, default=64, help="global batch (split over processes)")
+    g.add_argument("--lr", action=_Given, type=float, default=1e-3)
+    g.add_argument("--optimizer", action=_Given, choices=OPTIMIZERS, default="adam")
+    g.add_argument("--weight-decay", action=_Given, type=_non_negative_float, default=0.0)
+    g.add_argument("--grad-clip", action=_Given, type=_non_negative_float, default=1.0, help="max grad norm (0: off)")
+    g.add_argument("--ema-decay", action=_Given, type=_non_negative_float, default=0.999, help="0: no EMA")
+    g.add_argument("--warmup", action=_Given, type=_non_negative_int, default=0, help="LR warm-up steps")
+    g.add_argument("--seed", action=_Given, type=_non_negative_int, default=0)
 
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    g.add_argument("--channels-last", action="store_true")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--precision", action=_Given, choices=("fp32", "bf16"), default="fp32")
+    g.add_argument("--channels-last", action=_Given, nargs=0, const=True, default=False)
+    g.add_argument("--compile", action=_Given, nargs=0, const=True, default=False, help="torch.compile the model")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--backend", default=None, help="isofast op backend (default: auto)")
     g.add_argument("--num-workers", type=_non_negative_int, default=0, help="DataLoader workers (image data)")
@@ -203,12 +311,16 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("run folder")
     g.add_argument("--out", required=True, help="run folder: config, metrics.csv, TensorBoard, checkpoints, samples")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue the latest checkpoint of --out (or the checkpoint at PATH)")
-    g.add_argument("--log-every", type=_positive_int, default=50)
-    g.add_argument("--ckpt-every", type=_positive_int, default=1000)
-    g.add_argument("--sample-every", type=_non_negative_int, default=0, help="sample grid every N steps (0: off)")
+                   help="continue the newest complete checkpoint of --out (or the checkpoint at PATH) with the "
+                   "run's recorded model, data and settings (options left out keep the run's values)")
+    g.add_argument("--override", action="append", default=[], metavar="KEY",
+                   help="with --resume: let the run setting KEY (a config.json field: lr, iso_lambda, seed, data, ...) "
+                   "differ from the run's; repeatable; recorded in the run's history.jsonl")
+    g.add_argument("--log-every", action=_Given, type=_positive_int, default=50)
+    g.add_argument("--ckpt-every", action=_Given, type=_positive_int, default=1000)
+    g.add_argument("--sample-every", action=_Given, type=_non_negative_int, default=0, help="sample grid every N steps (0: off)")
     g.add_argument("--sample-count", type=_positive_int, default=None,
                    help="samples per grid (default 64 images / 2000 points)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-tensorboard", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, given=frozenset())

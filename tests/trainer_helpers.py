@@ -1,0 +1,27 @@
+"""Small runs shared by the Trainer and resume tests: a tiny MLP on 40 points, a config of a few steps."""
+import torch
+
+from isofast.models.mlp import TimeMLP
+from isofast.train import TrainConfig
+
+
+def tiny_config(out, **kw) -> TrainConfig:
+    base = dict(out_dir=str(out), steps=10, batch_size=8, lr=1e-2, T=50, log_every=5, ckpt_every=5,
+                progress=False, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_mlp(seed=0, **kw) -> TimeMLP:
+    torch.manual_seed(seed)
+    return TimeMLP(**{"hidden": 16, "emb_dim": 8, **kw})
+
+
+def toy_points(n=40, seed=1) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def assert_bitwise(a: dict, b: dict, what: str) -> None:
+    assert sorted(a) == sorted(b), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max |diff| {(a[k].float() - b[k].float()).abs().max()})"
