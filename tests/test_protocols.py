@@ -238,3 +238,21 @@ def test_study_bad_input_is_refused_clearly(tmp_path, capsys, args, message):
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "o" / "runs").exists()  # refused before any training
+
+
+def test_isofast_train_takes_the_protocol_knobs(tmp_path, capsys):
+    import json
+
+    from isofast.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "swiss_roll", "--model", "authors_mlp", "--timesteps", "per-batch",
+                 "--data-noise", "0.1", "--ema-decay", "0", "--grad-clip", "0", "--n-points", "200", "--steps", "6",
+                 "--batch-size", "32", "--out", str(out), "--no-progress", "--no-tensorboard"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["timesteps"] == "per-batch" and config["data"]["noise"] == 0.1 and config["ema_decay"] == 0
+    assert main(["sample", str(out), "--num", "8", "--out", str(tmp_path / "s.npz"), "--no-progress"]) == 0
+    capsys.readouterr()
+    code = main(["train", "--data", "central_banana", "--data-noise", "0.1", "--steps", "2", "--out",
+                 str(tmp_path / "bad"), "--no-progress"])
+    assert code == 2 and "no data-noise parameter" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def sample_shape(meta: dict) -> tuple[int, ...]:
     config = spec.get("config", {})
     if spec.get("kind") == "unet":
         return (int(config.get("in_channels", 3)), int(config["image_size"]), int(config["image_size"]))
-    if spec.get("kind") == "mlp":
+    if spec.get("kind") in ("mlp", "authors_mlp"):  # the 2-D models (isofast.models.registry.MODELS_2D)
         return (int(config.get("data_dim", 2)),)
     raise CheckpointError(f"checkpoint records an unknown model kind {spec.get('kind')!r}")
 

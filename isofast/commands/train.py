@@ -38,7 +38,8 @@ from ..train_config import OPTIMIZERS, TrainConfig
 _RUN_OPTIONS = {
     "steps": "steps", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
     "weight_decay": "weight_decay", "grad_clip": "grad_clip", "ema_decay": "ema_decay", "warmup": "warmup_steps",
-    "iso_lambda": "iso_lambda", "iso_mode": "iso_mode", "schedule": "schedule", "T": "T", "seed": "seed",
+    "iso_lambda": "iso_lambda", "iso_mode": "iso_mode", "timesteps": "timesteps", "schedule": "schedule", "T": "T",
+    "seed": "seed",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "sample_every": "sample_every",
     "precision": "precision", "channels_last": "channels_last", "compile": "compile",
 }
@@ -106,14 +107,17 @@ def build_model_and_data(args: argparse.Namespace, spec: dict | None = None):
     model_kind = spec["kind"] if spec else args.model or ("mlp" if args.data in toy else "unet")
     if model_kind in MODELS_2D:
         if args.data not in toy:
-            raise ValueError(f"--model mlp trains on 2D data ({', '.join(toy)}), got --data {args.data}")
+            raise ValueError(f"--model {model_kind} trains on 2D data ({', '.join(toy)}), got --data {args.data}")
         from ..data.toy2d import make_dataset
-        from ..models.mlp import TimeMLP
 
-        data = make_dataset(args.data, n_points=args.n_points, seed=args.seed)
+        data = make_dataset(args.data, n_points=args.n_points, seed=args.seed, noise=args.data_noise)
         torch.manual_seed(args.seed)
-        model = recorded or TimeMLP(data_dim=data.shape[1], hidden=args.mlp_hidden, n_layers=args.mlp_layers)
-        return model, data, tuple(data.shape[1:]), {"name": args.data, "n_points": args.n_points}
+        model = recorded or MODELS_2D[model_kind](data_dim=data.shape[1], hidden=args.mlp_hidden,
+                                                  n_layers=args.mlp_layers)
+        record = {"name": args.data, "n_points": args.n_points}
+        if args.data_noise is not None:  # recorded only when set, so earlier runs' records still match
+            record["noise"] = args.data_noise
+        return model, data, tuple(data.shape[1:]), record
     if args.data not in images:
         raise ValueError(f"--model unet trains on images ({', '.join(images)}), got --data {args.data}")
     from ..data.images import make_image_dataset
@@ -171,7 +175,7 @@ def apply_recorded_settings(args: argparse.Namespace, record: dict) -> None:
         if dest not in given and field in config:
             setattr(args, dest, config[field])
     data = config.get("data") or {}
-    for dest, key in (("data", "name"), ("n_points", "n_points")):
+    for dest, key in (("data", "name"), ("n_points", "n_points"), ("data_noise", "noise")):
         if dest not in given and key in data:
             setattr(args, dest, data[key])
     conflicts = _model_conflicts(args, record["model_spec"])
@@ -271,8 +275,9 @@ def add_parser(subparsers) -> None:
         "train", help="train a DDPM / Iso-Diffusion model (one process or under torchrun)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", action=_Given, choices=("mlp", "unet"), default=None,
-                   help="mlp for 2D data, unet for images (default: from --data)")
+    g.add_argument("--model", action=_Given, choices=("mlp", "authors_mlp", "unet"), default=None,
+                   help="mlp (isofast's TimeMLP) or authors_mlp (the Iso-Diffusion authors' 2024 MLP) for 2D data, "
+                        "unet for images (default: mlp for 2D data, unet for images)")
     g.add_argument("--config", action=_Given, default=None, help="UNet config name (isofast.models.unet.UNET_CONFIGS; default: "
                    "digits8 for digits, else flowers64)")
     g.add_argument("--data", action=_Given, default="digits", help="a 2D dataset (swiss_roll, moon_scatter, moon_circles, "
@@ -281,6 +286,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--download", action="store_true", help="download flowers102/pets into --data-root")
     g.add_argument("--image-size", action=_Given, type=_positive_int, default=None, help="image side (default: the config's)")
     g.add_argument("--n-points", action=_Given, type=_positive_int, default=10000, help="points of a 2D dataset")
+    g.add_argument("--data-noise", action=_Given, type=_non_negative_float, default=None,
+                   help="data noise of a 2D dataset that has one (default: the dataset's own)")
     g.add_argument("--mlp-hidden", action=_Given, type=_positive_int, default=128)
     g.add_argument("--mlp-layers", action=_Given, type=_positive_int, default=3)
 
@@ -288,6 +295,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--iso-lambda", action=_Given, type=_non_negative_float, default=0.0,
                    help="isotropy penalty weight (>= 0; 0 is plain DDPM)")
     g.add_argument("--iso-mode", action=_Given, choices=("batch", "sample"), default="batch")
+    g.add_argument("--timesteps", action=_Given, choices=("per-sample", "per-batch"), default="per-sample",
+                   help="per-sample: one t per sample (DDPM); per-batch: one t shared by the whole batch (what the "
+                        "authors' 2024 loop did in effect)")
     g.add_argument("--schedule", action=_Given, choices=SCHEDULES, default="linear")
     g.add_argument("--T", action=_Given, type=_positive_int, default=1000, help="diffusion steps")
     g.add_argument("--steps", action=_Given, type=_positive_int, default=10000, help="optimizer steps in all")
