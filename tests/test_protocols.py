@@ -256,3 +256,20 @@ def test_isofast_train_takes_the_protocol_knobs(tmp_path, capsys):
     code = main(["train", "--data", "central_banana", "--data-noise", "0.1", "--steps", "2", "--out",
                  str(tmp_path / "bad"), "--no-progress"])
     assert code == 2 and "no data-noise parameter" in capsys.readouterr().err
+
+
+def test_paired_table_pairs_each_seed_with_its_own_baseline(capsys, tmp_path):
+    from isofast.experiments.paired import main, paired_table
+
+    rows = [{"dataset": "d", "iso_lambda": lam, "seed": s, "precision": p}
+            for lam, s, p in ((0, 0, 0.5), (0.3, 0, 0.6), (0, 1, 0.7), (0.3, 1, 0.9), (0, 2, 0.1), (0.3, 2, 0.2),
+                              (0.3, 3, 0.99))]  # seed 3 has no baseline: not paired
+    (row,) = paired_table(rows, ("precision",), lambda_key="iso_lambda")
+    assert row["seeds"] == [0, 1, 2]
+    assert row["precision"]["mean"] == pytest.approx((0.1 + 0.2 + 0.1) / 3)
+    path = tmp_path / "runs.csv"
+    path.write_text("dataset,iso_lambda,seed,precision,recall,density,coverage\n"
+                    + "".join(f"d,{lam},{s},{p},1,1,1\n" for lam, s, p in ((0, 0, 0.5), (0.3, 0, 0.6), (0, 1, 0.7),
+                                                                          (0.3, 1, 0.9))))
+    assert main([str(path)]) == 0
+    assert "| d | 0.3 | 2 | +0.1500" in capsys.readouterr().out

@@ -51,3 +51,40 @@ def matched_difference(x: float, y: float, curve_x: Sequence[float], curve_y: Se
     if cx.size == 0 or math.isnan(x) or x < cx[0] or x > cx[-1]:
         return math.nan
     return float(y - np.interp(x, cx, cy))
+
+
+def paired_table(rows: list[dict], metrics: Sequence[str] = ("precision", "recall", "density", "coverage"),
+                 lambda_key: str = "lambda") -> list[dict]:
+    """Per (dataset, lambda > 0): each metric's paired interval against lambda = 0 of the same seed, from rows
+    with keys dataset, seed, ``lambda_key`` and the metrics (e.g. a classic sweep's runs.csv)."""
+    by = {(r["dataset"], float(r[lambda_key]), int(r["seed"])): r for r in rows}
+    out = []
+    for d, lam in sorted({(d, lam) for d, lam, _ in by if lam > 0}):
+        seeds = sorted(s for dd, ll, s in by if (dd, ll) == (d, lam) and (d, 0.0, s) in by)
+        out.append({"dataset": d, "lambda": lam, "seeds": seeds,
+                    **{m: paired_interval([float(by[(d, lam, s)][m]) - float(by[(d, 0.0, s)][m]) for s in seeds])
+                       for m in metrics}})
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m isofast.experiments.paired RUNS_CSV``: paired intervals of a classic sweep's runs.csv."""
+    import argparse
+    import csv
+
+    parser = argparse.ArgumentParser(prog="python -m isofast.experiments.paired", description=main.__doc__)
+    parser.add_argument("runs_csv", help="runs.csv of an `isofast toy2d` sweep (columns dataset, iso_lambda, seed, "
+                                         "precision, recall, density, coverage)")
+    args = parser.parse_args(argv)
+    with open(args.runs_csv) as f:
+        rows = list(csv.DictReader(f))
+    metrics = ("precision", "recall", "density", "coverage")
+    print("| dataset | lambda | seeds | " + " | ".join(metrics) + " |\n|---|---|---|" + "---|" * len(metrics))
+    for r in paired_table(rows, metrics, lambda_key="iso_lambda"):
+        cells = [f"{r[m]['mean']:+.4f} [{r[m]['lo']:+.4f}, {r[m]['hi']:+.4f}] {verdict(r[m])}" for m in metrics]
+        print(f"| {r['dataset']} | {r['lambda']:g} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
