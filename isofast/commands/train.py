@@ -1,4 +1,4 @@
-"""`isofast train`: train the 2D MLP or an image UNet with the Iso-Diffusion objective.
+"""`isofast train`: train the 2D MLP, an image UNet or a diffusers UNet2DModel with the Iso-Diffusion objective.
 
 One process::
 
