@@ -70,6 +70,7 @@ def test_resume_refuses_another_model_config(model_config, tmp_path, capsys):
     (["--model", "diffusers-unet2d", "--model-config", "{cfg3}"], "--data digits has 1 channel"),
     (["--model", "diffusers-unet2d", "--model-config", "{bad}"], "invalid UNet2DModel config"),
     (["--model", "diffusers-unet2d", "--model-config", "{cfg}", "--data", "moons"], "trains on images"),
+    (["--model", "diffusers-unet2d", "--model-config", "{cfg}", "--config", "digits8"], "takes its architecture"),
 ])
 def test_train_diffusers_unet2d_bad_input(extra, message, model_config, tmp_path, capsys):
     paths = {"cfg": model_config, "missing": tmp_path / "missing.json", "cfg3": tmp_path / "c3.json",

@@ -168,6 +168,9 @@ def _diffusers_unet2d_and_data(args: argparse.Namespace, recorded):
     from ..data.images import make_image_dataset
     from ..diffusers_bridge.models import DiffusersUNet2D, load_unet2d_config, unet2d_sample_shape
 
+    if args.config is not None:
+        raise ValueError(f"--config {args.config} names an isofast UNet config; --model diffusers-unet2d takes its "
+                         "architecture from --model-config CFG.json")
     if recorded is not None:
         config, source = recorded.config, "the run's UNet2DModel config"
     elif args.model_config is None:
