@@ -27,10 +27,16 @@ def diffusers_ddim_loop(unet, scheduler, x):
     return x
 
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_ddim_sample_on_unet2d_equals_diffusers_ddim(clip):
+SCALED_LINEAR = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+# Unclipped, the untrained model's samples grow like 1/sqrt(ab_T): to |x| ~ 180 with the default linear
+# schedule (ab_T ~ 4e-5), where 1e-4 is a few float32 ulps; with scaled_linear |x| stays ~ 25.
+@pytest.mark.parametrize("clip,schedule", [(False, SCALED_LINEAR), (True, {}), (True, SCALED_LINEAR)],
+                         ids=["scaled_linear", "linear-clip", "scaled_linear-clip"])
+def test_ddim_sample_on_unet2d_equals_diffusers_ddim(clip, schedule):
     unet = tiny_unet2d()
-    pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(clip_sample=clip))
+    pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(clip_sample=clip, **schedule))
     sched = NoiseSchedule.from_diffusers(pipe.scheduler)
     with torch.no_grad():
         ours = ddim_sample(lambda x, t: unet(x, t).sample, SHAPE, sched, steps=STEPS, eta=0.0, clip_x0=clip,
