@@ -146,6 +146,14 @@ def ddim_sample(
     sigma = eta sqrt((1 - ab_prev)/(1 - ab_t) (1 - ab_t/ab_prev)); eta = 0 is deterministic given
     x_T, eta = 1 with steps == T is the DDPM ancestral sampler with "fixed_small" variance.
     The last jump goes to t_prev = -1 (ab_prev = 1). Other arguments as in `ddpm_sample`.
+
+    A diffusers model: ``ddim_sample(lambda x, t: unet(x, t).sample, shape, NoiseSchedule.from_diffusers(
+    pipe.scheduler), steps, eta)`` gives diffusers' `DDIMScheduler` loop from the same x_T (test:
+    tests/test_diffusers_sampling.py) when that scheduler has its defaults ``timestep_spacing="leading"``,
+    ``steps_offset=0``, ``set_alpha_to_one=True``, and ``clip_sample`` equal to ``clip_x0`` (x0 is clipped
+    to [-1, 1]; eps_pred is not recomputed, as ``use_clipped_model_output=False``). A plain function runs on
+    ``device`` (default CPU: pass the unet's device); `isofast.diffusers_bridge.models.DiffusersUNet2D`
+    (``DiffusersUNet2D(unet=unet)``) is the same call as an `nn.Module`, whose device the sampler finds.
     """
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < float("inf"):
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")

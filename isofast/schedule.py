@@ -122,6 +122,17 @@ class NoiseSchedule:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
         return getattr(cls, name)(T=T)
 
+    @classmethod
+    def from_diffusers(cls, scheduler: object, dtype: torch.dtype = torch.float32) -> NoiseSchedule:
+        """The schedule of a diffusers DDPMScheduler/DDIMScheduler or of its config (a mapping; diffusers need
+        not be installed for a mapping): ``beta_schedule`` "linear", "scaled_linear" (with ``beta_start``,
+        ``beta_end``), "squaredcos_cap_v2" (isofast's cosine) or ``trained_betas``, over
+        ``num_train_timesteps``; computed in float64 like every isofast schedule. Other ``beta_schedule``
+        names raise ValueError. See `isofast.diffusers_bridge.schedule`."""
+        from .diffusers_bridge.schedule import schedule_from_diffusers
+
+        return schedule_from_diffusers(scheduler, dtype)
+
     # ----- properties and conversions -------------------------------------------------------------
     @property
     def T(self) -> int:
@@ -141,6 +152,14 @@ class NoiseSchedule:
         masters = self.masters or {name: getattr(self, name).to(torch.float64) for name in _TABLES}
         moved = {name: masters[name].to(device=device or self.device, dtype=dtype) for name in _TABLES}
         return NoiseSchedule(name=self.name, masters=masters, **moved)
+
+    def to_diffusers(self, kind: str = "ddpm", **overrides):
+        """A diffusers DDPMScheduler (``kind="ddpm"``) or DDIMScheduler (``"ddim"``) with these betas (a named
+        ``beta_schedule`` when they are one, else ``trained_betas``), ``clip_sample=False`` and
+        ``prediction_type="epsilon"``; ``overrides``: further config fields. Needs diffusers."""
+        from .diffusers_bridge.schedule import scheduler_from_schedule
+
+        return scheduler_from_schedule(self, kind, **overrides)
 
     def posterior_std(self, variance: str = "fixed_small") -> torch.Tensor:
         """Std of the noise a DDPM ancestral step adds: sqrt(posterior_variance) or sqrt(beta_t) ("fixed_large")."""

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError, load_trained_model
+from ..diffusers_bridge import DiffusersMissingError
 from ..io import atomic_write_bytes
 from ..plots import write_samples
 
@@ -24,6 +25,10 @@ def sample_shape(meta: dict) -> tuple[int, ...]:
     config = spec.get("config", {})
     if spec.get("kind") == "unet":
         return (int(config.get("in_channels", 3)), int(config["image_size"]), int(config["image_size"]))
+    if spec.get("kind") == "diffusers_unet2d":
+        from ..diffusers_bridge.models import unet2d_sample_shape
+
+        return unet2d_sample_shape(config)
     if spec.get("kind") in ("mlp", "authors_mlp"):  # the 2-D models (isofast.models.registry.MODELS_2D)
         return (int(config.get("data_dim", 2)),)
     raise CheckpointError(f"checkpoint records an unknown model kind {spec.get('kind')!r}")
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
         samples, meta = draw_samples(args)
-    except (CheckpointError, FileNotFoundError, ValueError, OSError) as exc:
+    except (CheckpointError, FileNotFoundError, ValueError, OSError, DiffusersMissingError) as exc:
         print(f"isofast sample: error: {exc}", file=sys.stderr)
         return 2
     formats = set(args.format.split(","))

@@ -1,4 +1,4 @@
-"""`isofast train`: train the 2D MLP or an image UNet with the Iso-Diffusion objective.
+"""`isofast train`: train the 2D MLP, an image UNet or a diffusers UNet2DModel with the Iso-Diffusion objective.
 
 One process::
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, checkpoint_meta
+from ..diffusers_bridge import DiffusersMissingError
 from ..models.registry import MODELS_2D, build_model
 from ..resume import ResumeError, check_override, checkpoint_to_resume, with_recovery_hint
 from ..schedule import SCHEDULES
@@ -104,7 +105,13 @@ def build_model_and_data(args: argparse.Namespace, spec: dict | None = None):
     if args.data not in toy + images:
         raise ValueError(f"unknown --data {args.data!r}; 2D datasets: {', '.join(toy)}; image datasets: {', '.join(images)}")
     recorded = build_model(spec) if spec else None  # checked and sized before anything else is built
-    model_kind = spec["kind"] if spec else args.model or ("mlp" if args.data in toy else "unet")
+    model_kind = spec["kind"] if spec else _kind(args.model) or ("mlp" if args.data in toy else "unet")
+    if args.model_config is not None and model_kind != "diffusers_unet2d":
+        raise ValueError(f"--model-config applies to --model diffusers-unet2d, not to the {model_kind} model")
+    if model_kind == "diffusers_unet2d":
+        if args.data not in images:
+            raise ValueError(f"--model diffusers-unet2d trains on images ({', '.join(images)}), got --data {args.data}")
+        return _diffusers_unet2d_and_data(args, recorded)
     if model_kind in MODELS_2D:
         if args.data not in toy:
             raise ValueError(f"--model {model_kind} trains on 2D data ({', '.join(toy)}), got --data {args.data}")
@@ -150,6 +157,45 @@ def build_model_and_data(args: argparse.Namespace, spec: dict | None = None):
     return UNet(config), dataset, (channels, size, size), data_record
 
 
+def _kind(model_option: str | None) -> str | None:
+    """The model spec kind of a --model choice (diffusers-unet2d -> diffusers_unet2d)."""
+    return model_option and model_option.replace("-", "_")
+
+
+def _diffusers_unet2d_and_data(args: argparse.Namespace, recorded):
+    """(model, data, sample_shape, data record) of a diffusers UNet2DModel: the --model-config JSON's (or the
+    resumed run's) architecture; the data is loaded at its sample_size with its in_channels."""
+    from ..data.images import make_image_dataset
+    from ..diffusers_bridge.models import DiffusersUNet2D, load_unet2d_config, unet2d_sample_shape
+
+    if args.config is not None:
+        raise ValueError(f"--config {args.config} names an isofast UNet config; --model diffusers-unet2d takes its "
+                         "architecture from --model-config CFG.json")
+    if recorded is not None:
+        config, source = recorded.config, "the run's UNet2DModel config"
+    elif args.model_config is None:
+        raise ValueError("--model diffusers-unet2d needs --model-config CFG.json, a UNet2DModel config "
+                         "(sample_size, in_channels, out_channels, block_out_channels, ...)")
+    else:
+        config, source = load_unet2d_config(args.model_config), f"--model-config {args.model_config}"
+    channels, height, width = unet2d_sample_shape(config)
+    if height != width:
+        raise ValueError(f"{source}: sample_size {[height, width]} is not square; isofast's image data is")
+    if config.get("out_channels", 3) != channels:
+        raise ValueError(f"{source}: out_channels {config.get('out_channels', 3)} must equal in_channels {channels} "
+                         "(the model predicts the noise of its input)")
+    if args.image_size is not None and args.image_size != height:
+        raise ValueError(f"--image-size {args.image_size} differs from {source}'s sample_size {height}")
+    if args.data == "digits" and channels != 1:
+        raise ValueError(f"--data digits has 1 channel; {source} has in_channels {channels}")
+    dataset = make_image_dataset(args.data, root=args.data_root, image_size=height, download=args.download,
+                                 channels=channels)
+    if recorded is None:
+        torch.manual_seed(args.seed)
+    model = recorded or DiffusersUNet2D(config)
+    return model, dataset, (channels, height, width), {"name": args.data, "image_size": height}
+
+
 # ----- --resume: the run's own model, data and settings ----------------------------------------------------
 def recorded_run(args: argparse.Namespace) -> dict | None:
     """The state.json fields (config, model_spec, step, ...) of the checkpoint ``--resume`` continues (None: a
@@ -188,8 +234,16 @@ def apply_recorded_settings(args: argparse.Namespace, record: dict) -> None:
 def _model_conflicts(args: argparse.Namespace, spec: dict) -> list[str]:
     given, kind, recorded = args.given, spec.get("kind"), spec.get("config", {})
     conflicts = []
-    if "model" in given and args.model != kind:
+    if "model" in given and _kind(args.model) != kind:
         conflicts.append(f"--model {args.model} asks for another kind (the run's is {kind})")
+    if "model_config" in given and kind == "diffusers_unet2d":
+        from ..diffusers_bridge.models import load_unet2d_config
+
+        asked = load_unet2d_config(args.model_config)
+        differ = [f"{k} {v} vs the run's {recorded.get(k)}" for k, v in asked.items()
+                  if not k.startswith("_") and v != recorded.get(k)]
+        if differ:
+            conflicts.append(f"--model-config {args.model_config} differs: {', '.join(differ)}")
     if "config" in given:
         from ..models.unet import UNET_CONFIGS
 
@@ -247,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
             apply_recorded_settings(args, record)
         model, data, sample_shape, data_record = build_model_and_data(args, record and record["model_spec"])
         config = train_config(args, data_record, record)
-    except (ValueError, FileNotFoundError) as exc:  # CheckpointError and ResumeError are ValueErrors
+    except (ValueError, FileNotFoundError, DiffusersMissingError) as exc:  # CheckpointError, ResumeError: ValueErrors
         print(f"isofast train: error: {exc}", file=sys.stderr)
         return 2
     sample_fn = None
@@ -275,9 +329,13 @@ def add_parser(subparsers) -> None:
         "train", help="train a DDPM / Iso-Diffusion model (one process or under torchrun)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", action=_Given, choices=("mlp", "authors_mlp", "unet"), default=None,
+    g.add_argument("--model", action=_Given, choices=("mlp", "authors_mlp", "unet", "diffusers-unet2d"), default=None,
                    help="mlp (isofast's TimeMLP) or authors_mlp (the Iso-Diffusion authors' 2024 MLP) for 2D data, "
-                        "unet for images (default: mlp for 2D data, unet for images)")
+                        "unet for images, diffusers-unet2d (a diffusers UNet2DModel built from --model-config; "
+                        "needs diffusers) (default: mlp for 2D data, unet for images)")
+    g.add_argument("--model-config", action=_Given, default=None, metavar="CFG.json",
+                   help="a local UNet2DModel config JSON for --model diffusers-unet2d (its sample_size and "
+                        "in_channels set the image size and channels; nothing is downloaded)")
     g.add_argument("--config", action=_Given, default=None, help="UNet config name (isofast.models.unet.UNET_CONFIGS; default: "
                    "digits8 for digits, else flowers64)")
     g.add_argument("--data", action=_Given, default="digits", help="a 2D dataset (swiss_roll, moon_scatter, moon_circles, "

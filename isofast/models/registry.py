@@ -6,6 +6,7 @@ can be rebuilt without the code that built it (`isofast.checkpoint.load_trained_
     {"kind": "mlp",  "config": {"data_dim": 2, "hidden": 128, "n_layers": 3, "emb_dim": 128, "max_period": 10000.0}}
     {"kind": "authors_mlp", "config": {"data_dim": 2, "hidden": 128, "n_layers": 3, "emb_dim": 50}}
     {"kind": "unet", "config": {...every field of UNetConfig...}}
+    {"kind": "diffusers_unet2d", "config": {...a diffusers UNet2DModel config...}}   (needs diffusers)
 
 A spec is data from a file, so `build_model` sizes it before allocating anything: it builds the model on
 PyTorch's "meta" device (shapes only, no memory) and refuses more than `MAX_PARAMETERS` parameters or
@@ -19,11 +20,12 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..diffusers_bridge.models import DiffusersUNet2D
 from .authors_mlp import AuthorsMLP
 from .mlp import TimeMLP
 from .unet import UNet, UNetConfig
 
-__all__ = ["MAX_BLOCKS", "MAX_PARAMETERS", "MODELS_2D", "build_model", "build_model_2d", "model_spec_of",
+__all__ = ["KINDS", "MAX_BLOCKS", "MAX_PARAMETERS", "MODELS_2D", "build_model", "build_model_2d", "model_spec_of",
            "parameter_count"]
 
 MAX_PARAMETERS = 2**31
@@ -31,6 +33,7 @@ MAX_BLOCKS = 4096  # MLP layers, or UNet levels x blocks per level: beyond this 
 
 # The 2-D noise predictors by the name `isofast toy2d --model` takes: isofast's own and the authors' 2024 one.
 MODELS_2D = {"mlp": TimeMLP, "authors_mlp": AuthorsMLP}
+KINDS = (*MODELS_2D, "unet", "diffusers_unet2d")  # every kind a model spec may name
 
 
 def build_model_2d(name: str, data_dim: int = 2) -> nn.Module:
@@ -51,6 +54,8 @@ def model_spec_of(model: nn.Module) -> dict | None:
                                                   "n_layers": model.n_layers, "emb_dim": model.emb_dim}}
     if isinstance(model, UNet):
         return {"kind": "unet", "config": dataclasses.asdict(model.config)}
+    if isinstance(model, DiffusersUNet2D):
+        return {"kind": "diffusers_unet2d", "config": model.config}
     return None
 
 
@@ -61,16 +66,20 @@ def _construct(spec: dict) -> nn.Module:
     if not isinstance(config, dict):
         raise ValueError(f"model spec's 'config' must be a dict, got {type(config).__name__}")
     kind = spec["kind"]
-    if kind not in (*MODELS_2D, "unet"):
-        raise ValueError(f"unknown model kind {kind!r} in model spec (known: {', '.join((*MODELS_2D, 'unet'))})")
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r} in model spec (known: {', '.join(KINDS)})")
     try:
         if kind in MODELS_2D:
             blocks = config.get("n_layers", 1)
-        else:
+        elif kind == "unet":
             blocks = len(config.get("channel_mult", ())) * (config.get("num_res_blocks", 1) + 1)
+        else:
+            blocks = len(config.get("block_out_channels", ())) * (config.get("layers_per_block", 2) + 1)
         if isinstance(blocks, int) and blocks > MAX_BLOCKS:
             raise ValueError(f"model spec asks for {blocks} layers/blocks; isofast builds at most {MAX_BLOCKS}")
-        return MODELS_2D[kind](**config) if kind in MODELS_2D else UNet(UNetConfig(**config))
+        if kind in MODELS_2D:
+            return MODELS_2D[kind](**config)
+        return UNet(UNetConfig(**config)) if kind == "unet" else DiffusersUNet2D(config)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model spec {kind!r} is invalid: {exc}") from exc
 

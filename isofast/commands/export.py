@@ -1,0 +1,36 @@
+"""`isofast export`: write a trained run in another library's format.
+
+``isofast export RUN --diffusers OUT`` writes a diffusers ``DDPMPipeline`` folder (``save_pretrained``:
+the run's EMA weights, a DDPMScheduler with the run's schedule) that ``DDPMPipeline.from_pretrained(OUT)``
+loads. Only runs trained with ``--model diffusers-unet2d`` can be exported. Needs diffusers
+(``pip install "isofast[diffusers]"``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..checkpoint import CheckpointError
+from ..diffusers_bridge import DiffusersMissingError
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..diffusers_bridge.pipeline import export_ddpm_pipeline
+
+    try:
+        out = export_ddpm_pipeline(args.checkpoint, args.diffusers, which=args.weights)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, DiffusersMissingError) as exc:
+        print(f"isofast export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"isofast export: DDPMPipeline -> {out} (load with DDPMPipeline.from_pretrained)", file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a trained run as a diffusers DDPMPipeline", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or one step_XXXXXXX folder")
+    p.add_argument("--diffusers", required=True, metavar="OUT",
+                   help="write a diffusers DDPMPipeline (save_pretrained) into this new or empty folder")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.set_defaults(func=run)
