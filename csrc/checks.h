@@ -10,6 +10,8 @@
 
 #include <optional>
 
+#include "step_coefficients.h"
+
 namespace isofast {
 
 inline bool is_data_dtype(at::ScalarType s) {
@@ -120,7 +122,7 @@ inline void check_step_args(const at::Tensor& x, const at::Tensor& eps_pred, con
   check_key(key, e, x, op);
 }
 
-// table: the (5, T) DDPM coefficients (rows as in the step formula of cpu/steps.cpp, cuda/steps.cu).
+// table: the (5, T) DDPM or (6, T) DDIM coefficient rows of step_coefficients.h.
 inline void check_ddpm_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
                                  const at::Tensor& table, const std::optional<at::Tensor>& e,
                                  const std::optional<at::Tensor>& key, const char* op) {
@@ -130,12 +132,13 @@ inline void check_ddpm_step_args(const at::Tensor& x, const at::Tensor& eps_pred
 }
 
 inline void check_ddim_step_args(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
-                                 const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                                 const at::Tensor& t_prev, const at::Tensor& table,
                                  const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key,
                                  const char* op) {
   check_step_args(x, eps_pred, t, e, key, op);
   check_index(t_prev, x, op, "t_prev");
-  check_table(alphas_cumprod, x, 1, op, "alphas_cumprod");
+  check_table(table, x, 2, op, "table");
+  TORCH_CHECK(table.size(0) == kDdimRows, op, ": table must have shape (", kDdimRows, ", T), got ", table.sizes());
 }
 
 }  // namespace isofast

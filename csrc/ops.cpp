@@ -27,7 +27,7 @@ TORCH_LIBRARY(isofast_C, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ddpm_step(Tensor x, Tensor eps_pred, Tensor t, Tensor table, Tensor? e, Tensor? key, bool clip_x0) -> Tensor");
   m.def(
-      "ddim_step(Tensor x, Tensor eps_pred, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float eta, Tensor? e, "
+      "ddim_step(Tensor x, Tensor eps_pred, Tensor t, Tensor t_prev, Tensor table, float eta, Tensor? e, "
       "Tensor? key, bool clip_x0) -> Tensor");
   // The Philox words (int32 (ceil(N/4), 4); a debug op for the tests) and the normals (float32 (N,);
   // also the CPU backend's materialised draw) of the draw (seed, offset) of N = like.numel()

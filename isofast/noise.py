@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import scalars
+
 MASK32 = 0xFFFFFFFF
 MASK64 = (1 << 64) - 1
 PHILOX_ROUND_A = 0xD2511F53
@@ -39,8 +41,7 @@ def to_unsigned(value: int) -> int:
 
 
 def _check_u64(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = scalars.integer(name, value)
     if not 0 <= value <= MASK64:
         raise ValueError(f"{name} must be an unsigned 64-bit integer in [0, 2**64), got {value}")
     return value
@@ -104,6 +105,18 @@ def randn_contract(seed: int, offset: int, numel: int, device: torch.device | st
     return torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)[:numel]
 
 
+def _check_shape(shape: object) -> tuple[int, ...]:
+    """A shape as a tuple of ints >= 0 (numpy integers accepted; floats, bools and negatives refused)."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"NoiseKey shape must be a tuple of ints, got {type(shape).__name__} {shape!r}")
+    dims = tuple(shape)
+    if not all(scalars.is_integer(s) for s in dims):
+        raise TypeError(f"NoiseKey shape must be a tuple of ints, got {dims!r}")
+    if any(s < 0 for s in dims):
+        raise ValueError(f"NoiseKey shape must have sizes >= 0, got {dims!r}")
+    return tuple(int(s) for s in dims)
+
+
 def calls_for(numel: int) -> int:
     """Philox counters a draw of ``numel`` elements consumes: the next draw starts this far on."""
     return -(-numel // 4)
@@ -133,12 +146,15 @@ class NoiseKey:
     kept: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check_u64("seed", self.seed)
-        _check_u64("offset", self.offset)
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        object.__setattr__(self, "device", torch.device(self.device))
-        if not self.dtype.is_floating_point:
-            raise TypeError(f"NoiseKey dtype must be a floating dtype, got {self.dtype}")
+        object.__setattr__(self, "seed", _check_u64("seed", self.seed))
+        object.__setattr__(self, "offset", _check_u64("offset", self.offset))
+        object.__setattr__(self, "shape", _check_shape(self.shape))
+        try:
+            object.__setattr__(self, "device", torch.device(self.device))
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"NoiseKey device must be a torch.device or a device string, got {self.device!r}") from exc
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"NoiseKey dtype must be a floating torch.dtype, got {self.dtype!r}")
 
     def keeping(self, draw: torch.Tensor | None) -> NoiseKey:
         """This key carrying ``draw`` (its values as a CPU kernel generated them; None: carrying nothing)."""

@@ -3,7 +3,8 @@
 Simple on purpose: every fused kernel is tested against these functions. They take
 explicit noise tensors (keys are materialised by the caller), accept any float dtype
 including float64, run on any device, are differentiable by autograd, and do their
-arithmetic in float32 or wider (float64 for float64 inputs).
+arithmetic in float32 or wider (float64 for float64 inputs), with the schedule's
+coefficients rounded once from its float64 masters (`NoiseSchedule.exact`).
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def _per_sample(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tor
 def q_sample(x0: torch.Tensor, t: torch.Tensor, sched: NoiseSchedule, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, per sample b with t[b]."""
     acc = compute_dtype(x0.dtype)
-    x_t = _per_sample(sched.sqrt_alphas_cumprod, t, x0) * x0.to(acc)
-    x_t = x_t + _per_sample(sched.sqrt_one_minus_alphas_cumprod, t, x0) * noise.to(acc)
+    x_t = _per_sample(sched.exact("sqrt_alphas_cumprod"), t, x0) * x0.to(acc)
+    x_t = x_t + _per_sample(sched.exact("sqrt_one_minus_alphas_cumprod"), t, x0) * noise.to(acc)
     return x_t.to(x0.dtype)
 
 
@@ -115,8 +116,8 @@ def iso_ddpm_loss(
 def predict_x0(x_t: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, sched: NoiseSchedule, clip_x0: bool) -> torch.Tensor:
     """x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t), optionally clipped to [-1, 1]; in the compute dtype."""
     acc = compute_dtype(x_t.dtype)
-    x0 = _per_sample(sched.sqrt_recip_alphas_cumprod, t, x_t) * x_t.to(acc)
-    x0 = x0 - _per_sample(sched.sqrt_recipm1_alphas_cumprod, t, x_t) * eps_pred.to(acc)
+    x0 = _per_sample(sched.exact("sqrt_recip_alphas_cumprod"), t, x_t) * x_t.to(acc)
+    x0 = x0 - _per_sample(sched.exact("sqrt_recipm1_alphas_cumprod"), t, x_t) * eps_pred.to(acc)
     return x0.clamp(-1.0, 1.0) if clip_x0 else x0
 
 
@@ -132,8 +133,9 @@ def ddpm_step(
     """Ancestral step x_t -> x_{t-1} = coef1 x0 + coef2 x_t + [t > 0] sigma_t z."""
     acc = compute_dtype(x_t.dtype)
     x0 = predict_x0(x_t, eps_pred, t, sched, clip_x0)
-    mean = _per_sample(sched.posterior_mean_coef1, t, x_t) * x0 + _per_sample(sched.posterior_mean_coef2, t, x_t) * x_t.to(acc)
-    sigma = _per_sample(sched.posterior_std(variance), t, x_t)
+    coef1, coef2 = sched.exact("posterior_mean_coef1"), sched.exact("posterior_mean_coef2")
+    mean = _per_sample(coef1, t, x_t) * x0 + _per_sample(coef2, t, x_t) * x_t.to(acc)
+    sigma = _per_sample(sched.posterior_std(variance, exact=True), t, x_t)
     nonzero = (t > 0).reshape(sigma.shape).to(acc)
     return (mean + nonzero * sigma * noise.to(acc)).to(x_t.dtype)
 
@@ -151,8 +153,8 @@ def ddim_step(
     """DDIM step t -> t_prev: sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z (Song et al., eq. 12)."""
     acc = compute_dtype(x_t.dtype)
     x0 = predict_x0(x_t, eps_pred, t, sched, clip_x0)
-    s = sched.to(device=x_t.device, dtype=acc)
-    c_x0, c_eps, sigma = (c.reshape(-1, *([1] * (x_t.ndim - 1))) for c in s.ddim_coefficients(t, t_prev, eta))
+    s = sched.to(device=x_t.device, dtype=torch.float64)  # coefficients in float64, rounded once to acc
+    c_x0, c_eps, sigma = (c.to(acc).reshape(-1, *([1] * (x_t.ndim - 1))) for c in s.ddim_coefficients(t, t_prev, eta))
     return (c_x0 * x0 + c_eps * eps_pred.to(acc) + sigma * noise.to(acc)).to(x_t.dtype)
 
 

@@ -6,10 +6,13 @@ accumulated in float32 (``alphas_cumprod`` is a product of up to T factors).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
+
+from . import scalars
 
 SCHEDULES = ("linear", "cosine", "scaled_linear")  # the named schedules of `NoiseSchedule.from_name`
 
@@ -62,12 +65,16 @@ class NoiseSchedule:
     # ----- constructors -------------------------------------------------------------------------
     @classmethod
     def from_betas(cls, betas: torch.Tensor, name: str = "custom", dtype: torch.dtype = torch.float32) -> NoiseSchedule:
-        """Derive every table from ``betas`` (T,), each in (0, 1]."""
+        """Derive every table from ``betas`` (T,), each in (0, 1); ``dtype`` a real floating dtype."""
+        _check_dtype(dtype)
+        if isinstance(betas, torch.Tensor) and (betas.dtype.is_complex or betas.dtype == torch.bool):
+            raise TypeError(f"betas must be real numbers, got a {betas.dtype} tensor")
         b = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         if b.ndim != 1 or b.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(b.shape)}")
-        if not torch.isfinite(b).all() or (b <= 0).any() or (b > 1).any():
-            raise ValueError("betas must be finite and in (0, 1]")
+        if not torch.isfinite(b).all() or (b <= 0).any() or (b >= 1).any():
+            # beta = 1 makes alphas_cumprod 0 from there on: infinite tables, NaN steps
+            raise ValueError(f"betas must be finite and in (0, 1), got values in [{b.min().item()}, {b.max().item()}]")
         a = 1.0 - b
         ab = torch.cumprod(a, 0)
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
@@ -88,12 +95,18 @@ class NoiseSchedule:
             "posterior_mean_coef1": b * ab_prev.sqrt() / (1.0 - ab),
             "posterior_mean_coef2": (1.0 - ab_prev) * a.sqrt() / (1.0 - ab),
         }
-        return cls(name=name, masters=tables, **{k: v.to(dtype) for k, v in tables.items()})
+        cast = {k: v.to(dtype) for k, v in tables.items()}
+        for key in tables:  # alphas_cumprod underflowing (long schedules, large betas) or 1 - beta rounding to 1
+            if not (torch.isfinite(tables[key]).all() and torch.isfinite(cast[key]).all()):
+                raise ValueError(f"betas give non-finite {key} in {dtype} (alphas_cumprod ends at "
+                                 f"{ab[-1].item():.3g}, smallest beta {b.min().item():.3g}); use betas further from 0 "
+                                 "and 1 or fewer steps")
+        return cls(name=name, masters=tables, **cast)
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, dtype: torch.dtype = torch.float32) -> NoiseSchedule:
         """Ho et al. (2020): betas linear from ``beta_start`` to ``beta_end``."""
-        _check_T(T)
+        T = _check_T(T)
         return cls.from_betas(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), "linear", dtype)
 
     @classmethod
@@ -101,14 +114,14 @@ class NoiseSchedule:
         cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, dtype: torch.dtype = torch.float32
     ) -> NoiseSchedule:
         """Latent-diffusion schedule: sqrt(beta) linear between the square roots of the ends."""
-        _check_T(T)
+        T = _check_T(T)
         roots = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=torch.float64)
         return cls.from_betas(roots**2, "scaled_linear", dtype)
 
     @classmethod
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999, dtype: torch.dtype = torch.float32) -> NoiseSchedule:
         """Nichol & Dhariwal (2021): ab(t) = cos^2(((t/T + s)/(1 + s)) pi/2), betas clipped at ``max_beta``."""
-        _check_T(T)
+        T = _check_T(T)
         steps = torch.arange(T + 1, dtype=torch.float64) / T
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         betas = torch.clamp(1.0 - f[1:] / f[:-1], max=max_beta)
@@ -146,9 +159,18 @@ class NoiseSchedule:
     def dtype(self) -> torch.dtype:
         return self.betas.dtype
 
+    def exact(self, name: str) -> torch.Tensor:
+        """Table ``name`` in float64 from the masters: exact values, not ones rounded to the schedule's dtype.
+
+        The coefficient tables of the kernels and the reference's are rounded once from these. (A plain
+        lookup, not a cached schedule: torch.compile traces it.)
+        """
+        return self.masters[name] if self.masters else getattr(self, name).to(torch.float64)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NoiseSchedule:
         """A copy with every table moved and/or cast; casts start from the float64 masters."""
         dtype = dtype or self.dtype
+        _check_dtype(dtype)
         masters = self.masters or {name: getattr(self, name).to(torch.float64) for name in _TABLES}
         moved = {name: masters[name].to(device=device or self.device, dtype=dtype) for name in _TABLES}
         return NoiseSchedule(name=self.name, masters=masters, **moved)
@@ -161,12 +183,14 @@ class NoiseSchedule:
 
         return scheduler_from_schedule(self, kind, **overrides)
 
-    def posterior_std(self, variance: str = "fixed_small") -> torch.Tensor:
-        """Std of the noise a DDPM ancestral step adds: sqrt(posterior_variance) or sqrt(beta_t) ("fixed_large")."""
+    def posterior_std(self, variance: str = "fixed_small", exact: bool = False) -> torch.Tensor:
+        """Std of the noise a DDPM ancestral step adds: sqrt(posterior_variance) or sqrt(beta_t) ("fixed_large");
+        ``exact``: in float64 from the masters (`exact`)."""
+        table = self.exact if exact else functools.partial(getattr, self)
         if variance == "fixed_small":
-            return self.posterior_variance.sqrt()
+            return table("posterior_variance").sqrt()
         if variance == "fixed_large":
-            return self.betas.sqrt()
+            return table("betas").sqrt()
         raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
 
     def ddim_coefficients(self, t: torch.Tensor, t_prev: torch.Tensor, eta: float = 0.0) -> tuple[torch.Tensor, ...]:
@@ -183,6 +207,13 @@ class NoiseSchedule:
         return f"NoiseSchedule({self.name}, T={self.T}, dtype={self.dtype}, device={self.device})"
 
 
-def _check_T(T: int) -> None:
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+def _check_T(T: int) -> int:
+    if not scalars.is_integer(T) or T < 1:
         raise ValueError(f"T must be a positive int, got {T!r}")
+    return int(T)
+
+
+def _check_dtype(dtype: object) -> None:
+    """Tables are real floating point: an integer dtype would round every beta to 0, a complex one is meaningless."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a real floating torch.dtype (float32, float64, ...), got {dtype!r}")

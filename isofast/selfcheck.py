@@ -127,7 +127,7 @@ def _kernel_signatures(dtype: str):
                                          for m in ("iso_loss", "philox", "q_sample", "steps"))
 
     i64_ptrs = {"t_ptr", "t_prev_ptr", "key_ptr"}
-    f32_ptrs = {"sqrt_ab_ptr", "sqrt_1mab_ptr", "table_ptr", "ac_ptr", "c1_ptr", "c2_ptr",
+    f32_ptrs = {"sqrt_ab_ptr", "sqrt_1mab_ptr", "table_ptr", "c1_ptr", "c2_ptr",
                 "sse_part_ptr", "ssq_part_ptr"}
     block = 2048
     cases = [
@@ -135,7 +135,8 @@ def _kernel_signatures(dtype: str):
         ("iso_sums", iso_loss.iso_sums_kernel, {"HAS_E": False, "BLOCK": block}),
         ("iso_grad", iso_loss.iso_grad_kernel, {"HAS_E": False, "BLOCK": block}),
         ("ddpm_step", steps.ddpm_step_kernel, {"HAS_E": False, "CLIP_X0": True, "BLOCK": block}),
-        ("ddim_step", steps.ddim_step_kernel, {"HAS_NOISE": True, "HAS_E": False, "CLIP_X0": False, "BLOCK": block}),
+        ("ddim_step", steps.ddim_step_kernel, {"STOCHASTIC": True, "HAS_NOISE": True, "HAS_E": False, "CLIP_X0": False,
+                                                     "BLOCK": block}),
         ("contract_draw", philox._contract_draw_kernel, {"BLOCK": 1024}),
     ]
     for name, kernel, constexprs in cases:

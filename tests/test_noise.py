@@ -122,6 +122,24 @@ class TestNoiseKey:
         with pytest.raises(TypeError, match="dtype"):
             NoiseKey(0, 0, (2,), torch.int32)
 
+    @pytest.mark.parametrize("shape,error", [((2, -3), ValueError), ((2.5, 3), TypeError), ((2, True), TypeError),
+                                             ("23", TypeError), (5, TypeError), ((2, None), TypeError)])
+    def test_bad_shape_is_refused(self, shape, error):
+        """Negative sizes were kept and non-integer ones truncated by int() (issue 14)."""
+        with pytest.raises(error, match="NoiseKey shape"):
+            NoiseKey(1, 0, shape)
+
+    def test_numpy_integers_are_taken_as_ints(self):
+        key = NoiseKey(np.uint64(2**64 - 1), np.int64(3), (np.int64(2), np.int32(3)))
+        assert key == NoiseKey(2**64 - 1, 3, (2, 3))
+        assert type(key.seed) is int and type(key.offset) is int and all(type(s) is int for s in key.shape)
+        with pytest.raises(TypeError, match="seed must be an int"):
+            NoiseKey(np.float64(1.0), 0, (2,))
+
+    def test_bad_device_is_a_value_error(self):
+        with pytest.raises(ValueError, match="NoiseKey device"):
+            NoiseKey(0, 0, (2,), device="nowhere")
+
     def test_as_tensor_holds_bit_patterns(self):
         key = NoiseKey(2**64 - 1, 2**63, (2,))
         assert key.as_tensor().tolist() == [-1, -(2**63)]

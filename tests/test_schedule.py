@@ -104,3 +104,45 @@ def test_from_name_is_the_named_constructor(name):
 def test_from_name_lists_the_names_of_an_unknown_one():
     with pytest.raises(ValueError, match=r"schedule must be one of \('linear', 'cosine', 'scaled_linear'\), got 'quadratic'"):
         NoiseSchedule.from_name("quadratic", 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.complex128, "float32"])
+def test_non_real_float_dtype_is_refused(dtype):
+    """int64 rounded every beta to 0 (ab = 1, a schedule that adds no noise); complex was meaningless (issue 14)."""
+    with pytest.raises(TypeError, match="dtype must be a real floating torch.dtype"):
+        NoiseSchedule.linear(10, dtype=dtype)
+    with pytest.raises(TypeError, match="dtype must be a real floating torch.dtype"):
+        NoiseSchedule.linear(10).to(dtype=dtype)
+
+
+@pytest.mark.parametrize("betas", [[0.5, 1.0], [1.0], [0.0, 0.1], [0.1, float("nan")], [0.2, -0.1]])
+def test_betas_outside_the_open_unit_interval_are_refused(betas):
+    """beta = 1 made alphas_cumprod 0: infinite tables and NaN steps (issue 14)."""
+    with pytest.raises(ValueError, match=r"betas must be finite and in \(0, 1\)"):
+        NoiseSchedule.from_betas(torch.tensor(betas))
+
+
+@pytest.mark.parametrize("betas", [torch.full((2000,), 0.5), torch.full((3,), 1e-20)])
+def test_betas_giving_non_finite_tables_are_refused(betas):
+    """alphas_cumprod underflowing to 0 (1/sqrt(ab) = inf), or 1 - beta rounding to 1 (0/0 posterior variance)."""
+    with pytest.raises(ValueError, match="non-finite"):
+        NoiseSchedule.from_betas(betas)
+
+
+def test_complex_betas_are_refused():
+    with pytest.raises(TypeError, match="betas must be real"):
+        NoiseSchedule.from_betas(torch.tensor([0.1, 0.2], dtype=torch.complex64))
+
+
+def test_numpy_integer_T_is_an_int():
+    import numpy as np
+
+    s = NoiseSchedule.linear(np.int64(10))
+    assert s.T == 10 and torch.equal(s.betas, NoiseSchedule.linear(10).betas)
+
+
+def test_exact_tables_are_the_float64_masters():
+    s, s64 = NoiseSchedule.linear(100), NoiseSchedule.linear(100, dtype=torch.float64)
+    for name in ("alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance"):
+        assert s.exact(name).dtype == torch.float64 and torch.equal(s.exact(name), getattr(s64, name))
+        assert not torch.equal(s.exact(name), getattr(s, name).double())  # not the float32-rounded values

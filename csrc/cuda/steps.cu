@@ -1,10 +1,10 @@
 // Sampler steps on CUDA, one pass each. The step indices t/t_prev and the noise key (seed,
 // offset) are read from device memory inside the kernel, so a captured CUDA graph replays
 // with whatever the caller wrote there (no host sync, no baked-in scalars besides eta).
-//   ddpm: x0 = tab[0,t] x - tab[1,t] eps; [clip]; x_prev = tab[2,t] x0 + tab[3,t] x + [t>0] tab[4,t] z
-//   ddim: x0 = (x - sqrt(1-ab) eps) / sqrt(ab); [clip]; x_prev = sqrt(ab_prev) x0 + c_eps eps + sigma z
+// The coefficients and the formula: step_coefficients.h.
 #include "cuda_common.cuh"
 #include "../checks.h"
+#include "../step_coefficients.h"
 
 #include <torch/library.h>
 
@@ -13,20 +13,14 @@
 namespace isofast::cuda {
 namespace {
 
-// x_prev = c * x0 + d * x + f * eps + s * z with x0 = a * x - b * eps.
-template <typename A>
-struct RowCoef {
-  A a, b, c, d, f, s;
-};
-
 struct DdpmRow {
   const int64_t* t;
   int64_t T;
   template <typename A>
-  __device__ __forceinline__ RowCoef<A> operator()(int64_t b, const A* tab) const {
+  __device__ __forceinline__ StepCoef<A> operator()(int64_t b, const A* tab) const {
     const int64_t s = t[b];
     CUDA_KERNEL_ASSERT(s >= 0 && s < T);
-    return {tab[s], tab[T + s], tab[2 * T + s], tab[3 * T + s], A(0), s > 0 ? tab[4 * T + s] : A(0)};
+    return ddpm_coef(tab, T, s);
   }
 };
 
@@ -36,18 +30,15 @@ struct DdimRow {
   int64_t T;
   double eta;
   template <typename A>
-  __device__ __forceinline__ RowCoef<A> operator()(int64_t b, const A* acp) const {
+  __device__ __forceinline__ StepCoef<A> operator()(int64_t b, const A* tab) const {
     const int64_t s = t[b], sp = t_prev[b];
-    CUDA_KERNEL_ASSERT(s >= 0 && s < T && sp >= -1 && sp < T);
-    const A one(1), ab = acp[s], ab_prev = sp >= 0 ? acp[sp] : one;
-    const A sigma = static_cast<A>(eta) * sqrt((one - ab_prev) / (one - ab) * (one - ab / ab_prev));
-    const A rest = one - ab_prev - sigma * sigma;
-    const A inv = one / sqrt(ab);
-    return {inv, sqrt(one - ab) * inv, sqrt(ab_prev), A(0), sqrt(rest > A(0) ? rest : A(0)), sigma};
+    CUDA_KERNEL_ASSERT(s >= 0 && s < T && sp >= -1 && sp < s);  // a DDIM step goes back in time
+    return ddim_coef(tab, T, s, sp, static_cast<A>(eta));
   }
 };
 
-template <typename T, int K, bool VEC, typename Row>
+// kDdim: the third term is m * eps (DDIM), else m * x (DDPM).
+template <bool kDdim, typename T, int K, bool VEC, typename Row>
 __global__ void step_kernel(const T* __restrict__ x, const T* __restrict__ ep, const acc_t<T>* __restrict__ table,
                             Row row, const T* __restrict__ e, const int64_t* __restrict__ key, bool clip,
                             T* __restrict__ out, int64_t N, int64_t n) {
@@ -55,20 +46,24 @@ __global__ void step_kernel(const T* __restrict__ x, const T* __restrict__ ep, c
   const uint64_t seed = key != nullptr ? static_cast<uint64_t>(key[0]) : 0;  // key is null only when e is given
   const uint64_t offset = key != nullptr ? static_cast<uint64_t>(key[1]) : 0;
   auto coef = [=](int64_t b) { return row(b, table); };
-  auto elem = [=](const RowCoef<A>& q, A z, A xv, A ev) {
+  auto elem = [=](const StepCoef<A>& q, A z, A xv, A ev) {
     A x0 = q.a * xv - q.b * ev;
     if (clip) x0 = x0 < A(-1) ? A(-1) : (x0 > A(1) ? A(1) : x0);
-    return q.c * x0 + q.d * xv + q.f * ev + q.s * z;
+    if constexpr (kDdim) {
+      return q.c * x0 + q.m * ev + q.s * z;
+    } else {
+      return q.c * x0 + q.m * xv + q.s * z;
+    }
   };
   for_each_chunk<T, K, VEC>(N, n, e, seed, offset, out, coef, elem, x, ep);
 }
 
-template <typename Row>
+template <bool kDdim, typename Row>
 at::Tensor launch_step(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& table, Row row,
                        const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
   auto launch = [&](auto vec, const auto* zp, auto* out, const ChunkGrid& g) {
     using T = std::remove_pointer_t<decltype(out)>;
-    step_kernel<T, chunk_of<T>(), decltype(vec)::value, Row><<<g.blocks, kThreads, 0, g.stream>>>(
+    step_kernel<kDdim, T, chunk_of<T>(), decltype(vec)::value, Row><<<g.blocks, kThreads, 0, g.stream>>>(
         x.data_ptr<T>(), eps_pred.data_ptr<T>(), table.data_ptr<acc_t<T>>(), row, zp,
         key.has_value() ? key->data_ptr<int64_t>() : nullptr, clip_x0, out, g.N, g.n);
   };
@@ -80,16 +75,16 @@ at::Tensor ddpm_step_cuda(const at::Tensor& x, const at::Tensor& eps_pred, const
                           bool clip_x0) {
   constexpr const char* op = "isofast_C::ddpm_step";
   check_ddpm_step_args(x, eps_pred, t, table, e, key, op);
-  return launch_step(x, eps_pred, table, DdpmRow{t.data_ptr<int64_t>(), table.size(1)}, e, key, clip_x0);
+  return launch_step<false>(x, eps_pred, table, DdpmRow{t.data_ptr<int64_t>(), table.size(1)}, e, key, clip_x0);
 }
 
 at::Tensor ddim_step_cuda(const at::Tensor& x, const at::Tensor& eps_pred, const at::Tensor& t,
-                          const at::Tensor& t_prev, const at::Tensor& alphas_cumprod, double eta,
+                          const at::Tensor& t_prev, const at::Tensor& table, double eta,
                           const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& key, bool clip_x0) {
   constexpr const char* op = "isofast_C::ddim_step";
-  check_ddim_step_args(x, eps_pred, t, t_prev, alphas_cumprod, e, key, op);
-  DdimRow row{t.data_ptr<int64_t>(), t_prev.data_ptr<int64_t>(), alphas_cumprod.numel(), eta};
-  return launch_step(x, eps_pred, alphas_cumprod, row, e, key, clip_x0);
+  check_ddim_step_args(x, eps_pred, t, t_prev, table, e, key, op);
+  DdimRow row{t.data_ptr<int64_t>(), t_prev.data_ptr<int64_t>(), table.size(1), eta};
+  return launch_step<true>(x, eps_pred, table, row, e, key, clip_x0);
 }
 
 }  // namespace

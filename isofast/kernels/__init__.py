@@ -23,7 +23,7 @@ SCHEMAS = {
     "iso_sums": "(Tensor p, Tensor? e, int seed, int offset) -> (Tensor, Tensor)",
     "iso_grad": "(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2) -> Tensor",
     "ddpm_step": "(Tensor x, Tensor eps_pred, Tensor t, Tensor table, Tensor? e, Tensor? key, bool clip_x0) -> Tensor",
-    "ddim_step": "(Tensor x, Tensor eps_pred, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float eta, Tensor? e, "
+    "ddim_step": "(Tensor x, Tensor eps_pred, Tensor t, Tensor t_prev, Tensor table, float eta, Tensor? e, "
                  "Tensor? key, bool clip_x0) -> Tensor",
 }
 

@@ -11,7 +11,7 @@ routes it to the reference).
 
     ddpm:  x0 = table[0,t] x - table[1,t] eps_pred   (clamped to [-1, 1] if clip_x0)
            x_prev = table[2,t] x0 + table[3,t] x + (t > 0) table[4,t] z
-    ddim:  ab = ac[t], ab_prev = ac[t_prev] (1 where t_prev < 0)
+    ddim:  ab = ab[t], ab_prev = ab[t_prev] (1 where t_prev < 0), from the (6, T) table's rows
            x0 = (x - sqrt(1 - ab) eps_pred) / sqrt(ab)   (clamped if clip_x0)
            sigma = eta sqrt((1 - ab_prev) / (1 - ab) (1 - ab / ab_prev))
            x_prev = sqrt(ab_prev) x0 + sqrt(max(1 - ab_prev - sigma^2, 0)) eps_pred + sigma z
@@ -62,32 +62,39 @@ def ddpm_step_kernel(x_ptr, p_ptr, t_ptr, table_ptr, e_ptr, key_ptr, out_ptr, n,
 
 
 @triton.jit
-def ddim_step_kernel(x_ptr, p_ptr, t_ptr, t_prev_ptr, ac_ptr, eta, e_ptr, key_ptr, out_ptr, n, nwin,
-                     HAS_NOISE: tl.constexpr, HAS_E: tl.constexpr, CLIP_X0: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def ddim_step_kernel(x_ptr, p_ptr, t_ptr, t_prev_ptr, table_ptr, eta, e_ptr, key_ptr, out_ptr, n, nwin, T,
+                     STOCHASTIC: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_E: tl.constexpr,
+                     CLIP_X0: tl.constexpr, BLOCK: tl.constexpr):
     b, flat, mask, counter_index, lane = row_window(tl.program_id(0), n, nwin, BLOCK)
     step = tl.load(t_ptr + b)
     step_prev = tl.load(t_prev_ptr + b)
-    ab = tl.load(ac_ptr + step).to(tl.float32)
-    ab_prev = tl.load(ac_ptr + tl.maximum(step_prev, 0), mask=step_prev >= 0, other=1.0).to(tl.float32)
-    # Per-row scalars, so correctly rounded sqrt/div cost nothing and keep the coefficients
-    # within an ulp of the reference's float64-derived tables; the per-element work is then
-    # two multiply-adds, x0 = x / sqrt(ab) - sqrt((1 - ab) / ab) eps_pred.
-    recip = tl.div_rn(1.0, tl.sqrt_rn(ab))
-    recipm1 = tl.div_rn(tl.sqrt_rn(1.0 - ab), tl.sqrt_rn(ab))
+    last = step_prev < 0  # the jump to x_0: ab_prev = 1
+    prev = tl.maximum(step_prev, 0)
+    # The rows of csrc/step_coefficients.h (ddim_coef), each rounded once from float64: no coefficient
+    # is rebuilt from a rounded ab. Per-row scalars, so correctly rounded sqrt/div cost nothing.
+    recip = tl.load(table_ptr + step).to(tl.float32)
+    recipm1 = tl.load(table_ptr + T + step).to(tl.float32)
+    coef_x0 = tl.where(last, 1.0, tl.load(table_ptr + 2 * T + prev).to(tl.float32))
     x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     x0 = recip * x - recipm1 * p
     if CLIP_X0:
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
-    if HAS_NOISE:
-        sigma = eta * tl.sqrt_rn(tl.div_rn(1.0 - ab_prev, 1.0 - ab) * (1.0 - tl.div_rn(ab, ab_prev)))
-        coef_dir = tl.sqrt_rn(tl.maximum(1.0 - ab_prev - sigma * sigma, 0.0))
-        z = _step_noise(e_ptr, key_ptr, flat, mask, counter_index, lane, HAS_E)
-        x_prev = tl.sqrt_rn(ab_prev) * x0 + coef_dir * p + sigma * z
+    if STOCHASTIC:
+        ab = tl.load(table_ptr + 4 * T + step).to(tl.float32)
+        om = tl.load(table_ptr + 5 * T + step).to(tl.float32)
+        ab_prev = tl.where(last, 1.0, tl.load(table_ptr + 4 * T + prev).to(tl.float32))
+        om_prev = tl.where(last, 0.0, tl.load(table_ptr + 5 * T + prev).to(tl.float32))
+        gap = tl.where(ab_prev <= 0.5, ab_prev - ab, om - om_prev)  # ab_prev - ab from the smaller pair
+        sigma = eta * tl.sqrt_rn(tl.div_rn(om_prev, om) * tl.div_rn(gap, ab_prev))
+        coef_dir = tl.sqrt_rn(tl.maximum(om_prev - sigma * sigma, 0.0))
     else:
-        coef_dir = tl.sqrt_rn(tl.maximum(1.0 - ab_prev, 0.0))
-        x_prev = tl.sqrt_rn(ab_prev) * x0 + coef_dir * p
+        sigma = 0.0
+        coef_dir = tl.where(last, 0.0, tl.load(table_ptr + 3 * T + prev).to(tl.float32))
+    x_prev = coef_x0 * x0 + coef_dir * p
+    if HAS_NOISE:
+        z = _step_noise(e_ptr, key_ptr, flat, mask, counter_index, lane, HAS_E)
+        x_prev = x_prev + sigma * z
     tl.store(out_ptr + flat, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -113,15 +120,17 @@ def ddpm_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, table: t
 
 
 def ddim_step(x: torch.Tensor, eps_pred: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-              alphas_cumprod: torch.Tensor, eta: float, e: torch.Tensor | None, key: torch.Tensor | None,
+              table: torch.Tensor, eta: float, e: torch.Tensor | None, key: torch.Tensor | None,
               clip_x0: bool) -> torch.Tensor:
-    """x_{t_prev} of the DDIM step; (B, n) in x's dtype. alphas_cumprod: float32 (T,)."""
+    """x_{t_prev} of the DDIM step; (B, n) in x's dtype. table: float32 (6, T) (csrc/step_coefficients.h)."""
     cfg = prepare_rows("x_t", x, e, ("eps_pred", eps_pred))
     out = torch.empty_like(x)
     if cfg is not None:
         eta = float(eta)
+        # explicit noise is added even at eta = 0 (as 0 * e): the compiled kernels and the reference do too
+        has_noise = eta != 0.0 or e is not None
         launch_rows(ddim_step_kernel, x, cfg,
-                    (x, eps_pred, t.contiguous(), t_prev.contiguous(), alphas_cumprod.contiguous(), eta,
-                     *_noise_args(x, t, e, key, eta != 0.0), out),
-                    HAS_NOISE=eta != 0.0, HAS_E=e is not None, CLIP_X0=bool(clip_x0))
+                    (x, eps_pred, t.contiguous(), t_prev.contiguous(), table.contiguous(), eta,
+                     *_noise_args(x, t, e, key, has_noise), out), table.shape[1],
+                    STOCHASTIC=eta != 0.0, HAS_NOISE=has_noise, HAS_E=e is not None, CLIP_X0=bool(clip_x0))
     return out

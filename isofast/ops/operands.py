@@ -38,21 +38,29 @@ def noise(noise: torch.Tensor | NoiseKey, like: torch.Tensor, use_kept: bool) ->
 
 @functools.lru_cache(maxsize=128)
 def _cached_table(sched: NoiseSchedule, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    exact = sched.exact  # every row rounded once from float64, never rebuilt from a rounded one
     if key == "q_sample":
-        parts = (sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+        parts = (exact("sqrt_alphas_cumprod"), exact("sqrt_one_minus_alphas_cumprod"))
     elif key in ("fixed_small", "fixed_large"):
         parts = (
-            sched.sqrt_recip_alphas_cumprod,
-            sched.sqrt_recipm1_alphas_cumprod,
-            sched.posterior_mean_coef1,
-            sched.posterior_mean_coef2,
-            sched.posterior_std(key),
+            exact("sqrt_recip_alphas_cumprod"),
+            exact("sqrt_recipm1_alphas_cumprod"),
+            exact("posterior_mean_coef1"),
+            exact("posterior_mean_coef2"),
+            sched.posterior_std(key, exact=True),
         )
-    elif key == "alphas_cumprod":
-        parts = (sched.alphas_cumprod,)
+    elif key == "ddim":  # the rows of csrc/step_coefficients.h: ddim_coef
+        parts = (
+            exact("sqrt_recip_alphas_cumprod"),
+            exact("sqrt_recipm1_alphas_cumprod"),
+            exact("sqrt_alphas_cumprod"),
+            exact("sqrt_one_minus_alphas_cumprod"),
+            exact("alphas_cumprod"),
+            1.0 - exact("alphas_cumprod"),
+        )
     else:
         raise KeyError(key)
-    return torch.stack([p.to(torch.float64) for p in parts]).to(device=device, dtype=dtype).contiguous()
+    return torch.stack(parts).to(device=device, dtype=dtype).contiguous()
 
 
 def table(sched: NoiseSchedule, key: str, like: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ def _check_step_inputs(x_t, eps_pred, sched):
     x_t = validation.float_tensor("x_t", x_t)
     eps_pred = validation.float_tensor("eps_pred", eps_pred)
     validation.same_shape("eps_pred", eps_pred, "x_t", x_t)
+    validation.same_dtype("eps_pred", eps_pred, "x_t", x_t)
     validation.same_device("eps_pred", eps_pred.device, "x_t", x_t.device)
     return x_t, eps_pred
 
@@ -94,7 +95,7 @@ def ddim_step(
     generator: torch.Generator | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """DDIM step x_t -> x_{t_prev} (Song et al., 2021); t_prev = -1 jumps to x_0 (ab_prev = 1).
+    """DDIM step x_t -> x_{t_prev} (Song et al., 2021); t_prev < t, and t_prev = -1 jumps to x_0 (ab_prev = 1).
 
     x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps_pred + sigma z, with
     sigma = eta sqrt((1 - ab_prev)/(1 - ab_t) (1 - ab_t/ab_prev)); eta = 0 is deterministic.
@@ -102,10 +103,10 @@ def ddim_step(
     x_t, eps_pred = _check_step_inputs(x_t, eps_pred, sched)
     t = validation.timesteps("t", t, x_t.shape[0], sched.T, x_t.device)
     t_prev = validation.timesteps("t_prev", t_prev, x_t.shape[0], sched.T, x_t.device)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0 or eta != eta or eta == float("inf"):
-        raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
+    validation.steps_back(t, t_prev)
+    eta = validation.finite_nonnegative("eta", eta)
     e, key, name = _step_operands(noise, x_t, eps_pred, generator, backend)
-    return ddim_step_keyed(x_t, eps_pred, t, t_prev, sched, float(eta), e, key, clip_x0, name)
+    return ddim_step_keyed(x_t, eps_pred, t, t_prev, sched, eta, e, key, clip_x0, name)
 
 
 def ddim_step_keyed(x_t, eps_pred, t, t_prev, sched, eta, noise, key, clip_x0, backend) -> torch.Tensor:
@@ -113,9 +114,9 @@ def ddim_step_keyed(x_t, eps_pred, t, t_prev, sched, eta, noise, key, clip_x0, b
     if backend == "reference":
         z = _reference_noise(noise, key, x_t)
         return reference.ddim_step(x_t, eps_pred, t, t_prev, sched, eta, z, clip_x0)
-    ab = operands.table(sched, "alphas_cumprod", x_t)[0]
+    table = operands.table(sched, "ddim", x_t)
     rows = operands.rows
-    out = backends.library(backend).ddim_step(rows(x_t), rows(eps_pred), t, t_prev, ab, eta, noise, key, clip_x0)
+    out = backends.library(backend).ddim_step(rows(x_t), rows(eps_pred), t, t_prev, table, eta, noise, key, clip_x0)
     return out.reshape(x_t.shape)
 
 
@@ -133,5 +134,5 @@ def _(x, eps_pred, t, table, e, key, clip_x0):
 
 
 @backends.register_fake("ddim_step")
-def _(x, eps_pred, t, t_prev, alphas_cumprod, eta, e, key, clip_x0):
+def _(x, eps_pred, t, t_prev, table, eta, e, key, clip_x0):
     return torch.empty_like(x)

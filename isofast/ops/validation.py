@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from .. import scalars
 from ..noise import NoiseKey
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -36,6 +37,11 @@ def same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor | No
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
 
 
+def same_dtype(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+
+
 def same_device(name: str, device: torch.device, ref_name: str, ref_device: torch.device) -> None:
     if torch.device(device) != torch.device(ref_device):
         raise ValueError(f"{name} is on {device} but {ref_name} is on {ref_device}; put them on the same device")
@@ -50,11 +56,12 @@ def _check_values_now(x: torch.Tensor) -> bool:
 
 
 def timesteps(name: str, t: object, batch: int, T: int, device: torch.device) -> torch.Tensor:
-    """Return t as an int64 (batch,) tensor on ``device``; ints broadcast to the batch."""
+    """Return t as an int64 (batch,) tensor on ``device``; ints (numpy's too) broadcast to the batch."""
     if isinstance(t, bool):
         raise TypeError(f"{name} must be an int or an integer tensor, got bool")
     low = -1 if name == "t_prev" else 0  # t_prev = -1: the DDIM jump to x_0
-    if isinstance(t, int):
+    if scalars.is_integer(t):
+        t = int(t)
         if not low <= t < T:
             raise ValueError(f"{name} must be in [{low}, {T}), got {t}")
         return torch.full((batch,), t, dtype=torch.int64, device=device)
@@ -76,6 +83,25 @@ def timesteps(name: str, t: object, batch: int, T: int, device: torch.device) ->
     return t.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
 
 
+def steps_back(t: torch.Tensor, t_prev: torch.Tensor) -> None:
+    """A DDIM jump goes back in time: t_prev < t for every sample (t_prev = -1: the jump to x_0)."""
+    if not _check_values_now(t):
+        return
+    forward = t_prev >= t
+    if bool(forward.any()):
+        b = int(forward.nonzero()[0, 0])
+        raise ValueError(f"t_prev must be < t (a DDIM step goes back in time; t_prev = -1 jumps to x_0), "
+                         f"got t_prev[{b}] = {int(t_prev[b])} >= t[{b}] = {int(t[b])}")
+
+
+def finite_nonnegative(name: str, value: object) -> float:
+    """A finite real scalar >= 0 (int, float or numpy scalar) as a Python float."""
+    value = scalars.real(name, value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
 def iso_lambda(value: object, groups: int = 1, device: torch.device | None = None) -> float | torch.Tensor:
     """A float >= 0, or with ``groups`` G > 1 also a (G,) float tensor of such values (one per group)."""
     if isinstance(value, torch.Tensor) and groups > 1:
@@ -88,17 +114,14 @@ def iso_lambda(value: object, groups: int = 1, device: torch.device | None = Non
         return value
     if isinstance(value, torch.Tensor):
         raise TypeError("iso_lambda must be a float (a tensor only with groups > 1, one value per group)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"iso_lambda must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"iso_lambda must be finite and >= 0, got {value}")
-    return float(value)
+    return finite_nonnegative("iso_lambda", value)
 
 
 def groups(value: object, batch: int) -> int:
     """The number of equal groups the batch splits into (a positive int dividing it)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not scalars.is_integer(value) or value < 1:
         raise TypeError(f"groups must be a positive int, got {value!r}")
+    value = int(value)
     if batch % value:
         raise ValueError(f"groups={value} must divide the batch size {batch} (equal groups)")
     return value

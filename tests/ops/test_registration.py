@@ -83,7 +83,8 @@ def _args(name: str, dtype: torch.dtype, device: torch.device, grad: bool, expli
     if name == "ddpm_step":
         table = (torch.rand(5, 5, generator=g, dtype=torch.float64) + 0.1).to(acc).to(device)
         return (x, e, t, table, e.detach() if explicit else None, key, True)
-    return (x, e, t, t - 1, ab.to(acc).to(device), 0.5, e.detach() if explicit else None, key, False)
+    ddim = torch.stack([ab.rsqrt(), (1 / ab - 1).sqrt(), ab.sqrt(), (1 - ab).sqrt(), ab, 1 - ab])  # its (6, T) rows
+    return (x, e, t, t - 1, ddim.to(acc).to(device), 0.5, e.detach() if explicit else None, key, False)
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["keyed", "explicit"])

@@ -1,7 +1,7 @@
 """The sampler steps ddpm_step and ddim_step on every fused backend, the reference beside them.
 
 The primitives ``ddpm_step(x, eps_pred, t, table, e, key, clip_x0)`` and ``ddim_step(x, eps_pred, t,
-t_prev, alphas_cumprod, eta, e, key, clip_x0)`` (``torch.ops.isofast_C`` and ``torch.ops.isofast_triton``)
+t_prev, table, eta, e, key, clip_x0)`` (``torch.ops.isofast_C`` and ``torch.ops.isofast_triton``)
 against their formulas, with explicit noise ``e`` and with noise from the device key tensor; argument
 checks; then the public ``isofast.ddpm_step``/``ddim_step`` against ``backend="reference"``. The fused
 steps have no autograd: inputs that require grad go to the reference (checked here too).
@@ -34,7 +34,7 @@ from conftest import (
 from hypothesis import strategies as st
 
 import isofast
-from isofast import NoiseKey, NoiseSchedule, noise
+from isofast import NoiseKey, NoiseSchedule, noise, reference
 
 
 def ddpm_expr(x, ep, t, table, z, clip):
@@ -47,21 +47,25 @@ def ddpm_expr(x, ep, t, table, z, clip):
     return (table[2, t, None] * x0 + table[3, t, None] * xa + nz * table[4, t, None] * z.to(a)).to(x.dtype)
 
 
-def ddim_expr(x, ep, t, t_prev, acp, eta, z, clip):
+def ddim_expr(x, ep, t, t_prev, table, eta, z, clip):
+    """The DDIM step from the (6, T) table's rows 1/sqrt(ab), sqrt(1/ab - 1), sqrt(ab), sqrt(1 - ab), ab, 1 - ab."""
     a = acc(x.dtype)
     xa, ea = x.to(a), ep.to(a)
-    ab = acp[t]
-    ab_prev = torch.where(t_prev >= 0, acp[t_prev.clamp_min(0)], torch.ones_like(ab))
-    x0 = (xa - (1 - ab).sqrt()[:, None] * ea) / ab.sqrt()[:, None]
+    last, prev = t_prev < 0, t_prev.clamp_min(0)
+    one, zero = torch.ones_like(table[4, t]), torch.zeros_like(table[4, t])
+    ab, om = table[4, t], table[5, t]
+    ab_prev, om_prev = torch.where(last, one, table[4, prev]), torch.where(last, zero, table[5, prev])
+    x0 = table[0, t, None] * xa - table[1, t, None] * ea
     if clip:
         x0 = x0.clamp(-1, 1)
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-    c_eps = (1 - ab_prev - sigma**2).clamp_min(0).sqrt()
-    return (ab_prev.sqrt()[:, None] * x0 + c_eps[:, None] * ea + sigma[:, None] * z.to(a)).to(x.dtype)
+    sigma = eta * (om_prev / om * (1 - ab / ab_prev)).sqrt()
+    c_eps = (om_prev - sigma**2).clamp_min(0).sqrt() if eta else torch.where(last, zero, table[3, prev])
+    c_x0 = torch.where(last, one, table[2, prev])
+    return (c_x0[:, None] * x0 + c_eps[:, None] * ea + sigma[:, None] * z.to(a)).to(x.dtype)
 
 
 def _schedule(T: int, dtype: torch.dtype, variance: str = "fixed_small", device="cpu"):
-    """(the (5, T) DDPM table, alphas_cumprod) in the table dtype of ``dtype`` data, from float64."""
+    """(the (5, T) DDPM table, the (6, T) DDIM table) in the table dtype of ``dtype`` data, from float64."""
     betas = torch.linspace(1e-4, 0.2, T, dtype=torch.float64)
     alphas = 1 - betas
     acp = alphas.cumprod(0)
@@ -71,7 +75,8 @@ def _schedule(T: int, dtype: torch.dtype, variance: str = "fixed_small", device=
         acp.rsqrt(), (1 / acp - 1).sqrt(), betas * acp_prev.sqrt() / (1 - acp),
         (1 - acp_prev) * alphas.sqrt() / (1 - acp), post_var.sqrt(),
     ])
-    return table.to(acc(dtype)).contiguous().to(device), acp.to(acc(dtype)).to(device)
+    ddim = torch.stack([acp.rsqrt(), (1 / acp - 1).sqrt(), acp.sqrt(), (1 - acp).sqrt(), acp, 1 - acp])
+    return table.to(acc(dtype)).contiguous().to(device), ddim.to(acc(dtype)).contiguous().to(device)
 
 
 # ---------------------------------------------------------------- the primitives
@@ -174,7 +179,7 @@ def test_compiled_steps_bad_input_raise_clear_errors(backend):
     dev = backend.device
     x = torch.randn(3, 8, device=dev)
     t = torch.zeros(3, dtype=torch.int64, device=dev)
-    tab = torch.ones(10, device=dev)
+    tab = torch.full((6, 10), 0.5, device=dev)
     ops = torch.ops.isofast_C
     with pytest.raises(RuntimeError, match="key must be"):
         ops.ddpm_step(x, x, t, torch.ones(5, 10, device=dev), None, torch.tensor([1, 2, 3], device=dev), False)
@@ -186,6 +191,11 @@ def test_compiled_steps_bad_input_raise_clear_errors(backend):
         ops.ddim_step(x, x, t, t - 2, tab, 0.0, None, torch.tensor([1, 2], device=dev), False)
     with pytest.raises(RuntimeError, match="key .* is required when e is None"):
         ops.ddim_step(x, x, t, t, tab, 0.5, None, None, False)
+    with pytest.raises(RuntimeError, match=r"table must have shape \(6, T\)"):
+        ops.ddim_step(x, x, t + 1, t, tab[:5], 0.5, None, torch.tensor([1, 2], device=dev), False)
+    # a step forward in time (or in place) would read sqrt of a negative number: NaN or garbage
+    with pytest.raises(RuntimeError, match=r"t_prev\[0\] = 2 must be < t\[0\] = 1"):
+        ops.ddim_step(x, x, t + 1, t + 2, tab, 0.5, None, torch.tensor([1, 2], device=dev), False)
 
 
 @on("triton")
@@ -197,7 +207,7 @@ def test_triton_steps_without_key_or_noise_are_refused(backend):
     with pytest.raises(ValueError, match="noise"):
         backend.ops.ddpm_step(x, x, t, table, None, None, False)
     with pytest.raises(ValueError, match="noise"):
-        backend.ops.ddim_step(x, x, t, t, table[0], 0.5, None, None, False)
+        backend.ops.ddim_step(x, x, t, t, torch.zeros(6, 23, device=dev), 0.5, None, None, False)
 
 
 # ---------------------------------------------------------------- the public steps against the reference
@@ -345,3 +355,111 @@ def test_cuda_steps_equal_cpu(backend, dtype, shape):
         ]
         for want, got in pairs:
             close(got, want, PUBLIC_TOL[dtype], extra_atol=20 * NOISE_ATOL)
+
+
+# ---------------------------------------------------------------- issue 14: order, precision, infinities
+@pytest.mark.parametrize("name", ["fused", "reference"])
+@pytest.mark.parametrize("t,t_prev", [(3, 5), (4, 4), (0, 0), (torch.tensor([5, 2]), torch.tensor([1, 2]))])
+def test_public_ddim_step_refuses_a_step_forward_in_time(backend, name, t, t_prev):
+    """t_prev >= t is a ValueError naming t_prev on every backend (it gave NaN on cpu/reference, a number on Triton)."""
+    dev = backend.device
+    sched = NoiseSchedule.linear(T=10)
+    x = torch.randn(2, 3, device=dev)
+    t, t_prev = (v.to(dev) if isinstance(v, torch.Tensor) else v for v in (t, t_prev))
+    with pytest.raises(ValueError, match=r"t_prev must be < t .* got t_prev\[\d\] = \d >= t\[\d\] = \d"):
+        isofast.ddim_step(x, x, t, t_prev, sched, 0.5, backend=backend.name if name == "fused" else "reference")
+
+
+def _ddim_pairs(T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, t_prev): the last jump at t = 0, the first steps (where 1 - ab is small), 20-step strides, the end."""
+    pairs = [(0, -1), (1, 0), (2, 1), (3, -1), (10, 9), (20, 0), (100, 80), (500, 480), (T - 1, T - 21), (T - 1, -1)]
+    return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_step_float32_within_a_few_ulp_of_float64(backend, eta):
+    """The float32 step against the float64 step (float64 data, exact tables) in ulp of its terms' size.
+
+    The kernels rebuilt sqrt(1 - ab) from the float32-rounded ab: ~1400 ulp of the result at t = 0
+    (1 - ab = 1e-4 keeps 3 of float32's 7 digits). Now every coefficient comes from a float64 table row.
+    """
+    dev, T = backend.device, 1000
+    sched = NoiseSchedule.linear(T)
+    t, t_prev = _ddim_pairs(T)
+    gen = torch.Generator().manual_seed(0)
+    x, ep, z = (torch.randn(len(t), 64, generator=gen, dtype=torch.float64).float() for _ in range(3))
+    got = isofast.ddim_step(x.to(dev), ep.to(dev), t.to(dev), t_prev.to(dev), sched, eta, z.to(dev),
+                            backend=backend.name).cpu().double()
+    exact = sched.to(dtype=torch.float64)
+    want = reference.ddim_step(x.double(), ep.double(), t, t_prev, exact, eta, z.double())
+    # the size of the terms: |sqrt(ab_prev) x0| + |c_eps eps| + |sigma z|, x0 = |x|/sqrt(ab) + sqrt(1/ab - 1) |eps|
+    c_x0, c_eps, sigma = (c[:, None] for c in exact.ddim_coefficients(t, t_prev, eta))
+    x0_size = exact.sqrt_recip_alphas_cumprod[t, None] * x.abs() + exact.sqrt_recipm1_alphas_cumprod[t, None] * ep.abs()
+    size = c_x0 * x0_size + c_eps * ep.abs() + sigma * z.abs()
+    ulps = ((got - want).abs() / (size * torch.finfo(torch.float32).eps)).amax(dim=1)
+    assert ulps.max() <= 4, f"error in float32 ulp of the terms per (t, t_prev): {dict(zip(t.tolist(), ulps.tolist(), strict=True))}"
+
+
+@on("cpu", "cuda")
+def test_ddim_and_ddpm_step_float64_data_use_exact_tables(backend):
+    """float64 data with a float32 schedule: the tables are the float64 masters, not float32-rounded values."""
+    dev, sched = backend.device, NoiseSchedule.linear(1000)
+    t, t_prev = _ddim_pairs(1000)
+    gen = torch.Generator().manual_seed(1)
+    x, ep, z = (torch.randn(len(t), 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    exact = sched.to(dtype=torch.float64)
+    got = isofast.ddim_step(x.to(dev), ep.to(dev), t.to(dev), t_prev.to(dev), sched, 1.0, z.to(dev), backend=backend.name)
+    torch.testing.assert_close(got.cpu(), reference.ddim_step(x, ep, t, t_prev, exact, 1.0, z), rtol=1e-13, atol=1e-13)
+    got = isofast.ddpm_step(x.to(dev), ep.to(dev), t.to(dev), sched, z.to(dev), backend=backend.name)
+    torch.testing.assert_close(got.cpu(), reference.ddpm_step(x, ep, t, exact, z), rtol=1e-13, atol=1e-13)
+
+
+def test_reference_coefficients_come_from_the_float64_masters():
+    """A float32 schedule's reference steps equal a float64 schedule's (rounded to float32 inputs), not rounded tables."""
+    sched = NoiseSchedule.linear(1000)
+    t, t_prev = _ddim_pairs(1000)
+    x, ep, z = (torch.randn(len(t), 8, dtype=torch.float64) for _ in range(3))
+    exact = sched.to(dtype=torch.float64)
+    torch.testing.assert_close(reference.ddim_step(x, ep, t, t_prev, sched, 1.0, z),
+                               reference.ddim_step(x, ep, t, t_prev, exact, 1.0, z), rtol=0, atol=0)
+    torch.testing.assert_close(reference.ddpm_step(x, ep, t, sched, z), reference.ddpm_step(x, ep, t, exact, z),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_steps_keep_infinities_as_the_reference_does(backend, dtype):
+    """±inf in x_t or eps_pred: the same inf (or NaN) on every backend; the CPU kernels used to add a
+    0 * inf term the step does not have (DDIM's 0 * x, DDPM's 0 * eps) and gave NaN."""
+    backend.skip_unless_takes(dtype)
+    dev, sched, inf = backend.device, NoiseSchedule.linear(100, dtype=acc(dtype)), float("inf")
+    x = torch.tensor([[inf, -inf, 1.0, 0.5], [2.0, 0.0, inf, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=dtype)
+    ep = torch.tensor([[0.5, 1.0, -inf, 0.0], [inf, 1.0, 1.0, -inf], [1.0, inf, -inf, 0.0]], dtype=dtype)
+    z = torch.zeros(3, 4, dtype=dtype).normal_(generator=torch.Generator().manual_seed(0))
+    t, t_prev = torch.tensor([50, 10, 0]), torch.tensor([40, -1, -1])
+    for eta in (0.0, 0.5):
+        for clip in (False, True):
+            got = isofast.ddim_step(x.to(dev), ep.to(dev), t.to(dev), t_prev.to(dev), sched, eta, z.to(dev),
+                                    clip_x0=clip, backend=backend.name)
+            want = isofast.ddim_step(x, ep, t, t_prev, sched, eta, z, clip_x0=clip, backend="reference")
+            assert torch.equal(got.isinf().cpu(), want.isinf()) and torch.equal(got.isnan().cpu(), want.isnan()), \
+                f"ddim eta={eta} clip={clip}: {got.cpu()} vs the reference's {want}"
+            assert torch.equal(got.cpu()[want.isinf()], want[want.isinf()])
+    for clip in (False, True):
+        got = isofast.ddpm_step(x.to(dev), ep.to(dev), t.to(dev), sched, z.to(dev), clip_x0=clip, backend=backend.name)
+        want = isofast.ddpm_step(x, ep, t, sched, z, clip_x0=clip, backend="reference")
+        assert torch.equal(got.isinf().cpu(), want.isinf()) and torch.equal(got.isnan().cpu(), want.isnan()), \
+            f"ddpm clip={clip}: {got.cpu()} vs the reference's {want}"
+        assert torch.equal(got.cpu()[want.isinf()], want[want.isinf()])
+
+
+@pytest.mark.parametrize("other", [torch.float64, torch.float16], ids=str)
+def test_public_steps_refuse_eps_pred_of_another_dtype_alike_on_every_backend(backend, other):
+    """x_t and eps_pred of different dtypes: TypeError naming eps_pred (was RuntimeError on cpu, ValueError on
+    Triton, silently promoted by the reference)."""
+    dev, sched = backend.device, NoiseSchedule.linear(10)
+    x = torch.randn(2, 3, device=dev)
+    for name in (backend.name, "reference"):
+        with pytest.raises(TypeError, match="eps_pred must have the dtype of x_t"):
+            isofast.ddpm_step(x, x.to(other), 3, sched, backend=name)
+        with pytest.raises(TypeError, match="eps_pred must have the dtype of x_t"):
+            isofast.ddim_step(x, x.to(other), 3, 1, sched, backend=name)
