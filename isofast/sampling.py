@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from typing_extensions import Unpack  # typing.Unpack is Python >= 3.11
 
-from . import cuda_graph
+from . import cuda_graph, scalars
 from .noise import NoiseKey, calls_for, to_signed
 from .ops import backends
 from .ops.steps import ddim_step_keyed, ddpm_step_keyed
@@ -56,8 +56,9 @@ def ddim_timesteps(T: int, steps: int) -> tuple[list[int], list[int]]:
     With r = T // steps: t = (steps-1) r, ..., r, 0 and t_prev = t - r, except -1 at the end
     (ab_prev = 1, i.e. diffusers' ``set_alpha_to_one=True``). steps == T gives t = T-1, ..., 0.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+    if not scalars.is_integer(steps) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an int in [1, T={T}], got {steps!r}")
+    steps = int(steps)
     ratio = T // steps
     t = [i * ratio for i in range(steps - 1, -1, -1)]
     return t, [s - ratio for s in t[:-1]] + [-1]
@@ -155,7 +156,7 @@ def ddim_sample(
     ``device`` (default CPU: pass the unet's device); `isofast.diffusers_bridge.models.DiffusersUNet2D`
     (``DiffusersUNet2D(unet=unet)``) is the same call as an `nn.Module`, whose device the sampler finds.
     """
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < float("inf"):
+    if not scalars.is_real(eta) or not 0.0 <= eta < float("inf"):
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
     sched, eta = _check_sched(sched), float(eta)
     t_seq, t_prev_seq = ddim_timesteps(sched.T, steps)
@@ -188,8 +189,9 @@ class _Loop:
             raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating dtype {FLOAT_DTYPES}, got {dtype}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (not scalars.is_integer(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        batch_size = None if batch_size is None else int(batch_size)
         device = torch.device(device) if device is not None else _model_device(model)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -227,11 +229,9 @@ class _Loop:
 def _check_shape(shape: object) -> tuple[int, ...]:
     if isinstance(shape, torch.Size):
         shape = tuple(shape)
-    if not isinstance(shape, (tuple, list)) or not shape or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape
-    ):
+    if not isinstance(shape, (tuple, list)) or not shape or not all(scalars.is_integer(s) and s >= 1 for s in shape):
         raise ValueError(f"shape must be a non-empty sequence of positive ints (B, ...), got {shape!r}")
-    return tuple(shape)
+    return tuple(int(s) for s in shape)
 
 
 def _model_device(model: object) -> torch.device:

@@ -58,3 +58,16 @@ def test_bools_stay_refused_where_numbers_belong():
         isofast.q_sample(x0, np.bool_(True), SCHED)
     with pytest.raises(TypeError, match="eta must be a float"):
         isofast.ddim_step(x0, x0, 3, 1, SCHED, True)
+
+
+def test_samplers_take_numpy_scalars_like_python_ones():
+    from isofast.sampling import ddim_sample
+
+    def model(x, t):
+        return 0.1 * x
+
+    want = ddim_sample(model, (3, 2), SCHED, steps=4, eta=0.5, generator=torch.Generator().manual_seed(0),
+                       batch_size=2, progress=False)
+    got = ddim_sample(model, (np.int64(3), np.int32(2)), SCHED, steps=np.int64(4), eta=np.float32(0.5),
+                      generator=torch.Generator().manual_seed(0), batch_size=np.int64(2), progress=False)
+    assert torch.equal(got, want)
