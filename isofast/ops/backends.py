@@ -25,6 +25,10 @@ FLOAT64_BACKENDS = ("reference", "cpu", "cuda")  # Triton kernels compute in flo
 KEEPS_DRAW = ("cpu",)  # backends whose q_sample hands its materialised noise to the loss (NoiseKey.kept)
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend named explicitly cannot run here (not built, no GPU, its import failed)."""
+
+
 @functools.cache
 def status(name: str) -> tuple[bool, str]:
     """(available, reason) of one backend, for `isofast info` and error messages."""
@@ -76,7 +80,7 @@ def _resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> s
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS} or None, got {backend!r}")
     ok, reason = status(backend)
     if not ok:
-        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+        raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")
     if not _supports_device(backend, device):
         raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors")
     if dtype == torch.float64 and backend not in FLOAT64_BACKENDS:
