@@ -117,6 +117,11 @@ def _check_shape(shape: object) -> tuple[int, ...]:
     return tuple(int(s) for s in dims)
 
 
+def check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def calls_for(numel: int) -> int:
     """Philox counters a draw of ``numel`` elements consumes: the next draw starts this far on."""
     return -(-numel // 4)
@@ -201,6 +206,7 @@ class NoiseKey:
         So ``torch.manual_seed(s)`` makes every run repeatable. The offset is 0: a fresh
         63-bit seed per draw makes streams independent without tracking offsets.
         """
+        check_generator(generator)
         gen_device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64, device=gen_device).item())
         return cls(seed=seed, offset=0, shape=tuple(shape), dtype=dtype, device=torch.device(device))

@@ -160,6 +160,10 @@ def ddim_step(
 
 def isotropy(x: torch.Tensor) -> torch.Tensor:
     """E[x^T x] / n over the batch: the mean over samples of (1/n) sum_i x[b, i]^2 (1 for white noise)."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating torch.Tensor (B, ...), got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim < 1 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty (B, ...) tensor, got shape {tuple(x.shape)}")
     return (x.reshape(x.shape[0], -1).to(compute_dtype(x.dtype)) ** 2).mean()
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from typing_extensions import Unpack  # typing.Unpack is Python >= 3.11
 
 from . import cuda_graph, scalars
-from .noise import NoiseKey, calls_for, to_signed
+from .noise import NoiseKey, calls_for, check_generator, to_signed
 from .ops import backends
 from .ops.steps import ddim_step_keyed, ddpm_step_keyed
 from .schedule import NoiseSchedule
@@ -192,7 +192,11 @@ class _Loop:
         if batch_size is not None and (not scalars.is_integer(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         batch_size = None if batch_size is None else int(batch_size)
-        device = torch.device(device) if device is not None else _model_device(model)
+        check_generator(generator)
+        try:
+            device = torch.device(device) if device is not None else _model_device(model)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch.device or a device string, got {device!r}") from exc
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         name = backends.resolve(backend, device, dtype)
@@ -285,7 +289,10 @@ class StepLoop:
         batch = self.x.shape[0]
         t = self.t_seq.index_select(0, self.index).expand(batch).contiguous()
         t_prev = self.t_prev_seq.index_select(0, self.index).expand(batch).contiguous()
-        eps = self.model(self.x, t).to(self.x.dtype)
+        eps = self.model(self.x, t)
+        if not isinstance(eps, torch.Tensor):
+            raise TypeError(f"model output eps_pred must be a torch.Tensor, got {type(eps).__name__}")
+        eps = eps.to(self.x.dtype)
         if eps.shape != self.x.shape:  # shapes are host metadata: checking them is graph-safe
             raise ValueError(f"model output eps_pred must have the shape of x_t {tuple(self.x.shape)}, "
                              f"got {tuple(eps.shape)}")

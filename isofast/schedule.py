@@ -69,7 +69,10 @@ class NoiseSchedule:
         _check_dtype(dtype)
         if isinstance(betas, torch.Tensor) and (betas.dtype.is_complex or betas.dtype == torch.bool):
             raise TypeError(f"betas must be real numbers, got a {betas.dtype} tensor")
-        b = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        try:
+            b = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"betas must be a 1-D tensor or sequence of real numbers, got {type(betas).__name__}") from exc
         if b.ndim != 1 or b.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(b.shape)}")
         if not torch.isfinite(b).all() or (b <= 0).any() or (b >= 1).any():
@@ -107,6 +110,7 @@ class NoiseSchedule:
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, dtype: torch.dtype = torch.float32) -> NoiseSchedule:
         """Ho et al. (2020): betas linear from ``beta_start`` to ``beta_end``."""
         T = _check_T(T)
+        beta_start, beta_end = _check_beta("beta_start", beta_start), _check_beta("beta_end", beta_end)
         return cls.from_betas(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), "linear", dtype)
 
     @classmethod
@@ -115,6 +119,7 @@ class NoiseSchedule:
     ) -> NoiseSchedule:
         """Latent-diffusion schedule: sqrt(beta) linear between the square roots of the ends."""
         T = _check_T(T)
+        beta_start, beta_end = _check_beta("beta_start", beta_start), _check_beta("beta_end", beta_end)
         roots = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=torch.float64)
         return cls.from_betas(roots**2, "scaled_linear", dtype)
 
@@ -122,6 +127,9 @@ class NoiseSchedule:
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999, dtype: torch.dtype = torch.float32) -> NoiseSchedule:
         """Nichol & Dhariwal (2021): ab(t) = cos^2(((t/T + s)/(1 + s)) pi/2), betas clipped at ``max_beta``."""
         T = _check_T(T)
+        s, max_beta = scalars.real("s", s), _check_beta("max_beta", max_beta)
+        if not 0 <= s < math.inf:
+            raise ValueError(f"s must be finite and >= 0, got {s}")
         steps = torch.arange(T + 1, dtype=torch.float64) / T
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         betas = torch.clamp(1.0 - f[1:] / f[:-1], max=max_beta)
@@ -211,6 +219,13 @@ def _check_T(T: int) -> int:
     if not scalars.is_integer(T) or T < 1:
         raise ValueError(f"T must be a positive int, got {T!r}")
     return int(T)
+
+
+def _check_beta(name: str, value: object) -> float:
+    value = scalars.real(name, value)
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {value}")
+    return value
 
 
 def _check_dtype(dtype: object) -> None:

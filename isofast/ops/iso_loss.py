@@ -65,6 +65,7 @@ def iso_ddpm_loss(
     if reduction == "none" and iso_mode == "batch":
         raise ValueError('reduction="none" needs iso_mode="sample": the batch penalty is not a per-sample term')
     weights = validation.weights(weights, eps_pred.shape[0], eps_pred.device)
+    return_parts = validation.flag("return_parts", return_parts)
 
     name = backends.resolve(backend, eps_pred.device, eps_pred.dtype)
     if name == "reference" or (isinstance(noise, torch.Tensor) and operands.needs_reference_autograd(noise)):

@@ -68,6 +68,7 @@ def ddpm_step(
     x_t, eps_pred = _check_step_inputs(x_t, eps_pred, sched)
     t = validation.timesteps("t", t, x_t.shape[0], sched.T, x_t.device)
     variance = validation.choice("variance", variance, ("fixed_small", "fixed_large"))
+    clip_x0 = validation.flag("clip_x0", clip_x0)
     e, key, name = _step_operands(noise, x_t, eps_pred, generator, backend)
     return ddpm_step_keyed(x_t, eps_pred, t, sched, e, key, clip_x0, variance, name)
 
@@ -105,6 +106,7 @@ def ddim_step(
     t_prev = validation.timesteps("t_prev", t_prev, x_t.shape[0], sched.T, x_t.device)
     validation.steps_back(t, t_prev)
     eta = validation.finite_nonnegative("eta", eta)
+    clip_x0 = validation.flag("clip_x0", clip_x0)
     e, key, name = _step_operands(noise, x_t, eps_pred, generator, backend)
     return ddim_step_keyed(x_t, eps_pred, t, t_prev, sched, eta, e, key, clip_x0, name)
 

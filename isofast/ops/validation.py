@@ -127,6 +127,13 @@ def groups(value: object, batch: int) -> int:
     return value
 
 
+def flag(name: str, value: object) -> bool:
+    """A bool (numpy's too): a string such as "no" would be truthy, so anything else is refused."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

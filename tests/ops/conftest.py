@@ -121,6 +121,18 @@ def on(*names: str):
     return pytest.mark.parametrize("backend", [_param(n) for n in names], indirect=True)
 
 
+# The fuzz suites (test_fuzz_*.py): a bounded, repeatable run in CI; ISOFAST_FUZZ=long explores afresh
+# (random examples, many more of them) for as long as one cares to wait.
+FUZZ_LONG = os.environ.get("ISOFAST_FUZZ", "") == "long"
+
+
+def fuzz_settings(ci_examples: int, long_examples: int) -> settings:
+    """Hypothesis settings of a fuzz test: ``ci_examples`` derandomized, or ``long_examples`` fresh ones."""
+    if FUZZ_LONG:
+        return settings(max_examples=long_examples, deadline=None, derandomize=False, print_blob=True)
+    return settings(max_examples=ci_examples, deadline=None, derandomize=True)
+
+
 def check(max_examples: int, body: Callable, examples=(), **strategies) -> None:
     """Run ``body`` under hypothesis with ``strategies`` (and the explicit ``examples``, dicts of them).
 
