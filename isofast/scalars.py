@@ -9,18 +9,20 @@ from __future__ import annotations
 import numbers
 
 
-def _is_bool(value: object) -> bool:
-    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's bool, without importing numpy
+def is_bool(value: object) -> bool:
+    """True for a bool or numpy's bool (``np.bool_``, named ``bool`` since numpy 2), without importing numpy."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
 
 
 def is_integer(value: object) -> bool:
     """True for an int or a numpy integer (not a bool)."""
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
+    return isinstance(value, numbers.Integral) and not is_bool(value)
 
 
 def is_real(value: object) -> bool:
     """True for an int, a float, or a numpy integer or float (not a bool)."""
-    return isinstance(value, numbers.Real) and not _is_bool(value)
+    return isinstance(value, numbers.Real) and not is_bool(value)
 
 
 def integer(name: str, value: object) -> int:

@@ -50,6 +50,14 @@ def test_public_ops_take_numpy_scalars_like_python_ones(backend):
                        isofast.ddim_step(x0, p, 9, -1, SCHED, 0.5, key, backend=backend))
 
 
+@pytest.mark.parametrize("value", [True, np.bool_(True)])
+def test_flags_take_python_and_numpy_bools(value):
+    assert scalars.is_bool(value)
+    x = torch.randn(2, 3)
+    assert torch.equal(isofast.ddpm_step(x, x, 3, SCHED, NoiseKey(1, 0, x.shape), clip_x0=value),
+                       isofast.ddpm_step(x, x, 3, SCHED, NoiseKey(1, 0, x.shape), clip_x0=True))
+
+
 def test_bools_stay_refused_where_numbers_belong():
     x0 = torch.randn(2, 3)
     with pytest.raises(TypeError, match="iso_lambda must be a float"):

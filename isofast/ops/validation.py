@@ -129,7 +129,7 @@ def groups(value: object, batch: int) -> int:
 
 def flag(name: str, value: object) -> bool:
     """A bool (numpy's too): a string such as "no" would be truthy, so anything else is refused."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not scalars.is_bool(value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
 
