@@ -193,9 +193,15 @@ def test_compiled_steps_bad_input_raise_clear_errors(backend):
         ops.ddim_step(x, x, t, t, tab, 0.5, None, None, False)
     with pytest.raises(RuntimeError, match=r"table must have shape \(6, T\)"):
         ops.ddim_step(x, x, t + 1, t, tab[:5], 0.5, None, torch.tensor([1, 2], device=dev), False)
-    # a step forward in time (or in place) would read sqrt of a negative number: NaN or garbage
+
+
+@on("cpu")
+def test_compiled_cpu_ddim_step_refuses_a_step_forward_in_time(backend):
+    """A step forward in time (or in place) would take the sqrt of a negative number: NaN or garbage.
+    (On CUDA the kernel asserts it instead: reading t on the host would cost a sync.)"""
+    x, t = torch.randn(3, 8), torch.ones(3, dtype=torch.int64)
     with pytest.raises(RuntimeError, match=r"t_prev\[0\] = 2 must be < t\[0\] = 1"):
-        ops.ddim_step(x, x, t + 1, t + 2, tab, 0.5, None, torch.tensor([1, 2], device=dev), False)
+        torch.ops.isofast_C.ddim_step(x, x, t, t + 1, torch.full((6, 10), 0.5), 0.5, None, torch.tensor([1, 2]), False)
 
 
 @on("triton")
