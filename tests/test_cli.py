@@ -34,10 +34,10 @@ def test_bad_option_values_give_one_line_and_status_2(tmp_path, capsys, option):
 
 
 def test_debug_shows_the_traceback_wherever_it_is(tmp_path):
-    with pytest.raises(ValueError, match="lr must be finite"):
-        main(["--debug", *_train(tmp_path, "--lr", "nan")])
-    with pytest.raises(ValueError, match="lr must be finite"):
-        main([*_train(tmp_path, "--lr", "nan"), "--debug"])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        main(["--debug", *_train(tmp_path, "--backend", "bogus")])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        main([*_train(tmp_path, "--backend", "bogus"), "--debug"])
 
 
 def test_unavailable_backend_is_a_user_error(tmp_path, capsys, monkeypatch):

@@ -79,7 +79,11 @@ def diffusers_config(sched: NoiseSchedule) -> dict[str, Any]:
              "scaled_linear": lambda: NoiseSchedule.scaled_linear(T, start, end, torch.float64),
              "squaredcos_cap_v2": lambda: NoiseSchedule.cosine(T, dtype=torch.float64)}
     for name, make in named.items():
-        if torch.allclose(make().betas, betas, rtol=1e-12, atol=0.0):
+        try:
+            candidate = make()
+        except ValueError:  # e.g. a linear ramp to the cosine's 0.999 has non-finite tables: not this schedule
+            continue
+        if torch.allclose(candidate.betas, betas, rtol=1e-12, atol=0.0):
             fields = {} if name == "squaredcos_cap_v2" else {"beta_start": start, "beta_end": end}
             return {**config, "beta_schedule": name, **fields}
     return {**config, "beta_schedule": "linear", "trained_betas": betas.tolist()}
