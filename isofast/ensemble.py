@@ -160,7 +160,7 @@ class EnsembleRun:
             g.set_state(s)
         self.step = int(state["step"])
         self.loss_log = [(int(s), list(v)) for s, v in state["loss_log"]]
-        self._window = state["loss_window"]
+        self._window = state.get("loss_window")  # absent in saves made before it was kept
 
 
 def _check_config(config: TrainConfig) -> None:
