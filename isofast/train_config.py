@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .schedule import SCHEDULES
+from .schedule_names import SCHEDULES
 
 __all__ = ["ISO_MODES", "OPTIMIZERS", "PRECISIONS", "TrainConfig"]
 

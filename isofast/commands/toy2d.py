@@ -8,10 +8,12 @@ import argparse
 import os
 import sys
 
-import torch
+from . import HelpFormatter, show_progress
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..experiments.toy2d import config_from_preset, prepare_output, run_sweep
 
     if args.threads is not None:
@@ -19,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
             print("isofast toy2d: error: --threads must be >= 1", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
-    progress = sys.stderr.isatty() and not args.no_progress
+    progress = show_progress(args.no_progress)
     try:
         cfg = config_from_preset(
             args.preset, args.quick, out=args.out, datasets=args.datasets, lambdas=args.lambdas, seeds=args.seeds,
@@ -44,7 +46,8 @@ def add_parser(subparsers) -> None:
         "toy2d", help="DDPM vs Iso-Diffusion lambda sweep on the 2D datasets (PRDC table, scatter grid)",
         description="Train DDPM (lambda = 0) and Iso-Diffusion for each lambda, dataset and seed; sample 10,000 "
                     "points from each EMA model; write PRDC tables (Markdown, CSV), a real-vs-generated scatter "
-                    "grid and forward-process isotropy plots into --out.")
+                    "grid and forward-process isotropy plots into --out.",
+        formatter_class=HelpFormatter)
     parser.add_argument("--preset", choices=("default", "paper"), default="default",
                         help="default: the four-dataset sweep in under 30 min on 2 CPU cores; paper: the paper's "
                              "protocol (batch 64, 1000 epochs, 3 seeds)")

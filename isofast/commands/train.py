@@ -19,11 +19,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
-import torch
-
-from ..schedule import SCHEDULES
-from ..train import Trainer
+from ..schedule_names import SCHEDULES
 from ..train_config import OPTIMIZERS, TrainConfig
+from . import HelpFormatter, show_progress
 
 
 def _non_negative_float(text: str) -> float:
@@ -50,6 +48,11 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+# An Iso-Diffusion tool trains Iso-Diffusion unless told otherwise: 0.3 is the weight of the README's
+# examples and of the paper-protocol comparison on swiss_roll (results/toy2d_paper_swiss_roll/); DDPM is
+# --iso-lambda 0. (Before 2026-11-30 the default was 0, which surprised users of this tool.)
+DEFAULT_ISO_LAMBDA = 0.3
+
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
@@ -70,6 +73,8 @@ def _image_names() -> tuple[str, ...]:
 
 def build_model_and_data(args: argparse.Namespace):
     """(model, data, model_spec, sample_shape) for the parsed arguments; the model is built after seeding."""
+    import torch
+
     toy, images = _toy2d_names(), _image_names()
     if args.data not in toy + images:
         raise ValueError(f"unknown --data {args.data!r}; 2D datasets: {', '.join(toy)}; image datasets: {', '.join(images)}")
@@ -117,6 +122,8 @@ def make_sample_fn(sample_shape: tuple[int, ...], count: int, seed: int, backend
     state = {}
 
     def sample_fn(model, step):
+        import torch
+
         from ..sampling import ddpm_sample
 
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -127,6 +134,8 @@ def make_sample_fn(sample_shape: tuple[int, ...], count: int, seed: int, backend
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train import Trainer
+
     try:
         model, data, spec, sample_shape = build_model_and_data(args)
     except (ValueError, FileNotFoundError) as exc:
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         T=args.T, seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
         sample_every=args.sample_every, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile, device=args.device, backend=args.backend, num_workers=args.num_workers,
-        progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        progress=show_progress(args.no_progress), tensorboard=not args.no_tensorboard,
     )
     sample_fn = None
     if args.sample_every:
@@ -161,39 +170,42 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a DDPM / Iso-Diffusion model (one process or under torchrun)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=("mlp", "unet"), default=None,
                    help="mlp for 2D data, unet for images (default: from --data)")
     g.add_argument("--config", default=None, help="UNet config name (isofast.models.unet.UNET_CONFIGS; default: "
                    "digits8 for digits, else flowers64)")
     g.add_argument("--data", default="digits", help="a 2D dataset (swiss_roll, moon_scatter, moon_circles, "
-                   "central_banana, moons, circles, gaussians8) or images (digits, flowers102, pets, folder)")
-    g.add_argument("--data-root", default=None, help="folder holding the image dataset (or the images, for folder)")
+                   "central_banana, moons, circles, gaussians8) or images (digits, flowers102, pets, folder); "
+                   "digits (scikit-learn's 8x8 digits) needs no download")
+    g.add_argument("--data-root", default=None, help="folder holding the image dataset (or the images, for folder; "
+                   "default: none, needed except for digits and 2D data)")
     g.add_argument("--download", action="store_true", help="download flowers102/pets into --data-root")
     g.add_argument("--image-size", type=_positive_int, default=None, help="image side (default: the config's)")
     g.add_argument("--n-points", type=_positive_int, default=10000, help="points of a 2D dataset")
-    g.add_argument("--mlp-hidden", type=_positive_int, default=128)
-    g.add_argument("--mlp-layers", type=_positive_int, default=3)
+    g.add_argument("--mlp-hidden", type=_positive_int, default=128, help="width of the 2D MLP")
+    g.add_argument("--mlp-layers", type=_positive_int, default=3, help="hidden layers of the 2D MLP")
 
     g = p.add_argument_group("objective and optimisation")
-    g.add_argument("--iso-lambda", type=_non_negative_float, default=0.0,
-                   help="isotropy penalty weight (>= 0; 0 is plain DDPM)")
-    g.add_argument("--iso-mode", choices=("batch", "sample"), default="batch")
-    g.add_argument("--schedule", choices=SCHEDULES, default="linear")
+    g.add_argument("--iso-lambda", type=_non_negative_float, default=DEFAULT_ISO_LAMBDA,
+                   help="isotropy penalty weight λ (>= 0); 0 trains plain DDPM")
+    g.add_argument("--iso-mode", choices=("batch", "sample"), default="batch",
+                   help="batch: the paper's penalty on the batch mean; sample: one penalty per sample")
+    g.add_argument("--schedule", choices=SCHEDULES, default="linear", help="beta schedule")
     g.add_argument("--T", type=_positive_int, default=1000, help="diffusion steps")
     g.add_argument("--steps", type=_positive_int, default=10000, help="optimizer steps in all")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (split over processes)")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
+    g.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="weight decay")
     g.add_argument("--grad-clip", type=_non_negative_float, default=1.0, help="max grad norm (0: off)")
     g.add_argument("--ema-decay", type=_non_negative_float, default=0.999, help="0: no EMA")
     g.add_argument("--warmup", type=_non_negative_int, default=0, help="LR warm-up steps")
-    g.add_argument("--seed", type=_non_negative_int, default=0)
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weights, data order and noise")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast of the model")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -203,12 +215,13 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("run folder")
     g.add_argument("--out", required=True, help="run folder: config, metrics.csv, TensorBoard, checkpoints, samples")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue the latest checkpoint of --out (or the checkpoint at PATH)")
-    g.add_argument("--log-every", type=_positive_int, default=50)
-    g.add_argument("--ckpt-every", type=_positive_int, default=1000)
+                   help="continue the latest checkpoint of --out (or the checkpoint at PATH; default: a new run)")
+    g.add_argument("--log-every", type=_positive_int, default=50, help="steps per metrics.csv row")
+    g.add_argument("--ckpt-every", type=_positive_int, default=1000, help="steps per checkpoint")
     g.add_argument("--sample-every", type=_non_negative_int, default=0, help="sample grid every N steps (0: off)")
     g.add_argument("--sample-count", type=_positive_int, default=None,
                    help="samples per grid (default 64 images / 2000 points)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not "
+                   "a terminal)")
     g.add_argument("--no-tensorboard", action="store_true")
     p.set_defaults(func=run)
