@@ -1,5 +1,5 @@
-"""The progress of a benchmark run: one bar whose time left comes from per-row estimates, with library
-warnings and log lines written above it rather than into it.
+"""The progress of a benchmark run: one bar whose time left comes from per-row estimates, with what
+libraries write to stderr (warnings, log lines) written above it rather than into it.
 
 Rows differ in cost by 100x (a q_sample row takes seconds, a UNet sampling run minutes), so counting rows
 predicts nothing. Each row has an estimate of its seconds: what the newest earlier run of the same device
@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import logging
 import os
 import re
 import sys
-import warnings
 
 from tqdm.auto import tqdm
 
@@ -77,7 +75,7 @@ class RowBar:
         # smoothing=0: the rate is the whole run's average (estimate-seconds per second), not the last row's
         self._bar = tqdm(total=round(sum(row_estimates), 1), desc="throughput", unit="est.s", file=sys.stderr,
                          dynamic_ncols=True, smoothing=0,
-                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed} spent, ~{remaining} left] {postfix}")
+                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed} spent, ~{remaining} left]{postfix}")
 
     def start(self, name: str) -> None:
         self._bar.set_postfix_str(f"row {self._done + 1}/{self._n}: {name}")
@@ -90,45 +88,41 @@ class RowBar:
         self._bar.close()
 
 
-class _AboveTheBar(logging.Handler):
-    """Writes each record as a line above the bars (tqdm.write), formatted as the handler it replaces did."""
+class _LinesAboveTheBar:
+    """A stand-in for sys.stderr: whole lines written to it go above the bars (tqdm.write to the real stderr)."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
+    def __init__(self, real) -> None:
+        self._real, self._pending = real, ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            tqdm.write(line, file=self._real)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            tqdm.write(self._pending, file=self._real)
+            self._pending = ""
+        self._real.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the real stream's
+        return getattr(self._real, name)
 
 
 @contextlib.contextmanager
 def library_output_above(bar: RowBar):
-    """Python warnings and log records (torch's own loggers included) are written above the bar, as lines.
+    """What libraries write to sys.stderr while the bar runs (Python warnings, log records: torch's handlers
+    follow sys.stderr, e.g. "W1130 ... No CUDA runtime is found ...") is written above the bar, line by line.
 
-    The stream handlers of the root and ``torch`` loggers (torch's write straight to stderr, with their own
-    format: "W1130 ... No CUDA runtime is found ...") are swapped for `_AboveTheBar` until the block ends.
+    The bar itself holds the real stderr (it was made before the block). Output written to file descriptor 2
+    by C++ code bypasses sys.stderr and is not caught.
     """
-    def show(message, category, filename, lineno, file=None, line=None):
-        tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
-
-    swapped = []
-    for logger in (logging.root, logging.getLogger("torch")):
-        for handler in list(logger.handlers):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                above = _AboveTheBar(handler.level)
-                above.setFormatter(handler.formatter)
-                logger.removeHandler(handler)
-                logger.addHandler(above)
-                swapped.append((logger, handler, above))
-    if not logging.root.handlers:  # what logging's last resort would print to stderr (torch's loggers do not
-        swapped.append((logging.root, None, _AboveTheBar(logging.WARNING)))  # propagate to the root)
-        logging.root.addHandler(swapped[-1][2])
-    previous = warnings.showwarning
-    warnings.showwarning = show
+    real = sys.stderr
+    sys.stderr = _LinesAboveTheBar(real)
     try:
         yield
     finally:
-        warnings.showwarning = previous
-        for logger, handler, above in swapped:
-            logger.removeHandler(above)
-            if handler is not None:
-                logger.addHandler(handler)
+        sys.stderr.flush()
+        sys.stderr = real
