@@ -65,7 +65,7 @@ def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None =
     epochs = cfg.steps * cfg.batch_size / cfg.n_train
     seeds = ", ".join(str(s) for s in cfg.seeds)
     lines = [
-        f"PRDC (k = {cfg.k}) of {cfg.n_eval:,} DDPM samples (EMA weights, T = {cfg.T} linear schedule) against "
+        f"PRDC (k = {cfg.k}) of {cfg.n_eval:,} DDPM samples (EMA weights, T = {cfg.T} {cfg.schedule} schedule) against "
         f"{cfg.n_eval:,} fresh real points. Preset `{cfg.preset}`: TimeMLP, Adam lr {cfg.lr:g}, batch "
         f"{cfg.batch_size}, {cfg.steps:,} steps ({epochs:.0f} epochs of {cfg.n_train:,} points), EMA "
         f"{cfg.ema_decay:g}; seeds {seeds}" + (" (mean ± std over seeds)." if len(cfg.seeds) > 1 else " (one seed)."),
@@ -134,7 +134,7 @@ def plot_isotropy(path: Path, cfg: SweepConfig, dataset: str) -> Path:
     """The forward process's measured isotropy on the training data vs 1 + (iso_0 - 1) ab_t."""
     from ..metrics.isotropy import forward_isotropy_curve, plot_isotropy_curve
 
-    sched = NoiseSchedule.linear(cfg.T)
+    sched = NoiseSchedule.from_name(cfg.schedule, cfg.T)
     x0 = make_dataset(dataset, cfg.n_train, seed=cfg.seeds[0])
     measured, theory = forward_isotropy_curve(x0, sched, generator=torch.Generator().manual_seed(0))
     plot_isotropy_curve(measured, theory, np.arange(cfg.T), path,
