@@ -26,6 +26,8 @@ def test_quick_sweep_writes_every_artefact(quick_sweep):
     out, rc, err = quick_sweep
     assert rc == 0
     assert "smoke test" in err and "say nothing about DDPM vs Iso-Diffusion" in err
+    timing = json.loads((out / "timing.json").read_text())
+    assert len(timing["load_average_at_start"]) == 3 and len(timing["load_average_at_end"]) == 3
     cfg = toy2d.config_from_preset("default", quick=True, out=str(out))
     for name in ("results.md", "results.csv", "runs.csv", "samples_grid.png", "sweep.json", "timing.json"):
         assert (out / name).stat().st_size > 0, name

@@ -274,6 +274,11 @@ def prepare_output(cfg: SweepConfig, resume: bool) -> Path:
     return out
 
 
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def _cpu_seconds() -> float:
     """CPU time (user + system) of this process and of its finished child processes (the workers)."""
     import resource
@@ -310,7 +315,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     out = prepare_output(cfg, resume)
     atomic_write_text(out / "sweep.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     runs = [(d, lam, s) for d in cfg.datasets for s in cfg.seeds for lam in cfg.lambdas]
-    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    wall0, cpu0, load_at_start = time.perf_counter(), _cpu_seconds(), _load_average()
     threads = max(1, torch.get_num_threads() // jobs)
     results: dict[tuple, RunResult] = {}
     finished_earlier = 0
@@ -352,7 +357,9 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     ordered = [results[key] for key in runs]
     elapsed = {"wall_s": time.perf_counter() - wall0, "cpu_s": _cpu_seconds() - cpu0,
                "torch_threads": threads if jobs > 1 else torch.get_num_threads(), "jobs": jobs,
-               "cpu_count": os.cpu_count(), "runs": len(runs), "runs_finished_earlier": finished_earlier}
+               "cpu_count": os.cpu_count(), "runs": len(runs), "runs_finished_earlier": finished_earlier,
+               # a wall time means little without the machine's load (other jobs share its cores)
+               "load_average_at_start": load_at_start, "load_average_at_end": _load_average()}
 
     summary = summarize(ordered, cfg)
     write_tables(out, cfg, ordered, summary, elapsed)

@@ -60,6 +60,13 @@ def write_tables(out: Path, cfg: SweepConfig, results: list[RunResult], summary:
     atomic_write_text(out / "timing.json", json.dumps(elapsed, indent=1) + "\n")
 
 
+def _load_text(elapsed: dict) -> str:
+    start, end = elapsed.get("load_average_at_start"), elapsed.get("load_average_at_end")
+    if not start or not end:
+        return ""  # sweeps timed before the load was recorded
+    return f"; load average {start[0]:.1f} at start, {end[0]:.1f} at end"
+
+
 def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None = None) -> str:
     """The results table in Markdown: mean ± std over seeds, the best mean per dataset and metric in bold."""
     epochs = cfg.steps * cfg.batch_size / cfg.n_train
@@ -89,7 +96,7 @@ def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None =
         earlier = elapsed.get("runs_finished_earlier", 0)
         lines += ["", f"{elapsed['runs']} runs: {elapsed['wall_s'] / 60:.1f} min wall, {elapsed['cpu_s'] / 60:.1f} min "
                       f"CPU time ({elapsed.get('jobs', 1)} job(s) of {elapsed['torch_threads']} torch thread(s), "
-                      f"{elapsed['cpu_count']} CPU cores)"
+                      f"{elapsed['cpu_count']} CPU cores{_load_text(elapsed)})"
                       + (f"; {earlier} of them finished in an earlier invocation and are not timed here." if earlier
                          else ".")]
     return "\n".join(lines) + "\n"
