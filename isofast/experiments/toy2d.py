@@ -52,8 +52,8 @@ DEFAULT_LAMBDAS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
 METRICS = ("precision", "recall", "density", "coverage")
 REAL_SEED_OFFSET = 1_000_003  # the evaluation set's data seed is this + the run seed: never a training set
 
-# Presets: the paper's protocol, a default that runs the four-dataset sweep on 2 CPU cores in under
-# 30 minutes (measured: see the README), and a tiny smoke configuration for tests.
+# Presets: the paper's protocol, a default that runs the four-dataset sweep in about 25 CPU-minutes
+# (measured on a 2-core VM, with the load: see the README), and a tiny smoke configuration for tests.
 PRESETS: dict[str, dict] = {
     "paper": dict(steps=1000 * 10_000 // 64, batch_size=64, seeds=(0, 1, 2)),  # 1000 epochs of 10k points
     "default": dict(steps=3000, batch_size=512, seeds=(0,)),
