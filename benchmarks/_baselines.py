@@ -109,6 +109,16 @@ def ddim_loop(model, x_T, alphas_cumprod, steps: int):
     return x
 
 
+def diffusers_missing(class_name: str) -> str:
+    """Why diffusers' ``class_name`` cannot be compared here, and how to get it (the text of a skipped variant)."""
+    try:
+        import diffusers
+    except Exception as exc:
+        return (f"diffusers not importable ({type(exc).__name__}); to compare: pip install diffusers "
+                "(or pip install '.[bench]')")
+    return f"diffusers {diffusers.__version__} has no {class_name}; to compare: pip install -U diffusers"
+
+
 def _diffusers_linear(class_name: str, sched_T: int, beta_start: float, beta_end: float, **config):
     """diffusers' scheduler ``class_name`` on our linear schedule (epsilon prediction, no clipping), with
     the extra ``config``; None when diffusers (or that class) does not import."""

@@ -116,6 +116,7 @@ def to_json(rows: list[Row], meta: dict) -> dict:
             "n_input_sets": row.n_inputs, "bytes_floor": row.bytes_floor, "floor_note": row.floor_note,
             "items_per_call": row.items, "item_unit": row.item_unit,
             "target": row.target.text() if row.target else None,
+            "duration_s": row.duration_s,
             "variants": [{
                 "name": v.name, "role": v.role, "status": v.status, "message": v.message, "check": v.check_note,
                 "timing_s": v.timing.to_json() if v.timing else None, "peak_bytes": v.peak_bytes,
@@ -161,7 +162,9 @@ def chart(rows: list[Row], path: str, title: str) -> bool:
             needs.append(marks.get("x_eager", {}).get("need"))
     if not values:
         return False
-    fig, ax = plt.subplots(figsize=(11, 0.26 * len(values) + 1.5))
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    fig, ax = plt.subplots(figsize=(12, 0.26 * len(values) + 1.5))
     ys = range(len(values))
     ax.barh(ys, values, color=colors)
     for y, need in zip(ys, needs, strict=True):
@@ -170,9 +173,15 @@ def chart(rows: list[Row], path: str, title: str) -> bool:
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
     ax.set_yticks(list(ys), labels, fontsize=7)
-    ax.invert_yaxis()
     lo, hi = min(values), max(values)
-    ax.set_xlim(min(0.5, lo / 1.5), max(2.0, hi * 1.5))
+    left, right = min(0.5, lo / 1.5), max(2.0, hi * 1.5)
+    ax.set_xlim(left, right)
+    # ratios read as 0.25x, 0.5x, 1x, 2x, 4x: powers of two, not log-axis labels such as 10^-1
+    ticks = [2.0**k for k in range(math.floor(math.log2(left)), math.ceil(math.log2(right)) + 1)]
+    ax.xaxis.set_major_locator(FixedLocator([t for t in ticks if left <= t <= right]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}x"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(len(values) - 0.5, -0.5)
     ax.set_xlabel("speed-up over the eager baseline (median time ratio, same run; red tick: target)")
     ax.set_title(title, fontsize=9)
     from matplotlib.patches import Patch
@@ -181,8 +190,8 @@ def chart(rows: list[Row], path: str, title: str) -> bool:
               loc="lower right", fontsize=7)
     for y, x in zip(ys, values, strict=True):
         ax.text(x, y, f" {x:.2f}x", va="center", fontsize=6)
-    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    # bbox "tight" grows the canvas to the long row labels instead of cutting them at the left edge
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return math.isfinite(hi)

@@ -64,12 +64,17 @@ class Variant:
     role: str  # "eager" | "compile" | "baseline" | "isofast"
     fn: Callable[[int], object]
     check: Callable[[], str]  # returns what it checked; raises AssertionError when wrong
-    status: str = "pending"  # "ok" | "failed"
+    status: str = "pending"  # "ok" | "failed" | "skipped" (a baseline that cannot run here: message says why)
     message: str = ""
     check_note: str = ""
     timing: H.Timing | None = None
     peak_bytes: int | None = None
     derived: dict = field(default_factory=dict)
+
+
+def skipped(name: str, role: str, reason: str) -> Variant:
+    """A variant that cannot run here, listed with ``reason`` (why, and how to get it) instead of vanishing."""
+    return Variant(name, role, None, None, status="skipped", message=reason)
 
 
 @dataclass
@@ -85,6 +90,7 @@ class Row:
     item_unit: str = ""
     target: Target | None = None
     long: bool = False  # whole sampling runs: no warm-up calls, one call per sample
+    duration_s: float | None = None  # wall time of the whole row (build, checks, timings): the next run's estimate
 
 
 @dataclass
@@ -428,6 +434,8 @@ def ddpm_step_row(settings: Settings, dtype_name: str, shape, use_compile: bool)
             return "statistical: x_prev - reference mean has the posterior variance (within 5%)"
 
         variants.append(Variant("diffusers DDPMScheduler.step", "baseline", diffusers_run, diffusers_check))
+    else:
+        variants.append(skipped("diffusers DDPMScheduler.step", "baseline", B.diffusers_missing("DDPMScheduler")))
     variants += _isofast_variants(settings, fused)
     elem = torch.tensor([], dtype=dtype).element_size()
     return Row(f"ddpm step/{dtype_name}/{shape_text(shape)}", "sampler step", {"dtype": dtype_name, "shape": shape},

@@ -21,7 +21,7 @@ import tempfile
 import _baselines as B
 import _harness as H
 import torch
-from _rows import ISO_LAMBDA, Row, Settings, Target, Variant, shape_text
+from _rows import ISO_LAMBDA, Row, Settings, Target, Variant, shape_text, skipped
 
 from isofast import NoiseKey, NoiseSchedule, reference
 from isofast.sampling import ddim_sample, ddpm_sample, step_key
@@ -73,6 +73,8 @@ def sampling_row(settings: Settings, label: str, model: torch.nn.Module, shape, 
 
         variants.append(Variant("diffusers DDPMScheduler loop", "baseline",
                                 lambda i: B.diffusers_loop(model, x_T[i], scheduler), diffusers_check))
+    else:
+        variants.append(skipped("diffusers DDPMScheduler loop", "baseline", B.diffusers_missing("DDPMScheduler")))
     for name in [*settings.fused_backends]:
         for graph in _graph_modes(settings):
             variants.append(_isofast_sampling_variant(model, shape, check_shape, sched, check_sched, dev, name, graph,
@@ -122,6 +124,8 @@ def ddim_sampling_row(settings: Settings, label: str, model: torch.nn.Module, sh
             "diffusers DDIMScheduler loop", "baseline", lambda i: B.diffusers_ddim_loop(model, x_T[i], scheduler, steps),
             loop_check(lambda x: B.diffusers_ddim_loop(model, x, check_scheduler, check_steps),
                        "; diffusers' float32 alphas_cumprod: rtol 1e-3")))
+    else:
+        variants.append(skipped("diffusers DDIMScheduler loop", "baseline", B.diffusers_missing("DDIMScheduler")))
     for name in settings.fused_backends:
         for graph in _graph_modes(settings):
             def run(i, name=name, graph=graph):

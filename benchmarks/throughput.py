@@ -1,7 +1,7 @@
 """isofast throughput: side-by-side speed and memory against what users would use instead.
 
-    python benchmarks/throughput.py            # every row (under 10 minutes on a GPU)
-    python benchmarks/throughput.py --quick    # reduced sizes (under 2 minutes on 2 CPU cores)
+    python benchmarks/throughput.py            # every row (CPU: 302 s on a 2-core VM at load 1.6-2.0, see README)
+    python benchmarks/throughput.py --quick    # reduced sizes (CPU: 11.5 s on the same VM)
     python benchmarks/throughput.py --only 'noise\\+loss'   # rows whose name matches a regex
 
 Every row times isofast and its baselines in the same process on the same inputs: the eager
@@ -13,9 +13,12 @@ time. Rows: q_sample; loss fwd+bwd ("batch" and "sample" modes); noising + loss 
 bf16; two shapes); one DDPM sampler step; full DDPM sampling of the 2D MLP (10,000 points) and
 a UNet; 50-step DDIM sampling of the UNet; one UNet training step. See `_harness` for the timing and memory method.
 
-Output: the table on stdout, ``benchmarks/results/<device-name>.json`` (machine, versions, every
-figure, date) and a PNG chart of the speed-ups beside it. Ratios are the result: absolute times
-depend on the machine and, on a shared machine, on its load (recorded in the JSON).
+Output: the table on stdout, a JSON file (machine, versions, every figure, date) and a PNG chart of the
+speed-ups beside it. A run writes ``benchmarks/results/local/<device-name>-<date>.json`` (git-ignored; a
+new file per run), rewritten after every row with ``"partial": true`` until the run ends, so a run that
+is stopped (Ctrl-C, SIGTERM) keeps what finished and prints its table. ``--reference`` writes
+``benchmarks/results/<device-name>.json`` instead: the committed reference the README cites. Ratios are
+the result: absolute times depend on the machine and, on a shared machine, on its load (recorded in the JSON).
 """
 from __future__ import annotations
 
@@ -36,14 +39,16 @@ if importlib.util.find_spec("isofast") is None:
     sys.path.insert(1, os.path.abspath(os.path.join(_HERE, "..")))
 
 import _harness as H  # noqa: E402
+import _progress as P  # noqa: E402
 import _report as R  # noqa: E402
 import _rows as rows_ops  # noqa: E402
 import _rows_models as rows_models  # noqa: E402
 import torch  # noqa: E402
+from _interrupt import Stopped, stop_on_signals  # noqa: E402
 from _rows import Row, Settings  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
-RESULTS_DIR = os.path.join(_HERE, "results")
+RESULTS_DIR = os.path.join(_HERE, "results")  # the committed reference results (written only with --reference)
+LOCAL_RESULTS_DIR = os.path.join(RESULTS_DIR, "local")  # every other run's results, git-ignored
 _MEMORY_CALL_LIMIT_S = 5.0
 _RESOLUTION = {"tiny": 16, "flowers64": 64}  # image size of the UNet configs the rows use
 
@@ -147,6 +152,8 @@ def _no_value_checks():
 def run_row(row: Row, settings: Settings, args) -> None:
     """Check every variant, then time the ones that passed, round-robin."""
     for v in row.variants:
+        if v.status == "skipped":  # a baseline that cannot run here (e.g. diffusers absent): listed, not timed
+            continue
         try:
             v.check_note = v.check()
             v.status = "ok"
@@ -186,7 +193,7 @@ def measure_memory(rows: list[Row], settings: Settings) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="reduced sizes and repeats (< 2 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="reduced sizes and repeats (9 rows; 11.5 s on a 2-core VM, the full run 302 s)")
     p.add_argument("--only", metavar="PATTERN", help="run only rows whose name matches this regex (re.search)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
@@ -195,8 +202,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="warm-up calls per variant (op rows)")
     p.add_argument("--min-sample-s", type=float, default=None, help="min seconds per timed sample (default 0.05; quick 0.02)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--out-dir", default=None, help="folder for the default-named JSON and PNG (default benchmarks/results)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device-name>.json, <device-name>-quick.json with --quick)")
+    p.add_argument("--out-dir", default=None,
+                   help="folder for the default-named JSON and PNG (default benchmarks/results/local, git-ignored)")
+    p.add_argument("--out", default=None, help="JSON path (default <out-dir>/<device-name>-<date>.json, "
+                   "with -quick before .json for --quick)")
+    p.add_argument("--reference", action="store_true",
+                   help="write benchmarks/results/<device-name>[-quick].json, the committed reference results the "
+                        "README cites (a deliberate act: commit the file with the README's figures)")
     p.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")
     p.add_argument("--list", action="store_true", help="print the row names and exit")
     p.add_argument("--ceiling-mib", type=int, default=None,
@@ -207,6 +219,21 @@ def parse_args(argv=None):
     args.long_repeat = args.long_repeat or (2 if args.quick else 3)
     args.min_sample_s = args.min_sample_s if args.min_sample_s is not None else (0.02 if args.quick else 0.05)
     return args
+
+
+def output_path(args, device_name: str, date_utc: str) -> str:
+    """Where this run's JSON goes (the PNG goes beside it).
+
+    A user's run writes a new, dated file in the git-ignored ``results/local/``; only ``--reference`` writes
+    ``results/<device-name>.json``, the committed reference the README cites; ``--out`` names the file.
+    """
+    if args.out:
+        return args.out
+    suffix = "-quick" if args.quick else ""
+    if args.reference:
+        return os.path.join(args.out_dir or RESULTS_DIR, f"{device_name}{suffix}.json")
+    stamp = date_utc[:19].replace(":", "").replace("-", "")  # 20261130T161500
+    return os.path.join(args.out_dir or LOCAL_RESULTS_DIR, f"{device_name}-{stamp}{suffix}.json")
 
 
 def main(argv=None) -> int:
@@ -235,28 +262,58 @@ def main(argv=None) -> int:
         return 2
 
     meta = {"machine": H.machine_info(device)}
+    machine = meta["machine"]
+    mode = "quick" if args.quick else "default"
+    out = output_path(args, machine["device_name"], machine["date_utc"])
     ceiling_bytes = (args.ceiling_mib << 20) if args.ceiling_mib else (1 << 30 if device.type == "cuda" else 1 << 28)
     copy_bw = H.copy_bandwidth(device, ceiling_bytes)
-    rows: list[Row] = []
-    bar = tqdm(entries, desc="throughput", unit="row", file=sys.stderr, dynamic_ncols=True)
-    for name, build in bar:
-        bar.set_postfix_str(name)
-        row = build()
-        if row.name != name:  # the plan's name is what --only matched: it must describe what was built
-            raise RuntimeError(f"row built as {row.name!r} but planned as {name!r}")
-        run_row(row, settings, args)
-        rows.append(row)
-    bar.close()
-    memory_note = measure_memory(rows, settings)
-    R.derive(rows, copy_bw)
+    meta.update(
+        mode=mode, only=args.only, note=args.note, copy_bandwidth_bytes_per_s=copy_bw,
+        copy_bandwidth_buffer_bytes=ceiling_bytes, backends=backend_report,
+        settings={"repeat": args.repeat, "long_repeat": args.long_repeat, "warmup": args.warmup,
+                  "min_sample_s": args.min_sample_s, "compile": settings.compile,
+                  "torch_threads": torch.get_num_threads()},
+        command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), rows_planned=[n for n, _ in entries],
+    )
 
-    machine = meta["machine"]
+    def save(rows: list[Row], partial: bool, memory_note: str | None = None, stopped: str | None = None) -> None:
+        # rewritten after every row: a run that is killed leaves valid JSON of the rows that finished
+        meta.update(partial=partial, stopped_by=stopped, memory_method=memory_note,
+                    duration_s=time.perf_counter() - started)
+        R.write_json(out, R.to_json(rows, meta))
+
+    names = [n for n, _ in entries]
+    previous = P.previous_durations([LOCAL_RESULTS_DIR, RESULTS_DIR, os.path.dirname(os.path.abspath(out))],
+                                    machine["device_name"], mode)
+    bar = P.RowBar(names, P.estimates(names, mode, previous))
+    rows: list[Row] = []
+    stopped = None
+    try:
+        with stop_on_signals(), P.library_output_above(bar):
+            for name, build in entries:
+                bar.start(name)
+                row_start = time.perf_counter()
+                row = build()
+                if row.name != name:  # the plan's name is what --only matched: it must describe what was built
+                    raise RuntimeError(f"row built as {row.name!r} but planned as {name!r}")
+                run_row(row, settings, args)
+                row.duration_s = time.perf_counter() - row_start
+                R.derive([row], copy_bw)
+                rows.append(row)
+                save(rows, partial=True)
+                bar.finish_row()
+            bar.close()
+            memory_note = measure_memory(rows, settings)
+    except Stopped as exc:
+        bar.close()
+        stopped, memory_note = exc, "not measured (the run was stopped)"
+
     machine["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = [
         f"isofast throughput — {machine['device_name']} — {machine['date_utc']}",
         f"torch {machine['versions']['torch']}, triton {machine['versions']['triton']}, diffusers "
-        f"{machine['versions']['diffusers']}; {machine['cpu_cores_usable']} CPU cores usable, torch threads "
-        f"{torch.get_num_threads()}; load average at start {_load(machine['load_average_at_start'])}, "
+        f"{machine['versions']['diffusers'] or 'not installed'}; {machine['cpu_cores_usable']} CPU cores usable, "
+        f"torch threads {torch.get_num_threads()}; load average at start {_load(machine['load_average_at_start'])}, "
         f"at end {_load(machine['load_average_at_end'])}",
         f"copy bandwidth ceiling (measured now, {ceiling_bytes >> 20} MiB copy): {copy_bw / 1e9:.1f} GB/s",
         "backends: " + "; ".join(f"{k}: {v}" for k, v in backend_report.items()),
@@ -264,28 +321,22 @@ def main(argv=None) -> int:
         f" medians and ±half-IQR of per-call time; memory: {memory_note}",
         "ratios are medians of the same run (variants timed round-robin); GB/s and %copy use the fused op's minimum bytes",
     ] + ([f"note: {args.note}"] if args.note else [])
+    if stopped is not None:
+        header.append(f"STOPPED by {stopped.signame} after {len(rows)} of {len(entries)} rows: the table below is partial")
     print(R.table(rows, header))
     elapsed = time.perf_counter() - started
-    print(f"\nfinished in {elapsed:.0f} s")
+    print(f"\n{'stopped' if stopped else 'finished'} in {elapsed:.0f} s")
 
-    # --quick writes beside, not over, the full table of the same machine
-    suffix = "-quick" if args.quick else ""
-    out = args.out or os.path.join(args.out_dir or RESULTS_DIR, f"{machine['device_name']}{suffix}.json")
-    meta.update(
-        mode="quick" if args.quick else "default", only=args.only, note=args.note, copy_bandwidth_bytes_per_s=copy_bw,
-        copy_bandwidth_buffer_bytes=ceiling_bytes, backends=backend_report, memory_method=memory_note,
-        settings={"repeat": args.repeat, "long_repeat": args.long_repeat, "warmup": args.warmup,
-                  "min_sample_s": args.min_sample_s, "compile": settings.compile,
-                  "torch_threads": torch.get_num_threads()},
-        duration_s=elapsed, command=" ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-    )
-    R.write_json(out, R.to_json(rows, meta))
-    print(f"wrote {out}")
-    if not args.no_chart:
+    save(rows, partial=stopped is not None, memory_note=memory_note,
+         stopped=stopped.signame if stopped is not None else None)
+    print(f"wrote {out}" + (" (partial)" if stopped is not None else ""))
+    if not args.no_chart and rows:
         png = os.path.splitext(out)[0] + ".png"
         title = f"isofast speed-ups over eager PyTorch — {machine['device_name']} — {machine['date_utc'][:10]}"
         if R.chart(rows, png, title):
             print(f"wrote {png}")
+    if stopped is not None:
+        return stopped.exit_code
     failed = [f"{r.name} {v.name}" for r in rows for v in r.variants if v.status == "failed" and v.role == "isofast"]
     return 1 if failed else 0
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import scalars
-
-SCHEDULES = ("linear", "cosine", "scaled_linear")  # the named schedules of `NoiseSchedule.from_name`
+from .schedule_names import SCHEDULES  # the named schedules of `NoiseSchedule.from_name`
 
 _TABLES = (
     "betas",

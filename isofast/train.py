@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -236,9 +237,15 @@ class Trainer:
         self.stats.add(loss, parts, grad_norm)
 
     # ----- samples -----------------------------------------------------------------------------------
-    def _sample(self) -> Path | None:
+    def _sample(self, bar=None) -> Path | None:
+        """Write a sample grid of the EMA model (rank 0); with a progress bar, say so on it while sampling
+        (a grid can take longer than many training steps) and print a line when it is written."""
         if self.sample_fn is None or not self.dist.is_main:
             return None
+        started = time.perf_counter()
+        if bar is not None:
+            bar.set_description_str(f"train: sampling a grid at step {self.step}")
+            bar.refresh()
         model = self.ema_model
         was_training = model.training
         model.eval()
@@ -250,7 +257,10 @@ class Trainer:
             model.train(was_training)
         path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_samples(samples, path)
+        write_samples(samples, path, title=f"{self.out_dir.name}, step {self.step}, λ = {self.config.iso_lambda:g}")
+        if bar is not None:
+            bar.set_description_str("train")
+            bar.write(f"step {self.step}: sample grid {path} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
         return path
 
     # ----- snapshots ---------------------------------------------------------------------------------
@@ -411,9 +421,9 @@ class Trainer:
                 if self.step % cfg.log_every == 0:
                     row = self.stats.log(self.step, self.lr_at(self.step - 1))
                     if bar is not None and row is not None:
-                        bar.set_postfix(loss=row["loss"], iso=row["isotropy"])
+                        bar.set_postfix(loss=row["loss"], isotropy=row["isotropy"])  # train_stats' names
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self._sample()
+                    self._sample(bar)
                 if self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
             # --- the end: a last snapshot, the last stats, a last sample grid
@@ -423,7 +433,7 @@ class Trainer:
             if self.stats.steps:
                 self.stats.log(self.step, self.lr_at(self.step - 1))
             if cfg.sample_every and self.sample_fn is not None and self.step % cfg.sample_every != 0:
-                self._sample()
+                self._sample(bar)
         finally:
             self.steps_trained = self.step - start
             if bar is not None:

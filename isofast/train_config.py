@@ -5,14 +5,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .data.order import TIMESTEP_MODES
-from .schedule import SCHEDULES
+from .schedule_names import SCHEDULES
 
-__all__ = ["ISO_MODES", "OPTIMIZERS", "PRECISIONS", "TrainConfig"]
+__all__ = ["ISO_MODES", "OPTIMIZERS", "PRECISIONS", "TIMESTEP_MODES", "TrainConfig"]
 
 OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("fp32", "bf16")
 ISO_MODES = ("batch", "sample")
+TIMESTEP_MODES = ("per-sample", "per-batch")  # one t per sample (DDPM), or one t per batch (`draw_timesteps`)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The statistics of a training run: ``metrics.csv`` and TensorBoard scalars, one row per window of steps.
 
-Each step adds its loss, mse, iso, isotropy and grad norm to per-window sums that stay on the device
+Each step adds its loss, mse, iso_penalty (the penalty term, ``LossParts.iso``), isotropy (the measured
+isotropy of eps_pred) and grad norm to per-window sums that stay on the device
 (no host sync per step). Every ``log_every`` steps the window's means are averaged over ranks into one
 row of `METRIC_FIELDS`, written by rank 0 alone. The sums of an unfinished window are part of the
 checkpoint (`TrainStats.state_dict`), so a resumed run logs that window once, in full.
@@ -21,9 +22,12 @@ from .reference import LossParts
 
 __all__ = ["METRIC_FIELDS", "TrainStats"]
 
-METRIC_FIELDS = ("step", "loss", "mse", "iso", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s",
+# One name per quantity, the same in metrics.csv, TensorBoard (train/<name>) and the progress bar:
+# iso_penalty = (mean of eps_pred^2 - 1)^2, the term lambda weighs; isotropy = mean of eps_pred^2 (1 is ideal).
+METRIC_FIELDS = ("step", "loss", "mse", "iso_penalty", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s",
                  "elapsed_s")
-_SUMS = ("loss", "mse", "iso", "isotropy", "grad_norm")
+_SUMS = ("loss", "mse", "iso_penalty", "isotropy", "grad_norm")
+_OLD_NAMES = {"iso": "iso_penalty"}  # runs written before 2026-11-30 (metrics.csv columns, checkpoint windows)
 
 
 class TrainStats:
@@ -53,7 +57,7 @@ class TrainStats:
         s = self._sums
         s["loss"] += loss.detach().float()
         s["mse"] += parts.mse.float()
-        s["iso"] += parts.iso.float()
+        s["iso_penalty"] += parts.iso.float()
         s["isotropy"] += parts.isotropy.float()
         s["grad_norm"] += grad_norm.detach().float()
         self.steps += 1
@@ -64,6 +68,7 @@ class TrainStats:
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.get("sums", {}).items():
+            k = _OLD_NAMES.get(k, k)
             if k in self._sums:
                 self._sums[k] = v.to(self.device)
         self.steps = int(state.get("steps", 0))
@@ -89,6 +94,7 @@ class TrainStats:
             keep_upto = resumed_step - self.steps
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= keep_upto]
+            rows = [{_OLD_NAMES.get(k, k): v for k, v in r.items()} for r in rows]
             text_rows = [",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
             atomic_write_text(path, ",".join(METRIC_FIELDS) + "\n" + "".join(r + "\n" for r in text_rows))
         new = not path.exists()
@@ -139,7 +145,7 @@ class TrainStats:
         self._csv_writer.writerow(row)
         self._csv.flush()
         if self._tb is not None:
-            for k in ("loss", "mse", "iso", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s"):
+            for k in ("loss", "mse", "iso_penalty", "isotropy", "grad_norm", "lr", "steps_per_s", "images_per_s"):
                 self._tb.add_scalar(f"train/{k}", float(row[k]), step)
         return row
 

@@ -90,3 +90,84 @@ def test_eval_rejects_nan_samples(tmp_path, capsys):
     np.savez(path, samples=np.full((4, 1, 8, 8), np.nan, dtype=np.float32))
     assert main(["eval", str(path), "--metrics", "prdc"]) == 2
     assert "NaN" in capsys.readouterr().err
+
+
+def test_ddim_samples_of_an_image_model_stay_in_the_data_range(run_dir, tmp_path, capsys):
+    # a 2-step run predicts poor noise: unclipped DDIM leaves [-1, 1] far behind (the issue saw -27 to +33)
+    def ddim(out, *extra):
+        assert main(["sample", str(run_dir), "--out", str(out), "--num", "16", "--sampler", "ddim", "--steps", "10",
+                     "--eta", "0", "--format", "npz", "--no-progress", *extra]) == 0
+        return np.load(out / "samples.npz")["samples"]
+
+    clipped = ddim(tmp_path / "clipped")
+    assert clipped.min() >= -1.0 and clipped.max() <= 1.0
+    raw = ddim(tmp_path / "raw", "--no-clip-x0")
+    assert np.abs(raw).max() > 1.5
+    capsys.readouterr()
+    # eval says so when samples leave the data range
+    main(["eval", str(tmp_path / "raw" / "samples.npz"), "--metrics", "prdc", "--num-real", "16"])
+    err = capsys.readouterr().err
+    assert "warning:" in err and "outside [-1, 1]" in err
+    main(["eval", str(tmp_path / "clipped" / "samples.npz"), "--metrics", "prdc", "--num-real", "16"])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_sample_draws_no_bar_when_stderr_is_not_a_terminal(run_dir, tmp_path, capsys):
+    assert main(["sample", str(run_dir), "--out", str(tmp_path / "s"), "--num", "2", "--format", "npz"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err and "isofast sample: 2 samples" in err
+
+
+def _eval_error(capsys, *args) -> str:
+    assert main(["eval", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("isofast eval: error: ")
+    return err
+
+
+def test_eval_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ISOFAST_INCEPTION_WEIGHTS", raising=False)
+    good = tmp_path / "good.npz"
+    np.savez(good, samples=np.zeros((8, 1, 8, 8), dtype=np.float32))
+    # no Inception weights: the way out without them is named
+    assert "--metrics prdc" in _eval_error(capsys, str(good), "--metrics", "fid")
+    # a missing positional file is named as the user knows it, not as an option
+    err = _eval_error(capsys, str(tmp_path / "absent.npz"), "--metrics", "prdc")
+    assert "samples: no such file" in err and "--samples" not in err
+    # a PNG (or any non-.npz) as samples: no numpy talk of pickles
+    png = tmp_path / "grid.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    err = _eval_error(capsys, str(png), "--metrics", "prdc")
+    assert "not an .npz file" in err and "pickle" not in err
+    # an empty .npz, a truncated one, an empty samples array, an object array
+    empty = tmp_path / "empty.npz"
+    np.savez(empty)
+    assert "no 'samples' array" in _eval_error(capsys, str(empty), "--metrics", "prdc")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:100])
+    assert "not a readable .npz" in _eval_error(capsys, str(truncated), "--metrics", "prdc")
+    none = tmp_path / "none.npz"
+    np.savez(none, samples=np.zeros((0, 1, 8, 8), dtype=np.float32))
+    assert "expected (N, ...) with N >= 1" in _eval_error(capsys, str(none), "--metrics", "prdc")
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, samples=np.array([{"a": 1}], dtype=object))
+    assert "not an .npz file of arrays" in _eval_error(capsys, str(objects), "--metrics", "prdc")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code from the weights file ran",))
+
+
+def test_eval_refuses_junk_and_malicious_inception_weights(tmp_path, capsys):
+    good = tmp_path / "good.npz"
+    np.savez(good, samples=np.zeros((8, 1, 8, 8), dtype=np.float32))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    err = _eval_error(capsys, str(good), "--metrics", "is", "--inception-weights", str(junk))
+    assert "is not a PyTorch weights file" in err
+    malicious = tmp_path / "malicious.pth"
+    torch.save({"x": _RunsCode()}, malicious)
+    err = _eval_error(capsys, str(good), "--metrics", "is", "--inception-weights", str(malicious))
+    assert "refused" in err and "weights_only=False" not in err
+    assert "code from the weights file ran" not in capsys.readouterr().out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def test_quick_q_sample_run_writes_valid_json(tmp_path):
     )
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     data = json.loads(out.read_text())
+    assert data["partial"] is False and data["stopped_by"] is None
     assert (tmp_path / "bench.png").exists()
     assert data["machine"]["device"] == "cpu" and data["machine"]["versions"]["torch"] == torch.__version__
     assert data["copy_bandwidth_bytes_per_s"] > 0
@@ -134,3 +136,115 @@ def test_target_without_its_baseline_is_not_judged():
     assert v.derived["target"]["x_eager"]["pass"] is True
     assert v.derived["target"]["x_compile"]["pass"] is None
     assert ">=1.2x compile n/a" in R.table([row], [])
+
+
+# ----- a run that is stopped, where results go, skipped baselines, the bar ---------------------------------
+def _toy_row(name):
+    return _rows.Row(name, "toy", {}, [_variant("eager", "eager", lambda i: None, lambda: "ok"),
+                                       _variant("isofast[toy]", "isofast", lambda i: None, lambda: "ok")], n_inputs=1)
+
+
+def _fake_plan(names, stop_at=None):
+    def plan(settings):
+        def build(name):
+            if name == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would, while this row is built
+            return _toy_row(name)
+
+        return [(n, lambda n=n: build(n)) for n in names]
+
+    return plan
+
+
+_TOY_ARGS = ["--device", "cpu", "--repeat", "2", "--warmup", "0", "--min-sample-s", "0", "--ceiling-mib", "4",
+             "--no-chart"]
+
+
+def test_sigterm_keeps_finished_rows_as_valid_partial_json_and_prints_their_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(throughput, "plan", _fake_plan(["row a", "row b", "row c"], stop_at="row c"))
+    out = tmp_path / "run.json"
+    assert throughput.main([*_TOY_ARGS, "--out", str(out)]) == 128 + signal.SIGTERM
+    data = json.loads(out.read_text())
+    assert data["partial"] is True and data["stopped_by"] == "SIGTERM"
+    assert [r["name"] for r in data["rows"]] == ["row a", "row b"]
+    assert data["rows_planned"] == ["row a", "row b", "row c"]
+    assert all(r["duration_s"] > 0 for r in data["rows"])
+    printed = capsys.readouterr().out
+    assert "STOPPED by SIGTERM after 2 of 3 rows" in printed and "== row a" in printed and "== row b" in printed
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone once the run returns
+
+
+def test_json_is_valid_and_partial_after_every_row(tmp_path, monkeypatch):
+    seen = []
+    write_json = R.write_json
+
+    def spy(path, data):
+        write_json(path, data)
+        seen.append((json.loads(Path(path).read_text())["partial"], len(data["rows"])))
+
+    monkeypatch.setattr(R, "write_json", spy)
+    monkeypatch.setattr(throughput, "plan", _fake_plan(["row a", "row b"]))
+    assert throughput.main([*_TOY_ARGS, "--out", str(tmp_path / "run.json")]) == 0
+    assert seen == [(True, 1), (True, 2), (False, 2)]
+
+
+def test_a_users_run_never_writes_the_committed_reference(tmp_path):
+    args = throughput.parse_args(["--device", "cpu"])
+    path = throughput.output_path(args, "cpu-intel-xeon-2c", "2026-11-30T16:15:00+00:00")
+    assert path == os.path.join(throughput.LOCAL_RESULTS_DIR, "cpu-intel-xeon-2c-20261130T161500.json")
+    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+    assert ignored.returncode == 0, "results/local/ must be git-ignored"
+    quick = throughput.output_path(throughput.parse_args(["--quick"]), "d", "2026-11-30T16:15:00+00:00")
+    assert quick.endswith("d-20261130T161500-quick.json")
+    ref = throughput.output_path(throughput.parse_args(["--reference"]), "cpu-intel-xeon-2c", "2026-11-30T16:15:00")
+    assert ref == os.path.join(throughput.RESULTS_DIR, "cpu-intel-xeon-2c.json")
+
+
+def test_missing_diffusers_is_a_row_saying_why_and_how(monkeypatch):
+    import _baselines as B
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    assert B.diffusers_scheduler(10, 1e-4, 0.02) is None
+    reason = B.diffusers_missing("DDPMScheduler")
+    assert "diffusers not importable" in reason and "pip install '.[bench]'" in reason
+    row = _toy_row("r")
+    row.variants.append(_rows.skipped("diffusers DDPMScheduler loop", "baseline", reason))
+    args = throughput.parse_args(["--repeat", "2", "--warmup", "0", "--min-sample-s", "0"])
+    throughput.run_row(row, _rows.Settings(torch.device("cpu"), True, False, [], 2), args)
+    assert row.variants[-1].status == "skipped" and row.variants[-1].timing is None
+    R.derive([row], None)
+    assert "diffusers DDPMScheduler loop" in R.table([row], []) and "SKIPPED: diffusers not importable" in R.table([row], [])
+
+
+def test_time_left_comes_from_per_row_estimates(tmp_path):
+    import _progress as P
+
+    names = ["q_sample/fp32/64x3x32x32", "ddpm sampling/unet-tiny/4x3x16x16/1000 steps", "new row"]
+    earlier = {"machine": {"date_utc": "2026-11-30T10:00:00"}, "mode": "default", "partial": False,
+               "rows": [{"name": names[1], "duration_s": 123.0}]}
+    (tmp_path / "dev-20261130T100000.json").write_text(json.dumps(earlier))
+    stale = {**earlier, "partial": True, "rows": [{"name": names[1], "duration_s": 999.0}]}
+    (tmp_path / "dev-20261130T110000.json").write_text(json.dumps(stale))  # a stopped run: not used
+    previous = P.previous_durations([str(tmp_path)], "dev", "default")
+    assert previous == {names[1]: 123.0}
+    est = P.estimates(names, "default", previous)
+    assert est[1] == 123.0 and est[2] > 0
+    assert est[0] == P.estimates([names[0]], "default", {})[0] < P.estimates([names[1]], "default", {})[0]
+
+
+def test_library_output_goes_above_the_bar_line_by_line(monkeypatch):
+    # torch's log handler follows sys.stderr ("W1130 ... No CUDA runtime is found ..." landed inside the bar)
+    import _progress as P
+    from tqdm.auto import tqdm
+
+    written = []
+    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False: written.append(s)))
+    bar = P.RowBar(["a"], [1.0])
+    with P.library_output_above(bar):
+        print("W1130 cpp_extension.py:183] No CUDA runtime is found, using CUDA_HOME='/x'", file=sys.stderr)
+        sys.stderr.write("a warning in ")
+        sys.stderr.write("two writes\nand an unfinished line")
+    bar.close()
+    assert written == ["W1130 cpp_extension.py:183] No CUDA runtime is found, using CUDA_HOME='/x'",
+                       "a warning in two writes", "and an unfinished line"]
+    assert not isinstance(sys.stderr, P._LinesAboveTheBar)

@@ -1,6 +1,8 @@
 """`isofast toy2d`: a tiny end-to-end sweep writes every artefact; bad input fails before any training."""
 import csv
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -13,13 +15,19 @@ from isofast.experiments import toy2d
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy2d") / "sweep"
-    rc = cli.main(["toy2d", "--quick", "--out", str(out), "--no-progress"])
-    return out, rc
+    with pytest.MonkeyPatch.context() as mp:
+        err = io.StringIO()
+        mp.setattr(sys, "stderr", err)
+        rc = cli.main(["toy2d", "--quick", "--out", str(out), "--no-progress"])
+    return out, rc, err.getvalue()
 
 
 def test_quick_sweep_writes_every_artefact(quick_sweep):
-    out, rc = quick_sweep
+    out, rc, err = quick_sweep
     assert rc == 0
+    assert "smoke test" in err and "say nothing about DDPM vs Iso-Diffusion" in err
+    timing = json.loads((out / "timing.json").read_text())
+    assert len(timing["load_average_at_start"]) == 3 and len(timing["load_average_at_end"]) == 3
     cfg = toy2d.config_from_preset("default", quick=True, out=str(out))
     for name in ("results.md", "results.csv", "runs.csv", "samples_grid.png", "sweep.json", "timing.json"):
         assert (out / name).stat().st_size > 0, name
@@ -58,7 +66,7 @@ def test_table_metrics_match_prdc_of_saved_samples(quick_sweep):
     from isofast.data.toy2d import make_dataset
     from isofast.metrics.prdc import prdc
 
-    out, _ = quick_sweep
+    out, *_ = quick_sweep
     cfg = toy2d.config_from_preset("default", quick=True, out=str(out))
     with open(out / "runs.csv") as f:
         run = next(csv.DictReader(f))
@@ -70,7 +78,7 @@ def test_table_metrics_match_prdc_of_saved_samples(quick_sweep):
 
 
 def test_resume_reuses_finished_runs_and_refuses_without_flag(quick_sweep, capsys):
-    out, _ = quick_sweep
+    out, *_ = quick_sweep
     before = (out / "runs.csv").read_text()
     assert cli.main(["toy2d", "--quick", "--out", str(out), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
@@ -119,3 +127,19 @@ def test_presets():
     assert default.steps == 7 and default.n_eval == 10_000
     with pytest.raises(ValueError, match="preset"):
         toy2d.config_from_preset("fast", out="x")
+
+
+def test_quick_schedule_reaches_noise_in_its_T_steps():
+    # --quick trains with T = 50: the T = 1000 linear betas stop at ab_T ~ 0.6 (isotropy of x_T 0.58)
+    from isofast import NoiseSchedule
+    from isofast.data.toy2d import make_dataset
+    from isofast.metrics.isotropy import forward_isotropy_curve
+
+    cfg = toy2d.config_from_preset("default", quick=True, out="x")
+    x0 = make_dataset("swiss_roll", cfg.n_train, seed=0)
+    sched = NoiseSchedule.from_name(cfg.schedule, cfg.T)
+    measured, _ = forward_isotropy_curve(x0, sched, timesteps=[cfg.T - 1], generator=torch.Generator().manual_seed(0))
+    assert measured[-1] >= 0.95
+    assert toy2d.config_from_preset("default", out="x").schedule == "linear"  # the real presets are unchanged
+    with pytest.raises(ValueError, match="schedule"):
+        toy2d.config_from_preset("default", quick=True, out="x", schedule="sigmoid").validate()

@@ -16,3 +16,16 @@ def test_markdown_table_shows_mean_and_std_over_seeds():
     assert summary[1]["precision_std"] == pytest.approx(np.std(prec, ddof=1))
     md = toy2d_report.markdown_table(cfg, summary)
     assert f"{np.mean(prec):.3f} ± {np.std(prec, ddof=1):.3f}" in md
+
+
+def test_the_timing_line_says_the_load_it_was_measured_under():
+    cfg = toy2d.SweepConfig(out="x", datasets=("moons",), lambdas=(0.0,), seeds=(0,))
+    results = [toy2d.RunResult("moons", 0.0, 0, 0.5, 0.5, 0.5, 0.5, 0, 0, 0, 0, np.zeros((1, 2)))]
+    summary = toy2d_report.summarize(results, cfg)
+    elapsed = {"wall_s": 600.0, "cpu_s": 900.0, "torch_threads": 1, "jobs": 2, "cpu_count": 2, "runs": 1,
+               "load_average_at_start": [3.2, 2.0, 1.0], "load_average_at_end": [8.96, 7.0, 6.0]}
+    md = toy2d_report.markdown_table(cfg, summary, elapsed)
+    assert "1 runs: 10.0 min wall, 15.0 min CPU time (2 job(s) of 1 torch thread(s), 2 CPU cores; load average " \
+           "3.2 at start, 9.0 at end)." in md
+    del elapsed["load_average_at_start"]  # a sweep timed before the load was recorded: no load claimed
+    assert "load" not in toy2d_report.markdown_table(cfg, summary, elapsed)

@@ -111,7 +111,7 @@ def test_run_folder_has_every_artefact(tmp_path):
     for r in rows:
         values = {k: float(v) for k, v in r.items()}
         assert values["mse"] > 0 and values["isotropy"] > 0 and values["steps_per_s"] > 0
-        assert values["loss"] == pytest.approx(values["mse"] + 0.3 * values["iso"], rel=1e-4)
+        assert values["loss"] == pytest.approx(values["mse"] + 0.3 * values["iso_penalty"], rel=1e-4)
     assert trainer.tensorboard_status == "on" and list(out.glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
         "step_0000005.png", "step_0000010.png", "step_0000012.png"]
@@ -119,6 +119,19 @@ def test_run_folder_has_every_artefact(tmp_path):
     model, sched, meta = ck.load_trained_model(out, which="ema")
     assert_bitwise(model.state_dict(), trainer.ema_model.state_dict(), "EMA weights")
     assert sched.T == 50 and meta["step"] == 12
+
+
+def test_sampling_a_grid_shows_on_the_bar_and_as_a_line(tmp_path, monkeypatch, capsys):
+    # a grid can take longer than many steps: the bar must not sit frozen without a word
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_mlp(), toy_points(), tiny_config(out, steps=6, sample_every=5, progress=True),
+                      sample_fn=lambda model, step: torch.randn(30, 2))
+    trainer.fit()
+    err = capsys.readouterr().err
+    assert "train: sampling a grid at step 5" in err
+    assert f"step 5: sample grid {out / 'samples' / 'step_0000005.png'}" in err
+    assert "isotropy=" in err and "iso=" not in err  # the bar's name for the measured isotropy
 
 
 def test_refuses_to_overwrite_a_run_and_resume_without_checkpoint_starts_fresh(tmp_path):

@@ -18,7 +18,7 @@ def test_a_window_becomes_one_row_of_its_means(tmp_path):
     _add(stats, 1.0)
     _add(stats, 3.0)
     row = stats.log(2, 0.1)
-    assert (row["step"], row["loss"], row["mse"], row["iso"], row["isotropy"], row["lr"]) == (2, "2", "2", "0.5", "2", "0.1")
+    assert (row["step"], row["loss"], row["mse"], row["iso_penalty"], row["isotropy"], row["lr"]) == (2, "2", "2", "0.5", "2", "0.1")
     assert stats.steps == 0 and stats.tensorboard_status == "off"
     stats.close()
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
@@ -51,3 +51,18 @@ def test_a_non_finite_loss_names_the_steps(tmp_path):
     _add(stats, float("nan"))
     with pytest.raises(FloatingPointError, match="between steps 5 and 5"):
         stats.log(5, 0.1)
+
+
+def test_one_name_per_quantity_and_old_runs_resume_under_the_new_names(tmp_path):
+    # "iso" meant the isotropy in the bar and the penalty in metrics.csv: now iso_penalty and isotropy
+    assert "iso" not in METRIC_FIELDS and {"iso_penalty", "isotropy"} <= set(METRIC_FIELDS)
+    (tmp_path / "metrics.csv").write_text("step,loss,mse,iso,isotropy\n2,1,1,0.25,1.5\n4,1,1,0.5,1.5\n")
+    stats = TrainStats(tmp_path, torch.device("cpu"), batch_size=4, is_main=True)
+    stats.load_state_dict({"sums": {"iso": torch.tensor(0.75)}, "steps": 1})  # a window saved under the old name
+    stats.open(3, tensorboard=False)
+    _add(stats, 1.0, iso=0.25)
+    row = stats.log(4, 0.1)
+    stats.close()
+    assert row["iso_penalty"] == "0.5"  # (0.75 + 0.25) / 2
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0] == ",".join(METRIC_FIELDS) and lines[1].split(",")[3] == "0.25"

@@ -11,36 +11,67 @@ The report (JSON) records the sample counts, the feature extractor and the versi
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+from . import HelpFormatter
 
-from .. import __version__
-from ..io import atomic_write_text
+DATA_RANGE = (-1.0, 1.0)  # the range `isofast sample` writes and the real data is scaled to
 
 
-def load_npz_samples(path: str | Path, name: str) -> torch.Tensor:
+def load_npz_samples(path: str | Path, name: str):
+    """The float32 tensor (N, ...) of the array ``samples`` in the .npz ``path``; ``name`` names the argument
+    in errors (ValueError / FileNotFoundError, one line each)."""
+    import zipfile
+
+    import numpy as np
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no such file {path}")
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError(f"{name}: {path} is a single .npy array, not an .npz with a 'samples' array")
             if "samples" not in data:
                 raise ValueError(f"{name}: {path} has no 'samples' array (keys: {list(data.keys())})")
-            samples = torch.from_numpy(np.asarray(data["samples"], dtype=np.float32))
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"{name}: {path} is not a readable .npz ({exc})") from exc
+            array = data["samples"]
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{name}: {path} is not a readable .npz ({type(exc).__name__}); expected the samples.npz "
+                         "that `isofast sample` writes") from None
+    except ValueError as exc:
+        if str(exc).startswith(name):
+            raise
+        # numpy's text for a file that is no .npz (a PNG, say) talks of pickles: name what was expected instead
+        raise ValueError(f"{name}: {path} is not an .npz file of arrays; expected the samples.npz that "
+                         "`isofast sample` writes") from None
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"{name}: 'samples' in {path} has dtype {array.dtype}, expected numbers")
+    if array.ndim < 2 or array.shape[0] == 0:
+        raise ValueError(f"{name}: 'samples' in {path} has shape {array.shape}, expected (N, ...) with N >= 1")
+    samples = torch.from_numpy(np.asarray(array, dtype=np.float32))
     if not torch.isfinite(samples).all():
         raise ValueError(f"{name}: {path} holds NaN or inf values")
     return samples
 
 
-def load_real(args: argparse.Namespace, like: torch.Tensor) -> torch.Tensor:
+def out_of_range_warning(samples, name: str) -> str | None:
+    """A one-line warning when samples leave `DATA_RANGE` (a sampler that diverged, or unclipped DDIM)."""
+    low, high = DATA_RANGE
+    outside = ((samples < low) | (samples > high)).flatten(1).any(dim=1)
+    count = int(outside.sum())
+    if not count:
+        return None
+    return (f"isofast eval: warning: {count} of {len(samples)} {name} have values outside [{low:g}, {high:g}] "
+            f"(min {float(samples.min()):.3g}, max {float(samples.max()):.3g}); the metrics compare them as they "
+            "are (sample with clipping, e.g. `isofast sample --sampler ddim` without --no-clip-x0)")
+
+
+def load_real(args: argparse.Namespace, like):
     """Real data as a tensor of the samples' per-item shape (at most --num-real items)."""
+    import torch
+
     if args.real.endswith(".npz"):
         real = load_npz_samples(args.real, "--real")
     else:
@@ -57,7 +88,8 @@ def load_real(args: argparse.Namespace, like: torch.Tensor) -> torch.Tensor:
     return real
 
 
-def inception_features(images: torch.Tensor, model, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+def inception_features(images, model, batch_size: int, device: str):
+    """(pool3 features, logits) as numpy arrays of images (N, C, H, W) in [-1, 1]."""
     from ..metrics.fid import extract_features
 
     if images.ndim != 4:
@@ -68,13 +100,21 @@ def inception_features(images: torch.Tensor, model, batch_size: int, device: str
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    import platform
+
+    import torch
+
+    from .. import __version__
     from ..metrics.prdc import prdc
 
     metrics = set(args.metrics.split(","))
     unknown = metrics - {"fid", "is", "prdc"}
     if unknown:
         raise ValueError(f"--metrics: unknown {sorted(unknown)}; choose from fid, is, prdc")
-    fake = load_npz_samples(args.samples, "--samples")
+    fake = load_npz_samples(args.samples, "samples")
+    warning = out_of_range_warning(fake, "samples")
+    if warning:
+        print(warning, file=sys.stderr)
     real = load_real(args, fake)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     report: dict = {
@@ -89,7 +129,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         from ..metrics.fid import fid_from_features, inception_score
         from ..metrics.inception import load_inception
 
-        model = load_inception(args.inception_weights, device=device)
+        try:
+            model = load_inception(args.inception_weights, device=device)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc} Without them: --metrics prdc (PRDC on pixels).") from None
         report["feature_extractor"] = "FID Inception-v3 (pt_inception-2015-12-05), pool3 2048-d / 1008 logits"
         fake_pool, fake_logits = inception_features(fake, model, args.batch_size, device)
         real_pool = inception_features(real, model, args.batch_size, device)[0] if metrics & {"fid", "prdc"} else None
@@ -108,6 +151,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..io import atomic_write_text
+
     try:
         report = evaluate(args)
     except (FileNotFoundError, ValueError, OSError) as exc:
@@ -122,20 +169,21 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="FID / IS / PRDC of samples against real data", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
     p.add_argument("samples", help=".npz written by `isofast sample` (array 'samples' in [-1, 1])")
     p.add_argument("--real", default="digits", help="real data: an image dataset name (digits, flowers102, pets, "
                    "folder) or an .npz with a 'samples' array")
-    p.add_argument("--data-root", default=None, help="folder of the real image dataset")
-    p.add_argument("--num-real", type=int, default=None, help="use at most this many real items")
+    p.add_argument("--data-root", default=None, help="folder of the real image dataset (default: none; needed except for digits)")
+    p.add_argument("--num-real", type=int, default=None, help="use at most this many real items (default: all)")
     p.add_argument("--metrics", default="fid,is,prdc", help="comma-separated subset of fid, is, prdc")
     p.add_argument("--inception-weights", default=None,
-                   help="path to pt_inception-2015-12-05-6726825d.pth (else $ISOFAST_INCEPTION_WEIGHTS)")
-    p.add_argument("--prdc-features", choices=("pixels", "inception"), default="pixels")
+                   help="path to pt_inception-2015-12-05-6726825d.pth (default: $ISOFAST_INCEPTION_WEIGHTS)")
+    p.add_argument("--prdc-features", choices=("pixels", "inception"), default="pixels",
+                   help="the space PRDC measures distances in")
     p.add_argument("--k", type=int, default=5, help="PRDC nearest neighbours")
-    p.add_argument("--is-splits", type=int, default=10)
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
     p.add_argument("--min-fid-samples", type=int, default=2048, help="refuse FID below this many samples per side")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="write the JSON report here (atomically)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--out", default=None, help="also write the JSON report here, atomically (default: stdout only)")
     p.set_defaults(func=run)

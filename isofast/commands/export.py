@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoint import CheckpointError
-from ..diffusers_bridge import DiffusersMissingError
+from . import HelpFormatter
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError
+    from ..diffusers_bridge import DiffusersMissingError
     from ..diffusers_bridge.pipeline import export_ddpm_pipeline
 
     try:
@@ -28,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a trained run as a diffusers DDPMPipeline", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or one step_XXXXXXX folder")
     p.add_argument("--diffusers", required=True, metavar="OUT",
                    help="write a diffusers DDPMPipeline (save_pretrained) into this new or empty folder")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="the run's EMA weights or its raw model weights")
     p.set_defaults(func=run)

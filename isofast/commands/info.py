@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import platform
 
-import torch
-
-from .. import __version__
-from ..ops import backends
-
 
 def describe() -> dict:
     """Facts about this installation, as printed by `isofast info`."""
+    import torch
+
+    from .. import __version__
+    from ..ops import backends
+
     try:
         import triton
 

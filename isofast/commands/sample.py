@@ -1,22 +1,22 @@
 """`isofast sample`: draw samples from a trained checkpoint (EMA weights by default).
 
 DDPM ancestral sampling over all T steps, or DDIM with any number of steps and eta; on a GPU the
-loop runs as a CUDA graph. Writes a PNG grid (images) or scatter (2D points), one PNG per image
-with --png-each, and/or an .npz with the raw samples in [-1, 1].
+loop runs as a CUDA graph. Writes a PNG grid (images) or scatter (2D points, all of them), one PNG per
+image with --png-each, and/or an .npz with the raw samples. For image models the predicted x0 is clipped
+to the data range [-1, 1] at every step (as diffusers' schedulers do; --no-clip-x0 turns it off), so the
+samples lie in [-1, 1]; 2D points are not clipped.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+from . import HelpFormatter, show_progress
 
-from ..checkpoint import CheckpointError, load_trained_model
-from ..diffusers_bridge import DiffusersMissingError
-from ..io import atomic_write_bytes
-from ..plots import write_samples
+if TYPE_CHECKING:
+    import torch
 
 
 def sample_shape(meta: dict) -> tuple[int, ...]:
@@ -31,18 +31,24 @@ def sample_shape(meta: dict) -> tuple[int, ...]:
         return unet2d_sample_shape(config)
     if spec.get("kind") in ("mlp", "authors_mlp"):  # the 2-D models (isofast.models.registry.MODELS_2D)
         return (int(config.get("data_dim", 2)),)
+    from ..checkpoint import CheckpointError
+
     raise CheckpointError(f"checkpoint records an unknown model kind {spec.get('kind')!r}")
 
 
 def draw_samples(args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
     """Load the checkpoint named by ``args.checkpoint`` and sample ``args.num`` items from it."""
+    import torch
+
+    from ..checkpoint import load_trained_model
     from ..sampling import ddim_sample, ddpm_sample
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, sched, meta = load_trained_model(args.checkpoint, which=args.weights, device=device)
     shape = (args.num, *sample_shape(meta))
-    common = dict(clip_x0=args.clip_x0, generator=torch.Generator().manual_seed(args.seed), device=device,
-                  cuda_graph=None if not args.no_cuda_graph else False, progress=not args.no_progress,
+    clip_x0 = args.clip_x0 if args.clip_x0 is not None else len(shape) == 4  # images: clip by default
+    common = dict(clip_x0=clip_x0, generator=torch.Generator().manual_seed(args.seed), device=device,
+                  cuda_graph=None if not args.no_cuda_graph else False, progress=show_progress(args.no_progress),
                   backend=args.backend, batch_size=args.batch_size)
     with torch.no_grad():
         if args.sampler == "ddpm":
@@ -52,15 +58,30 @@ def draw_samples(args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
     return samples.float().cpu(), meta
 
 
-def write_npz(samples: torch.Tensor, path: Path, meta: dict) -> None:
+def write_npz(samples, path: Path, meta: dict) -> None:
     import io
+
+    import numpy as np
+
+    from ..io import atomic_write_bytes
 
     buffer = io.BytesIO()
     np.savez(buffer, samples=samples.numpy(), step=np.int64(meta.get("step", -1)))
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def plot_title(args: argparse.Namespace, meta: dict) -> str:
+    """Which run, step and lambda a scatter plot shows (the plot adds the point count)."""
+    config = meta.get("config", {})
+    run = Path(config.get("out_dir") or args.checkpoint).name
+    return f"{run}, step {meta.get('step')}, λ = {config.get('iso_lambda', 0):g}, {args.sampler}"
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError
+    from ..diffusers_bridge import DiffusersMissingError
+    from ..plots import write_samples
+
     if args.num < 1:
         print("isofast sample: error: --num must be >= 1", file=sys.stderr)
         return 2
@@ -75,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     if "npz" in formats:
         write_npz(samples, out / "samples.npz", meta)
     if "png" in formats:
-        write_samples(samples[: args.grid_max], out / "samples.png")
+        # 2D points are cheap to draw: all of them; images: the first --grid-max
+        shown = samples if samples.ndim == 2 else samples[: args.grid_max]
+        write_samples(shown, out / "samples.png", title=plot_title(args, meta))
     if args.png_each and samples.ndim == 4:
         from torchvision.utils import save_image
 
@@ -87,23 +110,27 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("sample", help="sample from a trained checkpoint", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or one step_XXXXXXX folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=64, help="number of samples")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+                   help="ddpm: all T steps, ancestral; ddim: --steps steps")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic, 1: DDPM-like)")
-    p.add_argument("--variance", choices=("fixed_small", "fixed_large"), default="fixed_small")
-    p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] each step")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--variance", choices=("fixed_small", "fixed_large"), default="fixed_small",
+                   help="DDPM step variance: the posterior's (small) or beta_t (large)")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip the predicted x0 to [-1, 1] at each step (default: on for images, off for 2D points)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     p.add_argument("--format", default="png,npz", help="comma-separated: png (one grid), npz (raw samples)")
     p.add_argument("--png-each", action="store_true", help="also write one PNG per image")
-    p.add_argument("--grid-max", type=int, default=256, help="at most this many samples in the grid")
-    p.add_argument("--batch-size", type=int, default=None, help="sample in chunks of this size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default=None)
+    p.add_argument("--grid-max", type=int, default=256, help="at most this many images in the grid (2D plots show every point)")
+    p.add_argument("--batch-size", type=int, default=None, help="sample in chunks of this size (default: all at once)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--backend", default=None, help="isofast op backend (default: auto)")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the GPU loop eagerly")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is "
+                   "not a terminal)")
     p.set_defaults(func=run)

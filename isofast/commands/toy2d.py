@@ -8,11 +8,16 @@ import argparse
 import os
 import sys
 
-import torch
+from . import HelpFormatter, show_progress
+
+SMOKE_TEST_NOTE = ("isofast toy2d: --quick is a smoke test (20 steps, 500 points, T = 50): it checks that the sweep "
+                   "runs; its numbers say nothing about DDPM vs Iso-Diffusion")
 
 
 def run_protocol(args: argparse.Namespace) -> int:
     """`--protocol NAME`: the protocol study (isofast.experiments.study) on the ensemble engine."""
+    import torch
+
     from ..experiments.study import run_study, study_config
     from ..experiments.toy2d import PAPER_DATASETS
 
@@ -22,7 +27,7 @@ def run_protocol(args: argparse.Namespace) -> int:
         cfg = study_config(
             args.protocol, args.out, args.datasets or PAPER_DATASETS, lambdas=args.lambdas, seeds=args.seeds,
             temperatures=args.temperatures, eval_at=args.eval_at, device=args.device, backend=args.backend,
-            progress=sys.stderr.isatty() and not args.no_progress, steps=args.steps, batch_size=args.batch_size,
+            progress=show_progress(args.no_progress), steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, timesteps=args.timesteps, data_noise=args.data_noise, n_points=args.n_points,
             ema_decay=args.ema_decay, grad_clip=args.grad_clip, model=args.model, references=args.eval_against,
             n_eval=args.n_eval)
@@ -42,6 +47,8 @@ _STUDY_ONLY = ("timesteps", "data_noise", "n_points", "ema_decay", "grad_clip", 
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..experiments.toy2d import config_from_preset, prepare_output, run_sweep
 
     if args.threads is not None and args.threads < 1:
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    progress = sys.stderr.isatty() and not args.no_progress
+    progress = show_progress(args.no_progress)
     try:
         cfg = config_from_preset(
             args.preset, args.quick, out=args.out, datasets=args.datasets, lambdas=args.lambdas, seeds=args.seeds,
@@ -71,9 +78,13 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         print("isofast toy2d: error: --jobs must be >= 1", file=sys.stderr)
         return 2
+    if args.quick:
+        print(SMOKE_TEST_NOTE, file=sys.stderr)
     run_sweep(cfg, resume=args.resume, jobs=jobs, engine=args.engine)
     with open(f"{cfg.out}/results.md") as f:
         print(f.read(), end="")
+    if args.quick:
+        print(SMOKE_TEST_NOTE, file=sys.stderr)
     return 0
 
 
@@ -82,12 +93,15 @@ def add_parser(subparsers) -> None:
         "toy2d", help="DDPM vs Iso-Diffusion lambda sweep on the 2D datasets (PRDC table, scatter grid)",
         description="Train DDPM (lambda = 0) and Iso-Diffusion for each lambda, dataset and seed; sample 10,000 "
                     "points from each EMA model; write PRDC tables (Markdown, CSV), a real-vs-generated scatter "
-                    "grid and forward-process isotropy plots into --out.")
+                    "grid and forward-process isotropy plots into --out.",
+        formatter_class=HelpFormatter)
     parser.add_argument("--preset", choices=("default", "paper"), default="default",
-                        help="default: the four-dataset sweep in under 30 min on 2 CPU cores; paper: the paper's "
-                             "protocol (batch 64, 1000 epochs, 3 seeds)")
+                        help="default (the default): the four-dataset sweep, 24 runs, about 25 CPU-minutes (2-core VM, 2026-11-30: 70 min "
+                             "wall under load ~9.5, 2 jobs; see the README); paper: the paper's protocol (batch 64, "
+                             "1000 epochs, 3 seeds)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke run (2 datasets, 2 lambdas, 1 seed, 20 steps, 500 points, T = 50)")
+                        help="smoke test: 2 datasets, 2 lambdas, 1 seed, 20 steps, 500 points, T = 50 with the "
+                             "cosine schedule (made for any T); checks that the sweep runs, measures nothing")
     parser.add_argument("--datasets", nargs="+", metavar="NAME",
                         help="datasets (default: swiss_roll moon_scatter moon_circles central_banana)")
     parser.add_argument("--lambdas", nargs="+", type=float, metavar="L",
@@ -116,19 +130,19 @@ def add_parser(subparsers) -> None:
         "(isofast.experiments.study). The options below override the protocol's settings.")
     study.add_argument("--protocol", choices=("isofast", "authors2024", "authors2025"),
                        help="isofast: today's setup; authors2024 / authors2025: the authors' 2024 / 2025 code "
-                            "(see isofast.experiments.protocols)")
+                            "(see isofast.experiments.protocols; default: none, the classic sweep above)")
     study.add_argument("--timesteps", choices=("per-sample", "per-batch"),
-                       help="per-sample: one t per row (DDPM); per-batch: one t shared by the batch")
-    study.add_argument("--data-noise", type=float, help="data noise of the datasets that have one")
-    study.add_argument("--n-points", type=int, help="points generated per run (before a train/test split)")
-    study.add_argument("--ema-decay", type=float, help="EMA decay of the weights (0: none)")
-    study.add_argument("--grad-clip", type=float, help="max gradient norm (0: no clipping)")
-    study.add_argument("--model", choices=("mlp", "authors_mlp"), help="the 2-D noise predictor")
+                       help="per-sample: one t per row (DDPM); per-batch: one t shared by the batch (default: the protocol's)")
+    study.add_argument("--data-noise", type=float, help="data noise of the datasets that have one (default: the protocol's)")
+    study.add_argument("--n-points", type=int, help="points generated per run, before a train/test split (default: the protocol's)")
+    study.add_argument("--ema-decay", type=float, help="EMA decay of the weights, 0: none (default: the protocol's)")
+    study.add_argument("--grad-clip", type=float, help="max gradient norm, 0: no clipping (default: the protocol's)")
+    study.add_argument("--model", choices=("mlp", "authors_mlp"), help="the 2-D noise predictor (default: the protocol's)")
     study.add_argument("--eval-against", nargs="+", choices=("fresh", "train", "test"), metavar="REF",
-                       help="PRDC reference sets: fresh points, the training points, the held-out points")
+                       help="PRDC reference sets: fresh points, the training points, the held-out points (default: the protocol's)")
     study.add_argument("--temperatures", nargs="+", type=float, metavar="TAU",
-                       help="temperatures at which the lambda = 0 models also sample (1 is always sampled)")
+                       help="temperatures at which the lambda = 0 models also sample (default: 1 only; 1 is always sampled)")
     study.add_argument("--eval-at", nargs="+", type=float, metavar="F",
-                       help="training lengths to evaluate, as fractions of the steps (1 is always evaluated)")
+                       help="training lengths to evaluate, as fractions of the steps (default: 1 only; 1 is always evaluated)")
     study.add_argument("--n-eval", type=int, help="samples per model (default: the protocol's, 10,000)")
     parser.set_defaults(func=run)

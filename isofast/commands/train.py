@@ -25,15 +25,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from ..checkpoint import CheckpointError, checkpoint_meta
-from ..diffusers_bridge import DiffusersMissingError
-from ..models.registry import MODELS_2D, build_model
-from ..resume import ResumeError, check_override, checkpoint_to_resume, with_recovery_hint
-from ..schedule import SCHEDULES
-from ..train import Trainer
+from ..schedule_names import SCHEDULES
 from ..train_config import OPTIMIZERS, TrainConfig
+from . import HelpFormatter, show_progress
 
 # argparse dest -> TrainConfig field: the options a resume takes from the run when they are not given.
 _RUN_OPTIONS = {
@@ -78,6 +72,11 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+# An Iso-Diffusion tool trains Iso-Diffusion unless told otherwise: 0.3 is the weight of the README's
+# examples and of the paper-protocol comparison on swiss_roll (results/toy2d_paper_swiss_roll/); DDPM is
+# --iso-lambda 0. (Before 2026-11-30 the default was 0, which surprised users of this tool.)
+DEFAULT_ISO_LAMBDA = 0.3
+
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
@@ -101,6 +100,10 @@ def build_model_and_data(args: argparse.Namespace, spec: dict | None = None):
 
     ``spec``: a resumed run's recorded model (`isofast.models.build_model`), built instead of the options'.
     """
+    import torch
+
+    from ..models.registry import MODELS_2D, build_model
+
     toy, images = _toy2d_names(), _image_names()
     if args.data not in toy + images:
         raise ValueError(f"unknown --data {args.data!r}; 2D datasets: {', '.join(toy)}; image datasets: {', '.join(images)}")
@@ -165,6 +168,8 @@ def _kind(model_option: str | None) -> str | None:
 def _diffusers_unet2d_and_data(args: argparse.Namespace, recorded):
     """(model, data, sample_shape, data record) of a diffusers UNet2DModel: the --model-config JSON's (or the
     resumed run's) architecture; the data is loaded at its sample_size with its in_channels."""
+    import torch
+
     from ..data.images import make_image_dataset
     from ..diffusers_bridge.models import DiffusersUNet2D, load_unet2d_config, unet2d_sample_shape
 
@@ -200,6 +205,9 @@ def _diffusers_unet2d_and_data(args: argparse.Namespace, recorded):
 def recorded_run(args: argparse.Namespace) -> dict | None:
     """The state.json fields (config, model_spec, step, ...) of the checkpoint ``--resume`` continues (None: a
     fresh run)."""
+    from ..checkpoint import CheckpointError, checkpoint_meta
+    from ..resume import checkpoint_to_resume, with_recovery_hint
+
     if args.resume is None:
         return None
     source, _ = checkpoint_to_resume(Path(args.out) / "checkpoints", args.resume)
@@ -268,7 +276,7 @@ def train_config(args: argparse.Namespace, data_record: dict, record: dict | Non
     values["grad_clip"] = values["grad_clip"] or None
     values["data"] = data_record
     machine = dict(out_dir=args.out, device=args.device, backend=args.backend, num_workers=args.num_workers,
-                   progress=not args.no_progress, tensorboard=not args.no_tensorboard)
+                   progress=show_progress(args.no_progress), tensorboard=not args.no_tensorboard)
     if record is not None:  # fields no option sets (betas, keep_checkpoints, ...: a run made through the API)
         recorded = record.get("config", {})
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -282,6 +290,8 @@ def make_sample_fn(sample_shape: tuple[int, ...], count: int, seed: int, backend
     state = {}
 
     def sample_fn(model, step):
+        import torch
+
         from ..sampling import ddpm_sample
 
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -292,6 +302,11 @@ def make_sample_fn(sample_shape: tuple[int, ...], count: int, seed: int, backend
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError
+    from ..diffusers_bridge import DiffusersMissingError
+    from ..resume import ResumeError, check_override
+    from ..train import Trainer
+
     try:
         if args.override and args.resume is None:
             raise ValueError("--override applies to --resume only")
@@ -327,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a DDPM / Iso-Diffusion model (one process or under torchrun)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", action=_Given, choices=("mlp", "authors_mlp", "unet", "diffusers-unet2d"), default=None,
                    help="mlp (isofast's TimeMLP) or authors_mlp (the Iso-Diffusion authors' 2024 MLP) for 2D data, "
@@ -335,42 +350,47 @@ def add_parser(subparsers) -> None:
                         "needs diffusers) (default: mlp for 2D data, unet for images)")
     g.add_argument("--model-config", action=_Given, default=None, metavar="CFG.json",
                    help="a local UNet2DModel config JSON for --model diffusers-unet2d (its sample_size and "
-                        "in_channels set the image size and channels; nothing is downloaded)")
+                        "in_channels set the image size and channels; nothing is downloaded; default: none)")
     g.add_argument("--config", action=_Given, default=None, help="UNet config name (isofast.models.unet.UNET_CONFIGS; default: "
                    "digits8 for digits, else flowers64)")
     g.add_argument("--data", action=_Given, default="digits", help="a 2D dataset (swiss_roll, moon_scatter, moon_circles, "
-                   "central_banana, moons, circles, gaussians8) or images (digits, flowers102, pets, folder)")
-    g.add_argument("--data-root", default=None, help="folder holding the image dataset (or the images, for folder)")
+                   "central_banana, moons, circles, gaussians8) or images (digits, flowers102, pets, folder); "
+                   "digits (scikit-learn's 8x8 digits) needs no download")
+    g.add_argument("--data-root", default=None, help="folder holding the image dataset (or the images, for folder; "
+                   "default: none, needed except for digits and 2D data)")
     g.add_argument("--download", action="store_true", help="download flowers102/pets into --data-root")
     g.add_argument("--image-size", action=_Given, type=_positive_int, default=None, help="image side (default: the config's)")
     g.add_argument("--n-points", action=_Given, type=_positive_int, default=10000, help="points of a 2D dataset")
     g.add_argument("--data-noise", action=_Given, type=_non_negative_float, default=None,
                    help="data noise of a 2D dataset that has one (default: the dataset's own)")
-    g.add_argument("--mlp-hidden", action=_Given, type=_positive_int, default=128)
-    g.add_argument("--mlp-layers", action=_Given, type=_positive_int, default=3)
+    g.add_argument("--mlp-hidden", action=_Given, type=_positive_int, default=128, help="width of the 2D MLP")
+    g.add_argument("--mlp-layers", action=_Given, type=_positive_int, default=3, help="hidden layers of the 2D MLP")
 
     g = p.add_argument_group("objective and optimisation")
-    g.add_argument("--iso-lambda", action=_Given, type=_non_negative_float, default=0.0,
-                   help="isotropy penalty weight (>= 0; 0 is plain DDPM)")
-    g.add_argument("--iso-mode", action=_Given, choices=("batch", "sample"), default="batch")
+    g.add_argument("--iso-lambda", action=_Given, type=_non_negative_float, default=DEFAULT_ISO_LAMBDA,
+                   help="isotropy penalty weight λ (>= 0); 0 trains plain DDPM")
+    g.add_argument("--iso-mode", action=_Given, choices=("batch", "sample"), default="batch",
+                   help="batch: the paper's penalty on the batch mean; sample: one penalty per sample")
     g.add_argument("--timesteps", action=_Given, choices=("per-sample", "per-batch"), default="per-sample",
                    help="per-sample: one t per sample (DDPM); per-batch: one t shared by the whole batch (what the "
                         "authors' 2024 loop did in effect)")
-    g.add_argument("--schedule", action=_Given, choices=SCHEDULES, default="linear")
+    g.add_argument("--schedule", action=_Given, choices=SCHEDULES, default="linear", help="beta schedule")
     g.add_argument("--T", action=_Given, type=_positive_int, default=1000, help="diffusion steps")
     g.add_argument("--steps", action=_Given, type=_positive_int, default=10000, help="optimizer steps in all")
     g.add_argument("--batch-size", action=_Given, type=_positive_int, default=64, help="global batch (split over processes)")
-    g.add_argument("--lr", action=_Given, type=float, default=1e-3)
-    g.add_argument("--optimizer", action=_Given, choices=OPTIMIZERS, default="adam")
-    g.add_argument("--weight-decay", action=_Given, type=_non_negative_float, default=0.0)
+    g.add_argument("--lr", action=_Given, type=float, default=1e-3, help="learning rate")
+    g.add_argument("--optimizer", action=_Given, choices=OPTIMIZERS, default="adam", help="optimizer")
+    g.add_argument("--weight-decay", action=_Given, type=_non_negative_float, default=0.0, help="weight decay")
     g.add_argument("--grad-clip", action=_Given, type=_non_negative_float, default=1.0, help="max grad norm (0: off)")
     g.add_argument("--ema-decay", action=_Given, type=_non_negative_float, default=0.999, help="0: no EMA")
     g.add_argument("--warmup", action=_Given, type=_non_negative_int, default=0, help="LR warm-up steps")
-    g.add_argument("--seed", action=_Given, type=_non_negative_int, default=0)
+    g.add_argument("--seed", action=_Given, type=_non_negative_int, default=0,
+                   help="seed of the weights, data order and noise")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", action=_Given, choices=("fp32", "bf16"), default="fp32")
-    g.add_argument("--channels-last", action=_Given, nargs=0, const=True, default=False)
+    g.add_argument("--precision", action=_Given, choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast of the model")
+    g.add_argument("--channels-last", action=_Given, nargs=0, const=True, default=False, help="NHWC memory format")
     g.add_argument("--compile", action=_Given, nargs=0, const=True, default=False, help="torch.compile the model")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--backend", default=None, help="isofast op backend (default: auto)")
@@ -380,15 +400,16 @@ def add_parser(subparsers) -> None:
     g.add_argument("--out", required=True, help="run folder: config, metrics.csv, TensorBoard, checkpoints, samples")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue the newest complete checkpoint of --out (or the checkpoint at PATH) with the "
-                   "run's recorded model, data and settings (options left out keep the run's values)")
+                   "run's recorded model, data and settings (options left out keep the run's values; default: a new run)")
     g.add_argument("--override", action="append", default=[], metavar="KEY",
                    help="with --resume: let the run setting KEY (a config.json field: lr, iso_lambda, seed, data, ...) "
-                   "differ from the run's; repeatable; recorded in the run's history.jsonl")
-    g.add_argument("--log-every", action=_Given, type=_positive_int, default=50)
-    g.add_argument("--ckpt-every", action=_Given, type=_positive_int, default=1000)
+                   "differ from the run's; repeatable; recorded in the run's history.jsonl (default: none)")
+    g.add_argument("--log-every", action=_Given, type=_positive_int, default=50, help="steps per metrics.csv row")
+    g.add_argument("--ckpt-every", action=_Given, type=_positive_int, default=1000, help="steps per checkpoint")
     g.add_argument("--sample-every", action=_Given, type=_non_negative_int, default=0, help="sample grid every N steps (0: off)")
     g.add_argument("--sample-count", type=_positive_int, default=None,
                    help="samples per grid (default 64 images / 2000 points)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not "
+                   "a terminal)")
     g.add_argument("--no-tensorboard", action="store_true")
     p.set_defaults(func=run, given=frozenset())

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..train_config import TIMESTEP_MODES
+
 __all__ = [
     "TIMESTEP_MODES",
     "EpochOrder",
@@ -49,9 +51,6 @@ def mix_seed(*words: int) -> int:
 def make_noise_generator(seed: int) -> torch.Generator:
     """The CPU generator of timesteps and noise keys of a run with ``seed`` (identical on every rank)."""
     return torch.Generator(device="cpu").manual_seed(mix_seed(seed, _NOISE_STREAM))
-
-
-TIMESTEP_MODES = ("per-sample", "per-batch")
 
 
 def draw_timesteps(T: int, batch_size: int, mode: str, generator: torch.Generator) -> torch.Tensor:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_write_bytes, atomic_write_text, check_writable_dir
+from ..schedule_names import SCHEDULES
 from ..train_config import TrainConfig
 
 PAPER_DATASETS = ("swiss_roll", "moon_scatter", "moon_circles", "central_banana")
@@ -51,13 +52,15 @@ DEFAULT_LAMBDAS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
 METRICS = ("precision", "recall", "density", "coverage")
 REAL_SEED_OFFSET = 1_000_003  # the evaluation set's data seed is this + the run seed: never a training set
 
-# Presets: the paper's protocol, a default that runs the four-dataset sweep on 2 CPU cores in under
-# 30 minutes (measured: see the README), and a tiny smoke configuration for tests.
+# Presets: the paper's protocol, a default that runs the four-dataset sweep in about 25 CPU-minutes
+# (measured on a 2-core VM, with the load: see the README), and a tiny smoke configuration for tests.
 PRESETS: dict[str, dict] = {
     "paper": dict(steps=1000 * 10_000 // 64, batch_size=64, seeds=(0, 1, 2)),  # 1000 epochs of 10k points
     "default": dict(steps=3000, batch_size=512, seeds=(0,)),
+    # quick: a smoke test. The cosine schedule is made for any T (ab_T ~ 0); the linear one's betas are made
+    # for T = 1000 and at T = 50 stop at ab_T = 0.6, so x_T would never reach noise.
     "quick": dict(datasets=("swiss_roll", "moon_scatter"), lambdas=(0.0, 0.3), seeds=(0,), steps=20, batch_size=64,
-                  n_train=500, n_eval=500, T=50),
+                  n_train=500, n_eval=500, T=50, schedule="cosine"),
 }
 
 
@@ -66,7 +69,7 @@ class SweepConfig:
     """One sweep: which runs, how each trains and how it is measured.
 
     out: output folder. datasets: names of `isofast.data.toy2d.DATASETS`. lambdas: penalty weights >= 0.
-    seeds: run seeds >= 0. steps, batch_size, lr: Adam training of each run (T-step linear schedule).
+    seeds: run seeds >= 0. steps, batch_size, lr: Adam training of each run (T steps of ``schedule``).
     n_train: training points; n_eval: samples drawn and fresh real points compared (PRDC with ``k``).
     ema_decay: EMA of the weights (the samples come from the EMA model). device: "auto", "cpu", "cuda", ...
     backend: isofast op backend (None: auto). preset: the preset's name (recorded only).
@@ -82,6 +85,7 @@ class SweepConfig:
     # Each run is a `TrainConfig`: where no preset says otherwise, it trains with the trainer's defaults.
     lr: float = TrainConfig.lr
     T: int = TrainConfig.T
+    schedule: str = TrainConfig.schedule
     n_train: int = 10_000
     n_eval: int = 10_000
     k: int = 5
@@ -130,6 +134,8 @@ class SweepConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < self.k + 1:
                 raise ValueError(f"{name} must be an int >= k + 1 = {self.k + 1}, got {v!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite float > 0, got {self.lr!r}")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
@@ -190,7 +196,7 @@ def train_and_evaluate(cfg: SweepConfig, dataset: str, iso_lambda: float, seed: 
     model = TimeMLP()
     train_cfg = TrainConfig(
         out_dir=str(folder), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, iso_lambda=float(iso_lambda),
-        seed=seed, T=cfg.T, ema_decay=cfg.ema_decay, device=cfg.device, backend=cfg.backend,
+        seed=seed, T=cfg.T, schedule=cfg.schedule, ema_decay=cfg.ema_decay, device=cfg.device, backend=cfg.backend,
         progress=cfg.progress, tensorboard=False, log_every=min(100, cfg.steps),
         ckpt_every=min(cfg.steps, 10_000), keep_checkpoints=1)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -260,11 +266,17 @@ def prepare_output(cfg: SweepConfig, resume: bool) -> Path:
                               "pass --resume to continue it, or choose another --out")
     if resume and recorded.exists():
         old = json.loads(recorded.read_text())
-        keys = ("steps", "batch_size", "lr", "T", "n_train", "n_eval", "k", "ema_decay")
-        changed = [k for k in keys if old.get(k) != getattr(cfg, k)]
+        keys = ("steps", "batch_size", "lr", "T", "schedule", "n_train", "n_eval", "k", "ema_decay")
+        before = {"schedule": "linear"}  # sweeps recorded before the field existed
+        changed = [k for k in keys if old.get(k, before.get(k)) != getattr(cfg, k)]
         if changed:
             raise ValueError(f"cannot resume {str(out)!r}: its sweep.json has other values of {', '.join(changed)}")
     return out
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _cpu_seconds() -> float:
@@ -303,7 +315,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     out = prepare_output(cfg, resume)
     atomic_write_text(out / "sweep.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     runs = [(d, lam, s) for d in cfg.datasets for s in cfg.seeds for lam in cfg.lambdas]
-    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    wall0, cpu0, load_at_start = time.perf_counter(), _cpu_seconds(), _load_average()
     threads = max(1, torch.get_num_threads() // jobs)
     results: dict[tuple, RunResult] = {}
     finished_earlier = 0
@@ -345,7 +357,9 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     ordered = [results[key] for key in runs]
     elapsed = {"wall_s": time.perf_counter() - wall0, "cpu_s": _cpu_seconds() - cpu0,
                "torch_threads": threads if jobs > 1 else torch.get_num_threads(), "jobs": jobs,
-               "cpu_count": os.cpu_count(), "runs": len(runs), "runs_finished_earlier": finished_earlier}
+               "cpu_count": os.cpu_count(), "runs": len(runs), "runs_finished_earlier": finished_earlier,
+               # a wall time means little without the machine's load (other jobs share its cores)
+               "load_average_at_start": load_at_start, "load_average_at_end": _load_average()}
 
     summary = summarize(ordered, cfg)
     write_tables(out, cfg, ordered, summary, elapsed)

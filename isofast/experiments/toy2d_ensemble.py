@@ -60,7 +60,7 @@ def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]],
     seeds = [seed for _, _, seed in runs]
     data = [make_dataset(dataset, cfg.n_train, seed=seed) for dataset, _, seed in runs]
     train_cfg = TrainConfig(out_dir=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, T=cfg.T,
-                            ema_decay=cfg.ema_decay, backend=cfg.backend, progress=False, tensorboard=False)
+                            schedule=cfg.schedule, ema_decay=cfg.ema_decay, backend=cfg.backend, progress=False, tensorboard=False)
     wall, cpu = time.perf_counter(), time.process_time()
     ensemble = EnsembleRun(data, seeds, [lam for _, lam, _ in runs], train_cfg, _device(cfg.device))
     _fit_with_saves(ensemble, runs, Path(cfg.out) / "ensemble_state.pt", resume, cfg.progress)

@@ -60,12 +60,19 @@ def write_tables(out: Path, cfg: SweepConfig, results: list[RunResult], summary:
     atomic_write_text(out / "timing.json", json.dumps(elapsed, indent=1) + "\n")
 
 
+def _load_text(elapsed: dict) -> str:
+    start, end = elapsed.get("load_average_at_start"), elapsed.get("load_average_at_end")
+    if not start or not end:
+        return ""  # sweeps timed before the load was recorded
+    return f"; load average {start[0]:.1f} at start, {end[0]:.1f} at end"
+
+
 def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None = None) -> str:
     """The results table in Markdown: mean ± std over seeds, the best mean per dataset and metric in bold."""
     epochs = cfg.steps * cfg.batch_size / cfg.n_train
     seeds = ", ".join(str(s) for s in cfg.seeds)
     lines = [
-        f"PRDC (k = {cfg.k}) of {cfg.n_eval:,} DDPM samples (EMA weights, T = {cfg.T} linear schedule) against "
+        f"PRDC (k = {cfg.k}) of {cfg.n_eval:,} DDPM samples (EMA weights, T = {cfg.T} {cfg.schedule} schedule) against "
         f"{cfg.n_eval:,} fresh real points. Preset `{cfg.preset}`: TimeMLP, Adam lr {cfg.lr:g}, batch "
         f"{cfg.batch_size}, {cfg.steps:,} steps ({epochs:.0f} epochs of {cfg.n_train:,} points), EMA "
         f"{cfg.ema_decay:g}; seeds {seeds}" + (" (mean ± std over seeds)." if len(cfg.seeds) > 1 else " (one seed)."),
@@ -89,7 +96,7 @@ def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None =
         earlier = elapsed.get("runs_finished_earlier", 0)
         lines += ["", f"{elapsed['runs']} runs: {elapsed['wall_s'] / 60:.1f} min wall, {elapsed['cpu_s'] / 60:.1f} min "
                       f"CPU time ({elapsed.get('jobs', 1)} job(s) of {elapsed['torch_threads']} torch thread(s), "
-                      f"{elapsed['cpu_count']} CPU cores)"
+                      f"{elapsed['cpu_count']} CPU cores{_load_text(elapsed)})"
                       + (f"; {earlier} of them finished in an earlier invocation and are not timed here." if earlier
                          else ".")]
     return "\n".join(lines) + "\n"
@@ -134,7 +141,7 @@ def plot_isotropy(path: Path, cfg: SweepConfig, dataset: str) -> Path:
     """The forward process's measured isotropy on the training data vs 1 + (iso_0 - 1) ab_t."""
     from ..metrics.isotropy import forward_isotropy_curve, plot_isotropy_curve
 
-    sched = NoiseSchedule.linear(cfg.T)
+    sched = NoiseSchedule.from_name(cfg.schedule, cfg.T)
     x0 = make_dataset(dataset, cfg.n_train, seed=cfg.seeds[0])
     measured, theory = forward_isotropy_curve(x0, sched, generator=torch.Generator().manual_seed(0))
     plot_isotropy_curve(measured, theory, np.arange(cfg.T), path,

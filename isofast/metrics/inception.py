@@ -160,6 +160,28 @@ class FIDInceptionV3(nn.Module):
         return pool, logits
 
 
+def _load_weights_only(file: Path):
+    """``torch.load(file, weights_only=True)``, its failures as one ValueError naming the file.
+
+    torch raises KeyError for a file that is not a PyTorch archive, and for a pickle that would run code an
+    UnpicklingError whose text advises ``weights_only=False``: advice that must not reach a user.
+    """
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # the pickle names a function or class to call
+            raise ValueError(f"{file} holds objects other than tensors (loading it would run code from the file): "
+                             f"refused; expected {FID_WEIGHTS_FILENAME}") from None
+        raise ValueError(f"{file} is not a PyTorch weights file (unreadable pickle); expected "
+                         f"{FID_WEIGHTS_FILENAME}") from None
+    except (KeyError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"{file} is not a PyTorch weights file ({type(exc).__name__}); expected "
+                         f"{FID_WEIGHTS_FILENAME}") from None
+
+
 def _missing_weights_error(where: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"FID Inception weights not found ({where}). isofast never downloads them: fetch {FID_WEIGHTS_FILENAME} "
@@ -197,7 +219,7 @@ def load_inception(
         if not digest.startswith(_SHA256_PREFIX):
             raise ValueError(f"{file} has sha256 {digest[:16]}..., not the released {FID_WEIGHTS_FILENAME} "
                              f"(sha256 {_SHA256_PREFIX}...)")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = _load_weights_only(file)
     if not isinstance(state, dict):
         raise ValueError(f"{file} does not hold a state dict (got {type(state).__name__})")
     model = FIDInceptionV3(input_range=input_range)
