@@ -36,6 +36,8 @@ def derive(rows: list[Row], copy_bytes_per_s: float | None) -> None:
                 d["copy_fraction"] = row.bytes_floor / med / copy_bytes_per_s if copy_bytes_per_s else None
             if row.items:
                 d["items_per_s"] = row.items / med
+            if row.flops and row.flop_rate:
+                d["matmul_fraction"] = row.flops / med / row.flop_rate
             if row.target is not None and row.target.applies(v):
                 d["target"] = _target_marks(row, v)
 
@@ -73,15 +75,16 @@ def _fmt_mb(b) -> str:
 
 def _target_text(v: Variant) -> str:
     marks = v.derived.get("target")
+    mm = f"{v.derived['matmul_fraction']:.0%} of the mm rate" if "matmul_fraction" in v.derived else ""
     if not marks:
-        return ""
+        return mm
     names = {"x_eager": "eager", "x_compile": "compile", "copy_fraction": "copyBW"}
     out = []
     for key, m in marks.items():
         need = f"{m['need']:.0%}" if key == "copy_fraction" else f"{m['need']:g}x"
         verdict = "n/a" if m["pass"] is None else ("pass" if m["pass"] else "MISS")
         out.append(f">={need} {names[key]} {verdict}")
-    return "; ".join(out)
+    return "; ".join(out + ([mm] if mm else []))
 
 
 def table(rows: list[Row], header: list[str]) -> str:
@@ -90,6 +93,7 @@ def table(rows: list[Row], header: list[str]) -> str:
            f"{'GB/s':>7} {'%copy':>6} {'items/s':>10}  target"
     for row in rows:
         floor = f"; floor {row.bytes_floor / 2**20:.2f} MB" if row.bytes_floor else ""
+        floor += f"; {row.floor_note}" if row.flops else ""
         lines += ["", f"== {row.name}  ({row.n_inputs} input sets{floor})", cols]
         for v in row.variants:
             if v.status != "ok":
@@ -114,6 +118,7 @@ def to_json(rows: list[Row], meta: dict) -> dict:
         out_rows.append({
             "name": row.name, "group": row.group, "params": {k: _plain(v) for k, v in row.params.items()},
             "n_input_sets": row.n_inputs, "bytes_floor": row.bytes_floor, "floor_note": row.floor_note,
+            "flops": row.flops, "matmul_flops_per_s": row.flop_rate,
             "items_per_call": row.items, "item_unit": row.item_unit,
             "target": row.target.text() if row.target else None,
             "duration_s": row.duration_s,

@@ -91,6 +91,8 @@ class Row:
     target: Target | None = None
     long: bool = False  # whole sampling runs: no warm-up calls, one call per sample
     duration_s: float | None = None  # wall time of the whole row (build, checks, timings): the next run's estimate
+    flops: int | None = None  # arithmetic floor: FLOPs one call must do (the ensemble rows)
+    flop_rate: float | None = None  # this machine's fp32 matmul FLOP/s, measured in the same run
 
 
 @dataclass

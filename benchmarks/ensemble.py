@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _rows_ensemble import matmul_rate, model_macs  # noqa: E402  (shared with throughput.py's ensemble rows)
+
 from isofast.data.toy2d import make_dataset  # noqa: E402
 from isofast.ensemble import EnsembleMLP, EnsembleRun, ensemble_ddpm_sample  # noqa: E402
 from isofast.models.mlp import TimeMLP  # noqa: E402
@@ -39,19 +41,6 @@ def _seconds_per_call(fn, calls: int) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls
-
-
-def matmul_rate() -> float:
-    """fp32 FLOP/s of torch.mm on 1024 x 1024 matrices (the machine's practical matmul ceiling)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024**3 / _seconds_per_call(lambda: torch.mm(a, b), 20)
-
-
-def model_macs(model: TimeMLP, rows: int, shared_t: bool) -> int:
-    """Multiply-adds of one forward of ``rows`` rows (time projections once, not per row, when shared_t)."""
-    h, d, e, L = model.hidden, model.data_dim, model.emb_dim, model.n_layers
-    per_row = d * h + (L - 1) * h * h + h * d
-    return rows * per_row + (L * e * h if shared_t else rows * L * e * h)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ import _harness as H  # noqa: E402
 import _progress as P  # noqa: E402
 import _report as R  # noqa: E402
 import _rows as rows_ops  # noqa: E402
+import _rows_ensemble as rows_ensemble  # noqa: E402
 import _rows_models as rows_models  # noqa: E402
 import torch  # noqa: E402
 from _interrupt import Stopped, stop_on_signals  # noqa: E402
@@ -122,6 +123,12 @@ def plan(settings: Settings) -> list[tuple[str, Callable[[], Row]]]:
     shape = (batch, 3, _RESOLUTION[cfg], _RESOLUTION[cfg])
     entries.append((f"train step/unet-{cfg}/{rows_ops.shape_text(shape)}",
                     lambda cfg=cfg, batch=batch: rows_models.train_row(s, cfg, batch, size["trainer_modes"])))
+    members, num, steps = (4, 1000, 2) if quick else (18, 10_000, 5)
+    entries.append((f"ensemble train step/TimeMLP x{members}/batch 64",
+                    lambda members=members: rows_ensemble.train_row(s, members, 64, rows_ensemble.matmul_rate())))
+    entries.append((f"ensemble sampling/TimeMLP x{members}/{num}x2/{steps} steps",
+                    lambda members=members, num=num, steps=steps: rows_ensemble.sample_row(
+                        s, members, num, steps, rows_ensemble.matmul_rate())))
     return entries
 
 
