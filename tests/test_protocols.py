@@ -220,6 +220,12 @@ def test_study_writes_prdc_csv_and_paired_summary(tmp_path):
     # resuming a finished study reads its rows back, trains nothing
     again = run_study(cfg, resume=True, log=lambda msg: None)
     assert len(again) == len(rows)
+    # the samples' spread, read back from the study's last save
+    from isofast.experiments.study_norms import sample_norms
+
+    norms = sample_norms(tmp_path / "s", n=16)["swiss_roll"]
+    assert [(r["lambda"], r["seed"]) for r in norms] == [(lam, s) for s in (0, 1, 2) for lam in (0.0, 0.3)]
+    assert all(math.isfinite(r["sample_sq_norm"]) and r["train_sq_norm"] > 0 for r in norms)
 
 
 @pytest.mark.parametrize("args, message", [
