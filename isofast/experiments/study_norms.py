@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             cell = "–"
             if lam > 0:
                 iv = paired_interval([r["sample_sq_norm"] - base[r["seed"]] for r in sel if r["seed"] in base])
-                cell = f"{iv['mean']:+.4f} [{iv['lo']:+.4f}, {iv['hi']:+.4f}] {verdict(iv)}"
+                word = {"gain": "larger", "loss": "smaller", "n.s.": "n.s."}[verdict(iv)]
+                cell = f"{iv['mean']:+.4f} [{iv['lo']:+.4f}, {iv['hi']:+.4f}] {word}"
             print(f"| {lam:g} | {values.mean().item():.4f}{spread} | {cell} |")
     return 0
 
