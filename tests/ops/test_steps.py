@@ -187,8 +187,9 @@ def test_compiled_steps_bad_input_raise_clear_errors(backend):
         ops.ddpm_step(x, x, t, torch.ones(5, 10, device=dev), None, None, False)
     with pytest.raises(RuntimeError, match="table must have shape"):
         ops.ddpm_step(x, x, t, torch.ones(4, 10, device=dev), None, torch.tensor([1, 2], device=dev), False)
-    with pytest.raises(RuntimeError, match=r"t_prev\[0\] = -2"):
-        ops.ddim_step(x, x, t, t - 2, tab, 0.0, None, torch.tensor([1, 2], device=dev), False)
+    if dev.type == "cpu":  # on CUDA the indices are checked by a device-side assert, which no test can catch
+        with pytest.raises(RuntimeError, match=r"t_prev\[0\] = -2"):
+            ops.ddim_step(x, x, t, t - 2, tab, 0.0, None, torch.tensor([1, 2], device=dev), False)
     with pytest.raises(RuntimeError, match="key .* is required when e is None"):
         ops.ddim_step(x, x, t, t, tab, 0.5, None, None, False)
     with pytest.raises(RuntimeError, match=r"table must have shape \(6, T\)"):
