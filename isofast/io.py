@@ -119,3 +119,12 @@ def check_writable_dir(path: str | Path) -> None:
     probe = path / ".write_test"
     probe.write_text("ok")
     probe.unlink()
+
+
+def writable_output_dir(path: str | Path) -> Path:
+    """`check_writable_dir` for a command's output folder: a PermissionError naming it when it cannot be used."""
+    try:
+        check_writable_dir(path)
+    except OSError as exc:
+        raise PermissionError(f"output folder {str(path)!r} is not writable: {exc}") from exc
+    return Path(path)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_bytes, atomic_write_text, check_writable_dir
+from ..io import atomic_write_bytes, atomic_write_text, writable_output_dir
 from ..train_config import TrainConfig
 from .protocols import PROTOCOLS, Protocol, member_data, reference_points
 
@@ -201,11 +201,7 @@ def _write_losses(path: Path, run, members: list[tuple[float, int]]) -> None:
 def prepare_study(cfg: StudyConfig, resume: bool) -> Path:
     """Validate ``cfg`` and the output folder before any training (as `toy2d.prepare_output`)."""
     cfg.validate()
-    out = Path(cfg.out)
-    try:
-        check_writable_dir(out)
-    except OSError as exc:
-        raise PermissionError(f"output folder {str(out)!r} is not writable: {exc}") from exc
+    out = writable_output_dir(cfg.out)
     recorded = out / "study.json"
     if recorded.exists() and not resume:
         raise FileExistsError(f"output folder {str(out)!r} already holds a study: pass --resume to continue it, "

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_write_bytes, atomic_write_text, check_writable_dir
+from ..io import atomic_write_bytes, atomic_write_text, writable_output_dir
 from ..schedule_names import SCHEDULES
 from ..train_config import TrainConfig
 
@@ -253,11 +253,7 @@ def prepare_output(cfg: SweepConfig, resume: bool) -> Path:
     ValueError when resuming a sweep whose recorded training settings differ.
     """
     cfg.validate()
-    out = Path(cfg.out)
-    try:
-        check_writable_dir(out)
-    except OSError as exc:
-        raise PermissionError(f"output folder {str(out)!r} is not writable: {exc}") from exc
+    out = writable_output_dir(cfg.out)
     recorded = out / "sweep.json"
     existing = [run_dir(cfg, d, lam, s) for d in cfg.datasets for lam in cfg.lambdas for s in cfg.seeds]
     started = [p for p in existing if (p / "checkpoints").exists() or (p / "result.json").exists()]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .mlp import points_and_timesteps
+
 __all__ = ["AuthorsMLP", "sinusoidal_encoding"]
 
 
@@ -55,15 +57,7 @@ class AuthorsMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """(B, data_dim) predicted noise for x_t (B, data_dim) and 0-based timesteps t (B,) (or one number)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.data_dim:
-            raise ValueError(f"x must be a tensor of shape (B, {self.data_dim}), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"t must have shape ({x.shape[0]},) to match x, got {tuple(t.shape)}")
+        t = points_and_timesteps(x, t, self.data_dim)
         e = sinusoidal_encoding(t.to(x.device, torch.float32) + 1.0, self.emb_dim).to(x.dtype)
         h = x
         last = len(self.layers) - 1

@@ -7,7 +7,22 @@ from torch import nn
 
 from isofast.models.embedding import timestep_embedding
 
-__all__ = ["TimeMLP"]
+__all__ = ["TimeMLP", "points_and_timesteps"]
+
+
+def points_and_timesteps(x: torch.Tensor, t: torch.Tensor | int | float, data_dim: int) -> torch.Tensor:
+    """Check a 2-D model's inputs, x (B, data_dim) and t (B,) or one number; returns t as a (B,) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != data_dim:
+        raise ValueError(f"x must have shape (B, {data_dim}), got {tuple(x.shape)}")
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(t, device=x.device)
+    if t.dim() == 0:
+        t = t.expand(x.shape[0])
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"t must have shape ({x.shape[0]},) to match x, got {tuple(t.shape)}")
+    return t
 
 
 class TimeMLP(nn.Module):
@@ -64,16 +79,7 @@ class TimeMLP(nn.Module):
         Returns:
             (B, data_dim) tensor of x's dtype.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != self.data_dim:
-            raise ValueError(f"x must have shape (B, {self.data_dim}), got {tuple(x.shape)}")
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"t must have shape ({x.shape[0]},) to match x, got {tuple(t.shape)}")
+        t = points_and_timesteps(x, t, self.data_dim)
         emb = timestep_embedding(t.to(x.device), self.emb_dim, self.max_period).to(x.dtype)
         h = x
         for layer, proj in zip(self.layers, self.time_proj, strict=True):
