@@ -26,11 +26,12 @@ import torch
 from ..data.order import TIMESTEP_MODES, mix_seed
 from ..data.toy2d import DATA_NOISE, make_dataset
 from ..models.registry import MODELS_2D
+from ..train_config import TrainConfig
+from .toy2d import REAL_SEED_OFFSET
 
 __all__ = ["PROTOCOLS", "REFERENCES", "Protocol", "member_data", "reference_points"]
 
 REFERENCES = ("fresh", "train", "test")
-FRESH_SEED_OFFSET = 1_000_003  # the fresh reference set's data seed is this + the run seed (as the sweep's)
 _SPLIT_STREAM = 0x5B17  # the train/test split's generator: seeded from (run seed, this tag)
 
 
@@ -95,6 +96,12 @@ class Protocol:
     def n_train(self) -> int:
         return self.n_points - round(self.n_points * self.test_fraction)
 
+    def train_config(self, out_dir: str, backend: str | None = None) -> TrainConfig:
+        """The `TrainConfig` every member of this protocol's ensemble shares (seed and lambda are per member)."""
+        return TrainConfig(out_dir=out_dir, steps=self.steps, batch_size=self.batch_size, lr=self.lr, T=self.T,
+                           ema_decay=self.ema_decay, grad_clip=self.grad_clip or None, timesteps=self.timesteps,
+                           backend=backend, progress=False, tensorboard=False, log_every=max(1, self.steps // 200))
+
     def with_overrides(self, **overrides) -> Protocol:
         """This protocol with the non-None ``overrides`` (field names) replaced."""
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
@@ -136,7 +143,7 @@ def reference_points(protocol: Protocol, kind: str, dataset: str, seed: int, tra
                      test: torch.Tensor | None) -> torch.Tensor:
     """The reference set ``kind`` of REFERENCES for the run with ``seed``."""
     if kind == "fresh":
-        return make_dataset(dataset, protocol.n_eval, seed=FRESH_SEED_OFFSET + seed,
+        return make_dataset(dataset, protocol.n_eval, seed=REAL_SEED_OFFSET + seed,
                             noise=_noise_for(protocol, dataset))
     if kind == "train":
         return train

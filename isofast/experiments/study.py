@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_bytes, atomic_write_text, writable_output_dir
-from ..train_config import TrainConfig
+from ..distributed import pick_device
+from ..io import atomic_write, atomic_write_text, writable_output_dir
 from .protocols import PROTOCOLS, Protocol, member_data, reference_points
+from .toy2d import METRICS
 
 __all__ = ["PRDC_COLUMNS", "StudyConfig", "run_study"]
 
 PRDC_COLUMNS = ("dataset", "lambda", "temperature", "seed", "step", "fraction", "reference",
                 "precision", "recall", "density", "coverage")
-METRICS = ("precision", "recall", "density", "coverage")
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,6 @@ def study_config(protocol: str, out: str, datasets: Sequence[str], **overrides) 
     return StudyConfig(out=out, protocol=proto, datasets=tuple(datasets), **own)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _members(cfg: StudyConfig) -> list[tuple[float, int]]:
     return [(float(lam), seed) for seed in cfg.seeds for lam in cfg.lambdas]
 
@@ -132,9 +126,9 @@ def _evaluate(cfg: StudyConfig, dataset: str, run, step: int, data: dict, log: C
                                        backend=cfg.backend, progress=cfg.progress, temperature=tau).float().cpu()
         for j, i in enumerate(idx):
             lam, seed = members[i]
+            finite = bool(torch.isfinite(samples[j]).all())
             for ref in p.references:
                 real = data["refs"][(seed, ref)]
-                finite = bool(torch.isfinite(samples[j]).all())
                 metrics = prdc(real, samples[j], k=p.k) if finite else dict.fromkeys(METRICS, math.nan)
                 rows.append({"dataset": dataset, "lambda": lam, "temperature": tau, "seed": seed, "step": step,
                              "fraction": step / p.steps, "reference": ref, **{m: float(metrics[m]) for m in METRICS}})
@@ -144,9 +138,8 @@ def _evaluate(cfg: StudyConfig, dataset: str, run, step: int, data: dict, log: C
 
 
 def _save_state(folder: Path, run, rows: list[dict]) -> None:
-    buffer = io.BytesIO()
-    torch.save(run.state_dict(), buffer)
-    atomic_write_bytes(folder / "ensemble.pt", buffer.getvalue())
+    state = run.state_dict()
+    atomic_write(folder / "ensemble.pt", lambda tmp: torch.save(state, tmp))
     atomic_write_text(folder / "rows.json", json.dumps(rows) + "\n")  # after the state: rows never run ahead
 
 
@@ -165,12 +158,8 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
         data["train"][seed] = train
         for ref in p.references:
             data["refs"][(seed, ref)] = reference_points(p, ref, dataset, seed, train, test)
-    train_cfg = TrainConfig(out_dir=str(folder), steps=p.steps, batch_size=p.batch_size, lr=p.lr, T=p.T,
-                            ema_decay=p.ema_decay, grad_clip=p.grad_clip or None, timesteps=p.timesteps,
-                            backend=cfg.backend, progress=False, tensorboard=False,
-                            log_every=max(1, p.steps // 200))
     run = EnsembleRun([data["train"][s] for _, s in members], [s for _, s in members], [lam for lam, _ in members],
-                      train_cfg, _device(cfg.device), model=p.model)
+                      p.train_config(str(folder), cfg.backend), pick_device(cfg.device), model=p.model)
     rows: list[dict] = []
     if resume and (folder / "ensemble.pt").exists():
         run.load_state_dict(torch.load(folder / "ensemble.pt", weights_only=False))

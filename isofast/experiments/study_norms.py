@@ -26,7 +26,6 @@ __all__ = ["sample_norms"]
 def sample_norms(out: str | Path, n: int = 2000) -> dict[str, list[dict]]:
     """{dataset: [{lambda, seed, sample_sq_norm, train_sq_norm}, ...]} for every member of the study at ``out``."""
     from ..ensemble import EnsembleRun, ensemble_ddpm_sample
-    from ..train_config import TrainConfig
     from .protocols import Protocol, member_data
 
     out = Path(out)
@@ -37,10 +36,7 @@ def sample_norms(out: str | Path, n: int = 2000) -> dict[str, list[dict]]:
         state = torch.load(out / "runs" / dataset / "ensemble.pt", weights_only=False)
         seeds, lambdas = state["seeds"], state["lambdas"]
         train = {s: member_data(proto, dataset, s)[0] for s in sorted(set(seeds))}
-        cfg = TrainConfig(out_dir=str(out), steps=proto.steps, batch_size=proto.batch_size, T=proto.T,
-                          ema_decay=proto.ema_decay, grad_clip=proto.grad_clip or None, timesteps=proto.timesteps,
-                          progress=False, tensorboard=False)
-        run = EnsembleRun([train[s] for s in seeds], seeds, lambdas, cfg, model=proto.model)
+        run = EnsembleRun([train[s] for s in seeds], seeds, lambdas, proto.train_config(str(out)), model=proto.model)
         run.load_state_dict(state)
         samples = ensemble_ddpm_sample(run.ema_model, n, run.schedule, seeds).float()
         result[dataset] = [{"lambda": lam, "seed": s, "sample_sq_norm": float(samples[m].square().sum(1).mean()),

@@ -24,10 +24,10 @@ import numpy as np
 from ..io import atomic_write_text
 from ..plots import save_figure
 from .paired import matched_difference, paired_interval, verdict
+from .toy2d import METRICS
 
 __all__ = ["write_report"]
 
-METRICS = ("precision", "recall", "density", "coverage")
 
 
 def _index(rows: list[dict]) -> dict:

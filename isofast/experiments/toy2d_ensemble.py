@@ -14,7 +14,6 @@ save when it holds the same runs (bit for bit: `EnsembleRun.state_dict`), else s
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import sys
 import time
@@ -22,16 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_bytes, atomic_write_text
+from ..distributed import pick_device
+from ..io import atomic_write, atomic_write_text
 from ..train_config import TrainConfig
 from .toy2d import METRICS, REAL_SEED_OFFSET, RunResult, SweepConfig, _save_run, run_dir
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 CKPT_EVERY = 2000  # steps between saves of the ensemble (a save of 18 members takes ~0.1 s)
 
@@ -45,9 +38,8 @@ def _fit_with_saves(ensemble, runs: list, path: Path, resume: bool, progress: bo
             print(f"isofast toy2d: resumed the ensemble of {len(runs)} runs at step {ensemble.step}", file=sys.stderr)
     while ensemble.step < ensemble.config.steps:
         ensemble.fit(min(ensemble.config.steps, (ensemble.step // CKPT_EVERY + 1) * CKPT_EVERY), progress=progress)
-        buffer = io.BytesIO()
-        torch.save({"runs": key, "ensemble": ensemble.state_dict()}, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        state = {"runs": key, "ensemble": ensemble.state_dict()}
+        atomic_write(path, lambda tmp, state=state: torch.save(state, tmp))
 
 
 def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]], resume: bool = False
@@ -62,7 +54,7 @@ def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]],
     train_cfg = TrainConfig(out_dir=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, T=cfg.T,
                             schedule=cfg.schedule, ema_decay=cfg.ema_decay, backend=cfg.backend, progress=False, tensorboard=False)
     wall, cpu = time.perf_counter(), time.process_time()
-    ensemble = EnsembleRun(data, seeds, [lam for _, lam, _ in runs], train_cfg, _device(cfg.device))
+    ensemble = EnsembleRun(data, seeds, [lam for _, lam, _ in runs], train_cfg, pick_device(cfg.device))
     _fit_with_saves(ensemble, runs, Path(cfg.out) / "ensemble_state.pt", resume, cfg.progress)
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
 
