@@ -4,21 +4,12 @@ import json
 import shutil
 
 import pytest
-import torch
-from trainer_helpers import assert_bitwise, tiny_config, tiny_mlp, toy_points
+from trainer_helpers import assert_bitwise, one_thread, tiny_config, tiny_mlp, toy_points  # noqa: F401 (autouse fixture)
 
 from isofast import checkpoint as ck
 from isofast.cli import main as cli_main
 from isofast.resume import ResumeError
 from isofast.train import Trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _train(out, steps, model_seed=0, resume=False, override=(), **kw):

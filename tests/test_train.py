@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from trainer_helpers import assert_bitwise, tiny_config, tiny_mlp, toy_points
+from trainer_helpers import assert_bitwise, one_thread, tiny_config, tiny_mlp, toy_points  # noqa: F401 (autouse fixture)
 
 from isofast import NoiseKey, NoiseSchedule, reference
 from isofast import checkpoint as ck
@@ -23,16 +23,6 @@ from isofast.train import TrainConfig, Trainer
 from isofast.train_stats import METRIC_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: extra OpenMP threads only add contention on a shared CPU, and the subprocess runs
-    # below use one thread too, so in-process and subprocess float results are comparable bit for bit.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _optimizer_tensors(state: dict) -> dict:

@@ -1,8 +1,20 @@
 """Small runs shared by the Trainer and resume tests: a tiny MLP on 40 points, a config of a few steps."""
+import pytest
 import torch
 
 from isofast.models.mlp import TimeMLP
 from isofast.train import TrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Autouse in a test module that imports it: one torch thread for the module's tests. Tiny models: extra
+    OpenMP threads only add contention on a shared CPU, and the subprocess runs of the tests use one thread too,
+    so in-process and subprocess float results are comparable bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(out, **kw) -> TrainConfig:

@@ -9,6 +9,12 @@ import argparse
 import sys
 
 
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """The positional CHECKPOINT of the commands that read a trained run (`isofast.checkpoint.load_trained_model`
+    takes each of these forms)."""
+    parser.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or one step_XXXXXXX folder")
+
+
 def show_progress(no_progress: bool) -> bool:
     """The one rule for every command's progress bars: drawn when stderr is a terminal, unless --no-progress.
 

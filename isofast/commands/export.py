@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import HelpFormatter
+from . import HelpFormatter, add_checkpoint_argument
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a trained run as a diffusers DDPMPipeline", description=__doc__,
                               formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or one step_XXXXXXX folder")
+    add_checkpoint_argument(p)
     p.add_argument("--diffusers", required=True, metavar="OUT",
                    help="write a diffusers DDPMPipeline (save_pretrained) into this new or empty folder")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import HelpFormatter, show_progress
+from . import HelpFormatter, add_checkpoint_argument, show_progress
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("sample", help="sample from a trained checkpoint", description=__doc__,
                               formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or one step_XXXXXXX folder")
+    add_checkpoint_argument(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
