@@ -1,0 +1,60 @@
+"""`python -m isofast.experiments.verdict_grid`: one table across protocol study folders."""
+import csv
+import json
+
+import pytest
+
+from isofast.experiments import verdict_grid
+from isofast.experiments.study import PRDC_COLUMNS
+
+BASE = {"precision": 0.80, "recall": 0.99, "density": 0.70, "coverage": 0.95}
+
+
+def _study(folder, name, timesteps, rows):
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps({"protocol": {"name": name, "timesteps": timesteps}}))
+    with open(folder / "prdc.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=PRDC_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _row(dataset, lam, tau, seed, **metrics):
+    return {"dataset": dataset, "lambda": lam, "temperature": tau, "seed": seed, "step": 100, "fraction": 1.0,
+            "reference": "test", **{**BASE, **metrics}}
+
+
+def _rows(dataset, d_precision):
+    """3 seeds; lambda 0.3 raises precision by d_precision (+-0.001 by seed) and leaves the rest; the
+    lambda = 0 temperature curve: tau 0.8 has recall 0.97 and precision 0.90."""
+    rows = []
+    for seed, jitter in enumerate((-0.001, 0.0, 0.001)):
+        rows.append(_row(dataset, 0.0, 1.0, seed))
+        rows.append(_row(dataset, 0.0, 0.8, seed, precision=0.90, recall=0.97))
+        rows.append(_row(dataset, 0.3, 1.0, seed, precision=0.80 + d_precision + jitter, recall=0.98))
+    return rows
+
+
+def test_grid_lines_up_paired_differences_and_matched_temperature(tmp_path, capsys):
+    _study(tmp_path / "a", "authors2024", "per-batch", _rows("moons", 0.05))
+    _study(tmp_path / "b", "authors2024", "per-sample", _rows("moons", 0.0))
+    assert verdict_grid.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    batch = next(line for line in out.splitlines() if line.startswith("| `authors2024`, one t per batch"))
+    sample = next(line for line in out.splitlines() if line.startswith("| `authors2024`, one t per sample"))
+    assert "P +0.050▲" in batch and "R -0.010▼" in batch  # recall 0.98 vs 0.99 in every seed
+    assert "P +0.000 " in sample and "▲" not in sample.split("|")[2]
+    # at recall 0.98 the temperature curve (0.99, 0.80)-(0.97, 0.90) gives precision 0.85: 0.85 - 0.85 = 0
+    matched = [line for line in out.splitlines() if line.startswith("| `authors2024`, one t per batch")][1]
+    assert "P@R +0.000" in matched
+
+
+def test_empty_root_is_a_clear_error(tmp_path, capsys):
+    assert verdict_grid.main([str(tmp_path)]) == 2
+    assert "no study folders" in capsys.readouterr().err
+
+
+def test_study_without_rows_is_refused(tmp_path):
+    _study(tmp_path / "a", "isofast", "per-sample", [])
+    with pytest.raises(ValueError, match="no rows"):
+        verdict_grid.load_study(tmp_path / "a")
