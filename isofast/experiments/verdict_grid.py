@@ -91,9 +91,9 @@ def grid_markdown(studies: Sequence[tuple[str, list[dict]]], lam: float) -> str:
            "where the study has them; ▲/▼: the 95% paired-t interval excludes 0.\n\n", head]
     out += [f"| {label} | " + " | ".join(cells.get(d, ("–", "–"))[0] for d in datasets) + " |\n"
             for label, cells in labels.items()]
-    out += ["\nlambda = {:g} against the lambda = 0 model at a lower temperature with the same recall (P@R) or "
+    out += [f"\nlambda = {lam:g} against the lambda = 0 model at a lower temperature with the same recall (P@R) or "
             "coverage (D@C); (k/n off): k of n seeds' lambda models lie beyond the lowest temperature measured, "
-            "so the interval is over the others:\n\n".format(lam), head]
+            "so the interval is over the others:\n\n", head]
     out += [f"| {label} | " + " | ".join(cells.get(d, ("–", "–"))[1] for d in datasets) + " |\n"
             for label, cells in labels.items()]
     return "".join(out)
