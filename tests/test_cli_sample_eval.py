@@ -171,3 +171,14 @@ def test_eval_refuses_junk_and_malicious_inception_weights(tmp_path, capsys):
     err = _eval_error(capsys, str(good), "--metrics", "is", "--inception-weights", str(malicious))
     assert "refused" in err and "weights_only=False" not in err
     assert "code from the weights file ran" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_sample_and_eval_on_cuda_without_cuda_say_so(run_dir, tmp_path, capsys):
+    assert main(["sample", str(run_dir), "--out", str(tmp_path / "s"), "--num", "2", "--no-progress",
+                 "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    np.savez(tmp_path / "fake.npz", samples=np.zeros((8, 1, 8, 8), np.float32))
+    assert main(["eval", str(tmp_path / "fake.npz"), "--real", "digits", "--metrics", "prdc", "--k", "2",
+                 "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -105,6 +105,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     import torch
 
     from .. import __version__
+    from ..distributed import pick_device
     from ..metrics.prdc import prdc
 
     metrics = set(args.metrics.split(","))
@@ -116,7 +117,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if warning:
         print(warning, file=sys.stderr)
     real = load_real(args, fake)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)  # the trainer's rule: "auto", and a clear error for unavailable CUDA
     report: dict = {
         "samples": str(args.samples),
         "real": args.real,

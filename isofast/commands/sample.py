@@ -41,9 +41,10 @@ def draw_samples(args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
     import torch
 
     from ..checkpoint import load_trained_model
+    from ..distributed import pick_device
     from ..sampling import ddim_sample, ddpm_sample
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)  # the trainer's rule: "auto", and a clear error for unavailable CUDA
     model, sched, meta = load_trained_model(args.checkpoint, which=args.weights, device=device)
     shape = (args.num, *sample_shape(meta))
     clip_x0 = args.clip_x0 if args.clip_x0 is not None else len(shape) == 4  # images: clip by default
