@@ -67,6 +67,8 @@ def test_wandb_offline_writes_its_run_under_the_run_folder(tmp_path, monkeypatch
     for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing written outside the test's folder
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     trainer = _fit(out, logger="wandb")
