@@ -10,7 +10,7 @@ from trainer_helpers import assert_bitwise, one_thread, tiny_config, tiny_mlp, t
 
 from isofast import checkpoint as ck
 from isofast.train import Trainer
-from isofast.train_precision import MixedPrecision
+from isofast.train_precision import MAX_SKIPPED_IN_A_ROW, MixedPrecision
 
 INIT_SCALE = 2.0 ** 16  # torch.amp.GradScaler's default
 pytestmark = pytest.mark.filterwarnings("ignore:precision='fp16' .* on a CPU")  # said once, in its own test
@@ -52,14 +52,14 @@ def test_fp32_and_bf16_have_no_scaler():
         MixedPrecision("fp8", torch.device("cpu"))
 
 
-def _poisoned_mlp():
-    """The tiny MLP whose first backward leaves an inf in a gradient (then never again)."""
+def _poisoned_mlp(times=1):
+    """The tiny MLP whose first ``times`` backwards leave an inf in a gradient (then never again)."""
     model = tiny_mlp()
     calls = []
 
     def poison(grad):
         calls.append(1)
-        return torch.full_like(grad, math.inf) if len(calls) == 1 else grad
+        return torch.full_like(grad, math.inf) if len(calls) <= times else grad
 
     next(model.parameters()).register_hook(poison)
     return model
@@ -99,3 +99,14 @@ def test_fp16_on_a_cpu_runs_and_says_bf16_is_the_cpu_choice(tmp_path):
         trainer = Trainer(tiny_mlp(), toy_points(), tiny_config(tmp_path, steps=2, precision="fp16", device="cpu"))
     trainer.fit()
     assert trainer.step == 2 and trainer.precision.scaler is not None
+
+
+def test_skipped_steps_without_end_are_a_divergence(tmp_path):
+    cfg = tiny_config(tmp_path, steps=MAX_SKIPPED_IN_A_ROW + 5, precision="fp16", log_every=10, ckpt_every=100)
+    with pytest.raises(FloatingPointError, match=f"{MAX_SKIPPED_IN_A_ROW} fp16 steps in a row were skipped"):
+        Trainer(_poisoned_mlp(times=10**9), toy_points(), cfg).fit()
+    # one fewer is the scaler still searching: the run goes on and trains
+    cfg = tiny_config(tmp_path / "searching", steps=MAX_SKIPPED_IN_A_ROW + 1, precision="fp16", log_every=10,
+                      ckpt_every=100)
+    trainer = Trainer(_poisoned_mlp(times=MAX_SKIPPED_IN_A_ROW - 1), toy_points(), cfg).fit()
+    assert trainer.step == MAX_SKIPPED_IN_A_ROW + 1 and trainer.precision.skipped_in_a_row == 0
