@@ -34,7 +34,8 @@ class TrainConfig:
         ema_warmup: use min(ema_decay, (1 + k)/(10 + k)) after step k (see `isofast.ema.EMA`).
     warmup_steps: linear LR warm-up, lr_k = lr * min(1, (k + 1) / warmup_steps) for step k.
     iso_lambda, iso_mode: the Iso-Diffusion penalty weight (>= 0; 0 is plain DDPM) and mode.
-    timesteps: "per-sample" (each row its own t, DDPM) or "per-batch" (one t for the whole batch).
+    timesteps: "per-sample" (each row its own t, DDPM) or "per-batch" (one t for the whole batch: with grad_accum,
+        the optimizer step's, shared by its micro-batches).
     schedule ("linear" | "cosine" | "scaled_linear"), T: the noise schedule.
     seed: seeds data order, timesteps, noise and torch's global RNG.
     log_every, ckpt_every (a checkpoint is always written at the end), keep_checkpoints (>= 1),
