@@ -20,6 +20,11 @@ Sharding scheme (what makes N processes train exactly like one):
   (`global_batch_iso_loss`). Its value is the global penalty and its rank-averaged gradient is
   exactly d/dtheta lambda (S - 1)^2, so W processes give the weights of one process on the same
   global batch (up to float summation order).
+* Gradient accumulation (``grad_accum`` N): an optimizer step's global batch is N micro-batches of B
+  rows, micro-batch m its rows ``[m B, (m+1) B)``, each sharded over ranks as above
+  (`micro_batch_rows`). So W processes with N micro-batches take the same step as one process with N,
+  batch penalty included; every rank skips DDP's gradient all-reduce on all but the last micro-batch
+  (``no_sync``), whose all-reduce then averages the sums of all N.
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ __all__ = [
     "global_batch_iso_loss",
     "init_from_env",
     "is_main_process",
+    "micro_batch_rows",
+    "read_rows",
     "pick_device",
     "rank_noise",
     "rank_rows",
@@ -178,6 +185,23 @@ def rank_rows(global_batch: int, rank: int, world_size: int) -> slice:
         raise ValueError(f"batch_size={global_batch} (the global batch) must be divisible by the world size {world_size}")
     per_rank = global_batch // world_size
     return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def micro_batch_rows(batch_size: int, grad_accum: int, rank: int, world_size: int) -> list[slice]:
+    """This rank's rows of each of the ``grad_accum`` micro-batches of one optimizer step, as rows of the step's
+    global batch of ``batch_size * grad_accum``: micro-batch m's are ``m * batch_size + rank_rows(batch_size, ...)``."""
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
+    mine = rank_rows(batch_size, rank, world_size)
+    return [slice(m * batch_size + mine.start, m * batch_size + mine.stop) for m in range(grad_accum)]
+
+
+def read_rows(micro_rows: list[slice]) -> slice | torch.Tensor:
+    """The rows of the step's global batch this rank reads, micro-batch after micro-batch: one slice when
+    they are contiguous (one process, or no accumulation), else an int64 index tensor."""
+    if all(a.stop == b.start for a, b in zip(micro_rows[:-1], micro_rows[1:], strict=True)):
+        return slice(micro_rows[0].start, micro_rows[-1].stop)
+    return torch.cat([torch.arange(r.start, r.stop) for r in micro_rows])
 
 
 def rank_noise(key: NoiseKey, rows: slice) -> NoiseKey | torch.Tensor:

@@ -168,7 +168,7 @@ def _check_config(config: TrainConfig) -> None:
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
     unsupported = {"optimizer": "adam", "weight_decay": 0.0, "warmup_steps": 0, "iso_mode": "batch",
-                   "precision": "fp32", "compile": False, "channels_last": False}
+                   "precision": "fp32", "compile": False, "channels_last": False, "grad_accum": 1}
     bad = [f"{k}={getattr(config, k)!r}" for k, v in unsupported.items() if getattr(config, k) != v]
     if bad:
         raise ValueError(f"the ensemble engine trains with {unsupported}; config has {', '.join(bad)}")

@@ -36,7 +36,7 @@ __all__ = ["FREE_FIELDS", "HISTORY", "SET_ASIDE", "ResumeError", "check_destinat
 
 # Fields a resume may change: how long, how often to log/save, where and how fast, not what is trained.
 FREE_FIELDS = frozenset({"out_dir", "steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every",
-                         "channels_last", "compile", "device", "backend", "num_workers", "progress", "tensorboard"})
+                         "channels_last", "compile", "device", "backend", "num_workers", "progress", "logger"})
 HISTORY = "history.jsonl"
 SET_ASIDE = "set_aside"
 

@@ -1,23 +1,33 @@
 """The trainer shared by every isofast model: one process, or many under torchrun.
 
-One optimizer step on a global batch of B samples x0 (B, ...) of n elements each::
+One optimizer step on a global batch of A = N B samples x0 (A, ...) of n elements each, N = grad_accum
+micro-batches of B = batch_size::
 
-    t ~ U{0..T-1} (B,) (or one t for the batch),  key = NoiseKey.draw(x0.shape)            (the trainer's noise generator)
-    x_t, key = q_sample(x0, t, sched, key)                          (fused: eps generated in-kernel)
-    eps_pred = model(x_t, t)                                        (bf16 autocast if asked)
-    loss, parts = iso_ddpm_loss(eps_pred, key, iso_lambda, iso_mode, return_parts=True)
-    loss.backward(); clip grad norm; lr warm-up; optimizer.step(); EMA update
+    t ~ U{0..T-1} (A,) (or one t for the step),  key = NoiseKey.draw(x0.shape)             (the trainer's noise generator)
+    for each micro-batch m (rows [m B, (m+1) B) of x0, of t and of the draw):
+        x_t, key_m = q_sample(x0_m, t_m, sched, key_m)              (fused: eps generated in-kernel)
+        eps_pred = model(x_t, t_m)                                  (bf16/fp16 autocast if asked)
+        loss, parts = iso_ddpm_loss(eps_pred, key_m, iso_lambda, iso_mode, return_parts=True)
+        (loss / N).backward()                                       (fp16: the scaled loss; DDP: no_sync but the last)
+    clip grad norm; lr warm-up; optimizer.step() (fp16: skipped if gradients overflowed); EMA update
+
+So the gradient is the mean over the A samples, as one pass over a batch of A would give for every per-sample
+term (mse, the "sample" isotropy penalty); the "batch" penalty is that of each micro-batch of B, averaged.
+The data order, t and noise of a step are those of one batch of A, whatever N: a run with N micro-batches of
+B and one with 1 of N B see the same samples, timesteps and noise. The step count, LR schedule and EMA
+advance once per optimizer step. Mixed precision and the fp16 loss scaler: `isofast.train_precision`.
 
 `Trainer.fit` runs the phases of a run in order: set-up (run folder, seeds), resume (a checkpoint), the
 loop (a step; every few steps the stats, a sample grid, a snapshot), the end (the last of each). Its
-options are a `TrainConfig` (`isofast.train_config`); its statistics go to metrics.csv and TensorBoard
-(`isofast.train_stats`); its snapshots are checkpoints (`isofast.checkpoint`).
+options are a `TrainConfig` (`isofast.train_config`); its statistics go to metrics.csv and the configured
+logger (`isofast.train_stats`, `isofast.train_loggers`); its snapshots are checkpoints (`isofast.checkpoint`).
 
 Randomness, and why resume is exact. Three streams, all restored from a checkpoint:
 
 * data order: step s's global batch is a pure function of (seed, s) (`isofast.data.order`), so it needs
   no saved state (resuming mid-epoch costs nothing, whatever the world size);
 * t and noise keys: one CPU ``torch.Generator`` seeded from ``seed`` (`make_noise_generator`), saved;
+* the fp16 loss scale and its growth counter: saved;
 * torch's global RNG (dropout, random flips with ``num_workers=0``), numpy's and Python's: saved (per
   rank; a resume with another world size restores rank 0's and reseeds the others from (seed, rank, step)).
 
@@ -69,6 +79,8 @@ from .plots import write_samples
 from .reference import LossParts
 from .schedule import NoiseSchedule
 from .train_config import TrainConfig
+from .train_loggers import require_wandb
+from .train_precision import MixedPrecision
 from .train_stats import TrainStats
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -87,8 +99,9 @@ class Trainer:
     `isofast.models.model_spec_of`) so `isofast.checkpoint.load_trained_model` can rebuild it.
 
     Attributes: ``model`` (the unwrapped module, trained in place), ``ema_model``, ``step`` (optimizer
-    steps done), ``steps_trained`` (by the last `fit`), ``schedule`` (`NoiseSchedule` on the device),
-    ``optimizer``, ``dist`` (`DistInfo`), ``device``, ``out_dir``.
+    steps done, skipped fp16 steps included), ``steps_trained`` (by the last `fit`), ``schedule``
+    (`NoiseSchedule` on the device), ``optimizer``, ``precision`` (`MixedPrecision`: autocast, fp16 scaler),
+    ``dist`` (`DistInfo`), ``device``, ``out_dir``.
     """
 
     def __init__(
@@ -116,7 +129,16 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.dist = distributed.init_from_env(config.device)
         self.device = self.dist.device
-        self.rows = distributed.rank_rows(config.batch_size, self.dist.rank, self.dist.world_size)
+        # This rank's rows of each micro-batch, as rows of the step's global batch (`distributed.micro_batch_rows`).
+        self.micro_rows = distributed.micro_batch_rows(config.batch_size, config.grad_accum, self.dist.rank,
+                                                       self.dist.world_size)
+        self.precision = MixedPrecision(config.precision, self.device)
+        if config.precision == "fp16" and self.device.type == "cpu":
+            warnings.warn("precision='fp16' (--precision fp16) on a CPU runs, but float16 there can be many times "
+                          "slower than fp32 (image UNets above all); bf16 is the CPU choice",
+                          RuntimeWarning, stacklevel=2)
+        if config.logger == "wandb" and self.dist.is_main:
+            require_wandb()  # asked for by name: refuse now, not after the run folder is set up
 
         self._set_data(data)
         self.model = model.to(self.device)
@@ -130,31 +152,36 @@ class Trainer:
         self.step = 0
 
         self._forward: Callable = self.model
+        self._ddp = None
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self._forward = DistributedDataParallel(self.model, device_ids=ids)
+            self._forward = self._ddp = DistributedDataParallel(self.model, device_ids=ids)
         if config.compile:
             self._forward = torch.compile(self._forward)
-        self._autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
         self._global_iso = self.dist.distributed and config.iso_mode == "batch" and config.iso_lambda > 0
-        self.stats = TrainStats(self.out_dir, self.device, config.batch_size, self.dist.is_main)
+        self.stats = TrainStats(self.out_dir, self.device, config.batch_size * config.grad_accum, self.dist.is_main)
         self._last_saved = -1
         self.steps_trained = 0
 
     # ----- set-up ------------------------------------------------------------------------------------
     def _set_data(self, data: Dataset | torch.Tensor) -> None:
         cfg = self.config
+        step_batch = cfg.batch_size * cfg.grad_accum
+        size = data.shape[0] if isinstance(data, torch.Tensor) else len(data)
+        if cfg.grad_accum > 1 and size < step_batch:
+            raise ValueError(f"batch_size * grad_accum = {cfg.batch_size} * {cfg.grad_accum} = {step_batch} (one "
+                             f"optimizer step's batch) exceeds the dataset size {size}")
         if isinstance(data, torch.Tensor):
             if not data.is_floating_point() or data.ndim < 2:
                 raise ValueError(f"tensor data must be a float tensor (N, ...) with N samples, got {data.dtype} "
                                  f"of shape {tuple(data.shape)}")
-            self._order = EpochOrder(data.shape[0], cfg.batch_size, cfg.seed)
+            self._order = EpochOrder(data.shape[0], step_batch, cfg.seed)
             self._data = data.to(self.device, torch.float32)
             self.sample_shape = tuple(data.shape[1:])
         else:
-            self._order = EpochOrder(len(data), cfg.batch_size, cfg.seed)
+            self._order = EpochOrder(len(data), step_batch, cfg.seed)
             self._data = data
             self.sample_shape = tuple(first_item(data[0]).shape)
 
@@ -167,6 +194,11 @@ class Trainer:
     def tensorboard_status(self) -> str:
         """"off", "on", or "unavailable (why)": whether `fit` writes TensorBoard events."""
         return self.stats.tensorboard_status
+
+    @property
+    def logger_status(self) -> str:
+        """Where `fit` logs besides metrics.csv: "csv" (nowhere), "tensorboard on", "wandb on", ..."""
+        return self.stats.logger_status
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
@@ -185,44 +217,69 @@ class Trainer:
         return self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
 
     # ----- one step ----------------------------------------------------------------------------------
-    def _autocast(self):
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
-
-    def _noise_for_step(self, x0_shape: tuple[int, ...]) -> tuple[torch.Tensor, NoiseKey | torch.Tensor]:
-        """(t, noise) of this rank's rows, drawn from the global (B, ...) draw shared by every rank."""
+    def _noise_for_step(self, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor, NoiseKey]:
+        """(t (A,) on the CPU, key (A, ...)): the timesteps and noise of the step's global batch of A rows,
+        the same on every rank (identically seeded generators)."""
         cfg = self.config
-        t_global = draw_timesteps(cfg.T, cfg.batch_size, cfg.timesteps, self.noise_generator)
-        key = NoiseKey.draw((cfg.batch_size, *x0_shape[1:]), torch.float32, self.device, self.noise_generator)
+        rows = cfg.batch_size * cfg.grad_accum
+        t_global = draw_timesteps(cfg.T, rows, cfg.timesteps, self.noise_generator)
+        key = NoiseKey.draw((rows, *sample_shape), torch.float32, self.device, self.noise_generator)
+        return t_global, key
+
+    def _micro_batch_noise(self, t_global: torch.Tensor, key: NoiseKey,
+                           rows: slice) -> tuple[torch.Tensor, NoiseKey | torch.Tensor]:
+        """(t, noise) of ``rows`` of the step's draw: a key where the rows allow, else the tensor (`rank_noise`)."""
         # t stays on the CPU: q_sample checks CPU timesteps without a device sync and copies them over.
-        t = t_global[self.rows]
+        t = t_global[rows]
         if self.device.type == "cuda":
             t = t.pin_memory()
-        noise = key if self.dist.world_size == 1 else distributed.rank_noise(key, self.rows)
-        return t, noise
+        whole = rows.start == 0 and rows.stop == key.shape[0]
+        return t, key if whole else distributed.rank_noise(key, rows)
 
     def _loss(self, eps_pred: torch.Tensor, noise: NoiseKey | torch.Tensor) -> tuple[torch.Tensor, LossParts]:
         cfg = self.config
-        if self._global_iso:  # DDP + batch penalty: the penalty of the *global* batch mean
+        if self._global_iso:  # DDP + batch penalty: the penalty of the *global* (micro-)batch mean
             return distributed.global_batch_iso_loss(eps_pred, noise, cfg.iso_lambda, cfg.backend)
         return iso_ddpm_loss(eps_pred, noise, cfg.iso_lambda, cfg.iso_mode, return_parts=True, backend=cfg.backend)
 
-    def train_step(self, x0: torch.Tensor) -> None:
-        """One optimizer step on this rank's batch x0 (B/W, ...) (the data iterator supplies it)."""
+    def _gradient_sync(self, last: bool):
+        """DDP all-reduces gradients in the backward of the last micro-batch only (``no_sync`` before it)."""
+        if self._ddp is None or last:
+            return contextlib.nullcontext()
+        return self._ddp.no_sync()
+
+    def _micro_step(self, x0: torch.Tensor, t_cpu: torch.Tensor, noise: NoiseKey | torch.Tensor,
+                    last: bool) -> tuple[torch.Tensor, LossParts]:
+        """Forward and backward of one micro-batch (its gradients, divided by grad_accum, add to .grad)."""
         cfg = self.config
-        t_cpu, noise = self._noise_for_step(tuple(x0.shape))
         # The returned noise is what the loss reads: on a CPU the key carries the draw (NoiseKey.kept).
         x_t, noise = q_sample(x0, t_cpu, self.schedule, noise, backend=cfg.backend)
         t = t_cpu.to(self.device, non_blocking=True)
         if cfg.channels_last and x_t.ndim == 4:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            eps_pred = self._forward(x_t, t)
-        loss, parts = self._loss(eps_pred, noise)
+        with self._gradient_sync(last):
+            with self.precision.autocast():
+                eps_pred = self._forward(x_t, t)
+            loss, parts = self._loss(eps_pred, noise)
+            self.precision.backward(loss / cfg.grad_accum)  # x / 1 is x exactly: no accumulation, no change
+        return loss.detach(), parts
 
+    def train_step(self, x0: torch.Tensor) -> None:
+        """One optimizer step on this rank's rows x0 (grad_accum * B/W, ...) of the step's global batch (the
+        data iterator supplies them micro-batch after micro-batch)."""
+        cfg = self.config
+        t_global, key = self._noise_for_step(tuple(x0.shape[1:]))
+        per_micro = x0.shape[0] // cfg.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses, parts = [], []
+        for m, rows in enumerate(self.micro_rows):
+            t_cpu, noise = self._micro_batch_noise(t_global, key, rows)
+            loss, part = self._micro_step(x0[m * per_micro:(m + 1) * per_micro], t_cpu, noise,
+                                          last=m == cfg.grad_accum - 1)
+            losses.append(loss)
+            parts.append(part)
+
+        self.precision.unscale(self.optimizer)
         if cfg.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         else:
@@ -230,11 +287,15 @@ class Trainer:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        taken = self.precision.step(self.optimizer)
         if self.ema is not None:
             self.ema.update(self.model, self.step)
         self.step += 1
-        self.stats.add(loss, parts, grad_norm)
+        if cfg.grad_accum == 1:
+            self.stats.add(losses[0], parts[0], grad_norm, skipped=not taken)
+        else:  # the step's means over its micro-batches
+            mean = [torch.stack(values).mean() for values in zip(*parts, strict=True)]
+            self.stats.add(torch.stack(losses).mean(), LossParts(*mean), grad_norm, skipped=not taken)
 
     # ----- samples -----------------------------------------------------------------------------------
     def _sample(self, bar=None) -> Path | None:
@@ -268,9 +329,11 @@ class Trainer:
         rng = ckpt_io.capture_rng({"noise": self.noise_generator}, self.device)
         per_rank = distributed.all_gather_objects(
             {"torch_cpu": rng.pop("torch_cpu"), "torch_cuda": rng.pop("torch_cuda", None)})
+        scaler = self.precision.state_dict()
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
+            **({"scaler": scaler} if scaler is not None else {}),  # fp16 only: other checkpoints stay as they were
             "rng": rng,
             "rng_by_rank": [{k: v for k, v in r.items() if v is not None} for r in per_rank],
             "window": self.stats.state_dict(),
@@ -309,6 +372,7 @@ class Trainer:
         except (ValueError, KeyError) as exc:
             raise ckpt_io.CheckpointError(f"optimizer state in {ck.path / 'state.json'} does not fit this "
                                           f"optimizer: {exc}") from exc
+        self.precision.load_state_dict(state.get("scaler"))
         by_rank = state["rng_by_rank"]
         rng = dict(state["rng"])
         if len(by_rank) == self.dist.world_size:
@@ -402,7 +466,7 @@ class Trainer:
             atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
             if self.model_spec is not None:
                 atomic_write_text(self.out_dir / "model.json", json.dumps(self.model_spec, indent=1) + "\n")
-        self.stats.open(ck.step if ck is not None else -1, cfg.tensorboard)
+        self.stats.open(ck.step if ck is not None else -1, cfg.logger, cfg.to_dict())
         self.model.train()
 
         bar = None
@@ -412,8 +476,8 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         try:
             # --- the loop: a step; every few steps the stats, a sample grid, a snapshot
-            batches = step_batches(self._data, self._order, self.rows, self.step, self.device, cfg.num_workers,
-                                   self.dist.rank)
+            batches = step_batches(self._data, self._order, distributed.read_rows(self.micro_rows), self.step,
+                                   self.device, cfg.num_workers, self.dist.rank)
             while self.step < cfg.steps:
                 self.train_step(next(batches))
                 if bar is not None:

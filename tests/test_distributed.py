@@ -128,3 +128,41 @@ def test_torchrun_two_cpu_processes_match_one_process_and_resume_with_one(tmp_pa
     assert cli_main(_mlp_args(tmp_path / "one_mlp", 9, ["--resume"])) == 0
     _assert_close(ck.load_checkpoint(tmp_path / "ddp_mlp").model, ck.load_checkpoint(tmp_path / "one_mlp").model,
                   "resumed with 1 process after 2")
+
+
+_COUNT_NO_SYNC = """
+import json, os, sys
+from torch.nn.parallel import DistributedDataParallel
+from isofast.cli import main
+
+entered = []
+no_sync = DistributedDataParallel.no_sync
+
+def counting_no_sync(self):
+    entered.append(1)
+    return no_sync(self)
+
+DistributedDataParallel.no_sync = counting_no_sync
+code = main(sys.argv[1:])
+with open(os.environ["NO_SYNC_LOG"] + os.environ["RANK"], "w") as f:
+    json.dump(len(entered), f)
+sys.exit(code)
+"""
+
+
+def test_torchrun_grad_accum_skips_the_all_reduce_but_on_the_last_micro_batch(tmp_path, one_thread):
+    """2 processes x 2 micro-batches take the 1-process steps (batch penalty of each micro-batch included), and
+    each rank enters DDP's no_sync once per step: on the first micro-batch, not the last."""
+    script = tmp_path / "count_no_sync.py"
+    script.write_text(_COUNT_NO_SYNC)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "NO_SYNC_LOG": str(tmp_path / "no_sync_")}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    args = _mlp_args(tmp_path / "ddp", 4, ["--grad-accum", "2"])
+    proc = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert cli_main(_mlp_args(tmp_path / "one", 4, ["--grad-accum", "2"])) == 0
+    ddp, one = ck.load_checkpoint(tmp_path / "ddp"), ck.load_checkpoint(tmp_path / "one")
+    assert ddp.meta["world_size"] == 2 and ddp.meta["config"]["grad_accum"] == 2
+    _assert_close(ddp.model, one.model, "weights, 2 processes x 2 micro-batches vs 1 process x 2")
+    _assert_close(ddp.ema, one.ema, "EMA, 2 processes x 2 micro-batches vs 1 process x 2")
+    assert [int((tmp_path / f"no_sync_{rank}").read_text()) for rank in (0, 1)] == [4, 4]  # 4 steps, 1 each

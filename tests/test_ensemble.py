@@ -131,3 +131,11 @@ def test_ensemble_sweep_resumes_mid_training_bit_for_bit(tmp_path, monkeypatch):
     for key in [(d, lam, s) for d in whole.datasets for lam in whole.lambdas for s in whole.seeds]:
         a, b = _load_run(run_dir(whole, *key)), _load_run(run_dir(broken, *key))
         assert np.array_equal(a.samples, b.samples), key
+
+
+@pytest.mark.parametrize("setting", [{"grad_accum": 2}, {"precision": "fp16"}])
+def test_the_ensemble_refuses_trainer_settings_it_does_not_implement(tmp_path, setting):
+    data = [make_dataset("swiss_roll", 200, seed=s) for s in (0, 1)]
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=2, batch_size=8, T=20, **setting)
+    with pytest.raises(ValueError, match=f"config has {next(iter(setting))}="):
+        EnsembleRun(data, [0, 1], [0.0, 0.3], cfg)

@@ -15,7 +15,7 @@ def _config(out, **kw):
 
 @pytest.mark.parametrize("field, value, error", [
     ("iso_lambda", -0.1, ValueError), ("steps", 0, ValueError), ("optimizer", "sgd", ValueError),
-    ("precision", "fp16", ValueError), ("ema_decay", 1.0, ValueError), ("batch_size", 2.5, TypeError),
+    ("precision", "fp8", ValueError), ("grad_accum", 0, ValueError), ("logger", "mlflow", ValueError), ("ema_decay", 1.0, ValueError), ("batch_size", 2.5, TypeError),
     ("schedule", "quadratic", ValueError), ("iso_mode", "token", ValueError), ("lr", 0.0, ValueError),
     ("betas", (0.9, 1.0), ValueError), ("keep_checkpoints", 0, ValueError),
 ])
@@ -29,3 +29,11 @@ def test_config_round_trips_through_json(tmp_path):
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({**cfg.to_dict(), "epochs": 3})
+
+
+def test_old_configs_without_grad_accum_or_logger_still_load():
+    cfg = TrainConfig(out_dir="x", steps=3)  # the fields added on 2026-11-30 missing, tensorboard recorded
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("grad_accum", "logger")}
+    old["tensorboard"] = False
+    loaded = TrainConfig.from_dict(old)
+    assert loaded.grad_accum == 1 and loaded.logger == "csv"

@@ -19,7 +19,7 @@ def one_thread():
 
 def tiny_config(out, **kw) -> TrainConfig:
     base = dict(out_dir=str(out), steps=10, batch_size=8, lr=1e-2, T=50, log_every=5, ckpt_every=5,
-                progress=False, tensorboard=False)
+                progress=False, logger="csv")
     base.update(kw)
     return TrainConfig(**base)
 

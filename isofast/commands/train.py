@@ -10,6 +10,10 @@ Many GPUs (or CPU processes), the same command under torchrun (``--batch-size`` 
 
     torchrun --standalone --nproc_per_node 8 -m isofast.cli train --config flowers64 --data flowers102 ...
 
+A larger batch than fits in memory: ``--grad-accum N`` runs N forward/backward passes of ``--batch-size``
+samples per optimizer step (as accelerate's gradient_accumulation_steps with a per-pass batch), so one step
+sees batch-size x N samples; the batch isotropy penalty (--iso-mode batch) is then that of each pass.
+
 ``--resume`` continues ``--out``'s newest complete checkpoint (``--resume PATH``: that checkpoint), with
 any number of processes. It rebuilds the model and the data the run recorded, and keeps the run's settings:
 options left out take the run's values; options that change what is trained (--lr, --iso-lambda, --seed,
@@ -26,17 +30,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..schedule_names import SCHEDULES
-from ..train_config import OPTIMIZERS, TrainConfig
+from ..train_config import LOGGERS, OPTIMIZERS, PRECISIONS, TrainConfig
 from . import HelpFormatter, show_progress
 
 # argparse dest -> TrainConfig field: the options a resume takes from the run when they are not given.
 _RUN_OPTIONS = {
-    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
+    "steps": "steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "optimizer": "optimizer",
     "weight_decay": "weight_decay", "grad_clip": "grad_clip", "ema_decay": "ema_decay", "warmup": "warmup_steps",
     "iso_lambda": "iso_lambda", "iso_mode": "iso_mode", "timesteps": "timesteps", "schedule": "schedule", "T": "T",
     "seed": "seed",
     "log_every": "log_every", "ckpt_every": "ckpt_every", "sample_every": "sample_every",
-    "precision": "precision", "channels_last": "channels_last", "compile": "compile",
+    "precision": "precision", "channels_last": "channels_last", "compile": "compile", "logger": "logger",
 }
 
 
@@ -276,7 +280,7 @@ def train_config(args: argparse.Namespace, data_record: dict, record: dict | Non
     values["grad_clip"] = values["grad_clip"] or None
     values["data"] = data_record
     machine = dict(out_dir=args.out, device=args.device, backend=args.backend, num_workers=args.num_workers,
-                   progress=show_progress(args.no_progress), tensorboard=not args.no_tensorboard)
+                   progress=show_progress(args.no_progress))
     if record is not None:  # fields no option sets (betas, keep_checkpoints, ...: a run made through the API)
         recorded = record.get("config", {})
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -306,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
     from ..diffusers_bridge import DiffusersMissingError
     from ..resume import ResumeError, check_override
     from ..train import Trainer
+    from ..train_loggers import LoggerMissingError, require_wandb
 
     try:
         if args.override and args.resume is None:
@@ -316,7 +321,9 @@ def run(args: argparse.Namespace) -> int:
             apply_recorded_settings(args, record)
         model, data, sample_shape, data_record = build_model_and_data(args, record and record["model_spec"])
         config = train_config(args, data_record, record)
-    except (ValueError, FileNotFoundError, DiffusersMissingError) as exc:  # CheckpointError, ResumeError: ValueErrors
+        if config.logger == "wandb":
+            require_wandb()  # before anything trains
+    except (ValueError, FileNotFoundError, DiffusersMissingError, LoggerMissingError) as exc:  # CheckpointError, ResumeError: ValueErrors
         print(f"isofast train: error: {exc}", file=sys.stderr)
         return 2
     sample_fn = None
@@ -335,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         trainer.close()
     if trainer.dist.is_main:
         print(f"isofast train: {trainer.steps_trained} steps trained, {trainer.step} in all; run folder "
-              f"{config.out_dir} (tensorboard: {trainer.tensorboard_status})", file=sys.stderr)
+              f"{config.out_dir} (logger: {trainer.logger_status})", file=sys.stderr)
     return 0
 
 
@@ -377,7 +384,13 @@ def add_parser(subparsers) -> None:
     g.add_argument("--schedule", action=_Given, choices=SCHEDULES, default="linear", help="beta schedule")
     g.add_argument("--T", action=_Given, type=_positive_int, default=1000, help="diffusion steps")
     g.add_argument("--steps", action=_Given, type=_positive_int, default=10000, help="optimizer steps in all")
-    g.add_argument("--batch-size", action=_Given, type=_positive_int, default=64, help="global batch (split over processes)")
+    g.add_argument("--batch-size", action=_Given, type=_positive_int, default=64,
+                   help="samples per forward/backward pass, over all processes (split over them); with --grad-accum N "
+                        "an optimizer step sees N such batches")
+    g.add_argument("--grad-accum", action=_Given, type=_positive_int, default=1, metavar="N",
+                   help="gradient accumulation: N passes of --batch-size per optimizer step, their gradients averaged "
+                        "(accelerate's gradient_accumulation_steps; --batch-size is per pass); the step count, LR "
+                        "warm-up and EMA advance once per step; --iso-mode batch penalises each pass's batch")
     g.add_argument("--lr", action=_Given, type=float, default=1e-3, help="learning rate")
     g.add_argument("--optimizer", action=_Given, choices=OPTIMIZERS, default="adam", help="optimizer")
     g.add_argument("--weight-decay", action=_Given, type=_non_negative_float, default=0.0, help="weight decay")
@@ -388,8 +401,10 @@ def add_parser(subparsers) -> None:
                    help="seed of the weights, data order and noise")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", action=_Given, choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: autocast of the model")
+    g.add_argument("--precision", action=_Given, choices=PRECISIONS, default="fp32",
+                   help="bf16: autocast of the model; fp16: autocast with a loss scaler (torch.amp.GradScaler; a "
+                        "step whose gradients overflow is skipped and counted in metrics.csv's skipped_steps; on a CPU bf16 is "
+                        "the faster choice)")
     g.add_argument("--channels-last", action=_Given, nargs=0, const=True, default=False, help="NHWC memory format")
     g.add_argument("--compile", action=_Given, nargs=0, const=True, default=False, help="torch.compile the model")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -411,5 +426,10 @@ def add_parser(subparsers) -> None:
                    help="samples per grid (default 64 images / 2000 points)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not "
                    "a terminal)")
-    g.add_argument("--no-tensorboard", action="store_true")
+    g.add_argument("--logger", action=_Given, choices=LOGGERS, default="tensorboard",
+                   help="where metrics go besides metrics.csv (always written): tensorboard (events in --out), wandb "
+                        "(a Weights & Biases run in --out/wandb; pip install wandb; WANDB_MODE=offline needs no "
+                        "network) or csv (nowhere else)")
+    g.add_argument("--no-tensorboard", dest="logger", action=_Given, nargs=0, const="csv",
+                   help="the same as --logger csv")
     p.set_defaults(func=run, given=frozenset())

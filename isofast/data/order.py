@@ -107,7 +107,7 @@ class StepBatchSampler(Sampler[list[int]]):
     but the shards of one step together are exactly the 1-process batch, and it can start mid-epoch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rows: slice, start_step: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, rows: slice | torch.Tensor, start_step: int = 0) -> None:
         self.order = EpochOrder(n, batch_size, seed)
         self.rows = rows
         self.start_step = start_step
@@ -128,9 +128,11 @@ def first_item(batch: object) -> torch.Tensor:
     return batch
 
 
-def step_batches(data: torch.Tensor | Dataset, order: EpochOrder, rows: slice, start_step: int,
+def step_batches(data: torch.Tensor | Dataset, order: EpochOrder, rows: slice | torch.Tensor, start_step: int,
                  device: torch.device, num_workers: int = 0, rank: int = 0) -> Iterator[torch.Tensor]:
-    """This rank's x0, rows ``rows`` of the global batch as float32 on ``device``, for steps start_step, ...
+    """This rank's x0, rows ``rows`` (a slice or an int64 index) of the global batch as float32 on ``device``, for
+    steps start_step, ... (with gradient accumulation the global batch is the optimizer step's, and ``rows`` this
+    rank's rows of each micro-batch in turn: `isofast.distributed.read_rows`).
 
     ``data``: a tensor (N, ...) already on ``device`` (batched in-process by index), or a Dataset read by a
     DataLoader over a `StepBatchSampler`. Its workers are seeded per (seed, rank, start_step), so a resumed
