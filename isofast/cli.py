@@ -49,10 +49,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: Exception) -> bool:
-    """Errors of the input, not of isofast: reported in one line (`main`). CheckpointError is a ValueError."""
+    """Errors of the input, not of isofast: reported in one line (`main`). CheckpointError and ResumeError are
+    ValueErrors; a missing optional extra (diffusers, wandb) is an ImportError subclass that names what to install."""
+    from .diffusers_bridge import DiffusersMissingError
     from .ops.backends import BackendUnavailable
+    from .train_loggers import LoggerMissingError
 
-    return isinstance(exc, (ValueError, TypeError, OSError, BackendUnavailable))
+    return isinstance(exc, (ValueError, TypeError, OSError, BackendUnavailable, DiffusersMissingError,
+                            LoggerMissingError))
 
 
 if __name__ == "__main__":

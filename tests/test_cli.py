@@ -19,6 +19,9 @@ BAD_OPTIONS = {
     "lr": (["--lr", "nan"], "lr must be finite"),
     "ema-decay": (["--ema-decay", "1.5"], "ema_decay must be finite and in"),
     "backend": (["--backend", "bogus"], "backend must be one of"),
+    # raised by Trainer(...) after the config is built (was a traceback)
+    "batch-size": (["--batch-size", "100000"], "exceeds the dataset size"),
+    "override": (["--override", "lr"], "--override applies to --resume only"),
 }
 if not torch.cuda.is_available():
     BAD_OPTIONS["device"] = (["--device", "cuda"], "CUDA is not available")
@@ -38,6 +41,9 @@ def test_debug_shows_the_traceback_wherever_it_is(tmp_path):
         main(["--debug", *_train(tmp_path, "--backend", "bogus")])
     with pytest.raises(ValueError, match="backend must be one of"):
         main([*_train(tmp_path, "--backend", "bogus"), "--debug"])
+    # errors `isofast train` used to catch and print itself: --debug shows them too
+    with pytest.raises(ValueError, match="applies to --resume only"):
+        main([*_train(tmp_path, "--override", "lr"), "--debug"])
 
 
 def test_unavailable_backend_is_a_user_error(tmp_path, capsys, monkeypatch):

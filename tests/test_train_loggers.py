@@ -2,6 +2,7 @@
 import csv
 import importlib.util
 import sys
+import time
 
 import pytest
 from trainer_helpers import one_thread, tiny_config, tiny_mlp, toy_points  # noqa: F401 (autouse fixture)
@@ -62,6 +63,19 @@ def test_wandb_missing_says_what_to_install(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "cli" / "checkpoints").exists()  # refused before anything trained
 
 
+def _wandb_record(run_dir, wait_s: float = 60.0) -> bytes:
+    """The run's .wandb record file once wandb's service has written past its header: ``run.finish()`` can
+    return before the (separate) service process flushes the file on a loaded machine (seen: 7 bytes)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        record = next(run_dir.glob("run-*.wandb")).read_bytes()
+        if all(f"train/{k}".encode() in record for k in SCALARS) and b"iso_lambda" in record:
+            return record
+        if time.monotonic() > deadline:
+            return record
+        time.sleep(0.2)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed (pip install wandb)")
 def test_wandb_offline_writes_its_run_under_the_run_folder(tmp_path, monkeypatch):
     for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_DIR"):
@@ -75,7 +89,7 @@ def test_wandb_offline_writes_its_run_under_the_run_folder(tmp_path, monkeypatch
     assert trainer.logger_status == "wandb on"
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((out / "wandb").rglob("*"))
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records: the names are stored verbatim
+    record = _wandb_record(runs[0])  # protobuf records: the names are stored verbatim
     assert all(f"train/{k}".encode() in record for k in SCALARS) and b"iso_lambda" in record  # rows, config
     run_id = (out / "wandb_run_id").read_text().strip()
     assert runs[0].name.endswith(run_id)

@@ -306,26 +306,22 @@ def make_sample_fn(sample_shape: tuple[int, ...], count: int, seed: int, backend
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError
-    from ..diffusers_bridge import DiffusersMissingError
-    from ..resume import ResumeError, check_override
+    """Train as the arguments say. Bad input raises (ValueError, OSError, a missing extra's ImportError):
+    `isofast.cli.main` reports it in one line, or with its traceback under ``--debug``."""
+    from ..resume import check_override
     from ..train import Trainer
-    from ..train_loggers import LoggerMissingError, require_wandb
+    from ..train_loggers import require_wandb
 
-    try:
-        if args.override and args.resume is None:
-            raise ValueError("--override applies to --resume only")
-        check_override(args.override)
-        record = recorded_run(args)
-        if record is not None:
-            apply_recorded_settings(args, record)
-        model, data, sample_shape, data_record = build_model_and_data(args, record and record["model_spec"])
-        config = train_config(args, data_record, record)
-        if config.logger == "wandb":
-            require_wandb()  # before anything trains
-    except (ValueError, FileNotFoundError, DiffusersMissingError, LoggerMissingError) as exc:  # CheckpointError, ResumeError: ValueErrors
-        print(f"isofast train: error: {exc}", file=sys.stderr)
-        return 2
+    if args.override and args.resume is None:
+        raise ValueError("--override applies to --resume only")
+    check_override(args.override)
+    record = recorded_run(args)
+    if record is not None:
+        apply_recorded_settings(args, record)
+    model, data, sample_shape, data_record = build_model_and_data(args, record and record["model_spec"])
+    config = train_config(args, data_record, record)
+    if config.logger == "wandb":
+        require_wandb()  # before anything trains
     sample_fn = None
     if args.sample_every:
         count = args.sample_count or (2000 if len(sample_shape) == 1 else 64)
@@ -335,9 +331,6 @@ def run(args: argparse.Namespace) -> int:
         holder["schedule"] = trainer.schedule
     try:
         trainer.fit(resume=args.resume if args.resume is not None else False, override=args.override)
-    except (CheckpointError, ResumeError, FileExistsError) as exc:
-        print(f"isofast train: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         trainer.close()
     if trainer.dist.is_main:
