@@ -78,9 +78,9 @@ def test_samplers_refuse_a_schedule_of_another_T_than_the_models(sampler):
         assert torch.isfinite(sample(lambda x, t: model.unet(x, t).sample, other)).all()
 
 
-def test_export_refuses_a_run_whose_model_declares_another_T(learned_20, tmp_path, capsys, monkeypatch):
+def test_export_and_sample_refuse_a_run_whose_model_declares_another_T(learned_20, tmp_path, capsys, monkeypatch):
     """A run written before isofast checked T (the trainer's check switched off to write one) is not exported as
-    a pipeline whose scheduler and UNet disagree on T."""
+    a pipeline whose scheduler and UNet disagree on T, nor sampled with its schedule."""
     import isofast.train
 
     monkeypatch.setattr(isofast.train, "check_timesteps", lambda *args, **kwargs: None, raising=False)
@@ -95,3 +95,6 @@ def test_export_refuses_a_run_whose_model_declares_another_T(learned_20, tmp_pat
     err = capsys.readouterr().err
     assert "the run's T is 10, but its UNet2DModel config declares num_train_timesteps 20" in err, err
     assert not (tmp_path / "pipe").exists()
+    assert main(["sample", str(run), "--out", str(tmp_path / "s"), "--num", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "sched.T is 10, but the model's UNet2DModel config declares num_train_timesteps 20" in err, err
