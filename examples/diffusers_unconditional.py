@@ -9,7 +9,7 @@ accelerate's `Accelerator`, a `UNet2DModel`, a `DDPMScheduler`, AdamW, an lr sch
 1. ``from isofast import NoiseSchedule, iso_ddpm_loss, q_sample`` (added);
 2. ``sched = NoiseSchedule.from_diffusers(noise_scheduler)``: the scheduler's schedule (added);
 3. ``noise = torch.randn(clean_images.shape, ...)`` removed: ``q_sample`` draws the noise as a `NoiseKey`
-   (16 bytes; the loss regenerates the values, none is stored);
+   (on a GPU 16 bytes, whose values the loss regenerates; on a CPU the key carries its draw);
 4. ``noisy_images, noise = q_sample(clean_images, timesteps, sched)`` (was ``noise_scheduler.add_noise``);
 5. ``loss = iso_ddpm_loss(noise_pred, noise, iso_lambda=args.iso_lambda)`` (was ``F.mse_loss(noise_pred,
    noise)``; with ``--iso-lambda 0`` it is that MSE).
@@ -19,8 +19,8 @@ accelerate's `Accelerator`, a `UNet2DModel`, a `DDPMScheduler`, AdamW, an lr sch
         --output-dir runs/unet-iso --save-pipeline
 
 (``python examples/diffusers_unconditional.py ...`` runs it in one process.) The model config is a
-UNet2DModel ``config.json``; its ``in_channels`` (1 or 3) decides grayscale or RGB, its ``sample_size`` must
-be ``--resolution``; without ``--model-config`` the model is diffusers' example architecture at that size.
+UNet2DModel ``config.json``; its ``in_channels`` (1 or 3) decides grayscale or RGB, its ``sample_size`` (when
+set) must be ``--resolution``; without ``--model-config`` the model is diffusers' example architecture at that size.
 Writes ``OUTPUT_DIR/losses.csv`` (step, loss, lr) and, with ``--save-pipeline``, a `DDPMPipeline`
 (``save_pretrained``: the EMA weights with ``--use-ema``) that ``DDPMPipeline.from_pretrained`` loads.
 Needs ``pip install "isofast[diffusers]"`` (diffusers and accelerate).
