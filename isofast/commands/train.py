@@ -358,7 +358,8 @@ def add_parser(subparsers) -> None:
                         "needs diffusers) (default: mlp for 2D data, unet for images)")
     g.add_argument("--model-config", action=_Given, default=None, metavar="CFG.json",
                    help="a local UNet2DModel config JSON for --model diffusers-unet2d (its sample_size and "
-                        "in_channels set the image size and channels; nothing is downloaded; default: none)")
+                        "in_channels set the image size and channels; its num_train_timesteps, if set, must equal "
+                        "--T; nothing is downloaded; default: none)")
     g.add_argument("--config", action=_Given, default=None, help="UNet config name (isofast.models.unet.UNET_CONFIGS; default: "
                    "digits8 for digits, else flowers64)")
     g.add_argument("--data", action=_Given, default="digits", help="a 2D dataset (swiss_roll, moon_scatter, moon_circles, "
