@@ -194,3 +194,26 @@ class PlainTrainStep:
             for p_ema, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                 p_ema.mul_(self.ema_decay).add_(p, alpha=1 - self.ema_decay)
         return loss.detach()
+
+
+class DiffusersLoopStep:
+    """One step of diffusers' unconditional training loop (examples/unconditional_image_generation): t ~
+    U{0..T-1}, ``torch.randn`` + ``scheduler.add_noise``, ``unet(x_t, t).sample``, ``F.mse_loss`` + the isotropy
+    term (`iso_loss`, "batch": the Iso-Diffusion objective), backward, AdamW."""
+
+    def __init__(self, unet, scheduler, iso_lambda: float, lr: float = 1e-4):
+        self.unet, self.scheduler, self.iso_lambda = unet, scheduler, iso_lambda
+        self.T = scheduler.config.num_train_timesteps
+        self.opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+
+    def __call__(self, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+        """One step on x0; ``t``/``noise`` substitute the random draws (correctness checks only)."""
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device)
+        loss = iso_loss(self.unet(self.scheduler.add_noise(x0, noise, t), t).sample, noise, self.iso_lambda)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()

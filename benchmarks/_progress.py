@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 PRIOR_S = {
     "default": [
         (r"^ddpm sampling/mlp", 175.0), (r"^ddpm sampling/unet", 75.0), (r"^ddim sampling/", 3.6),
-        (r"^train step/", 2.2), (r".", 3.0),
+        (r"^train step/", 2.2),
+        # not in those runs: its duration on the same VM at load 6.4 (2026-11-30; no quieter run yet)
+        (r"^diffusers loop step/", 15.0), (r".", 3.0),
     ],
     "quick": [
         (r"^noise\+loss", 0.5), (r"^ddpm sampling/mlp", 1.1), (r"^ddpm sampling/unet", 1.6),

@@ -94,7 +94,8 @@ def table(rows: list[Row], header: list[str]) -> str:
     for row in rows:
         floor = f"; floor {row.bytes_floor / 2**20:.2f} MB" if row.bytes_floor else ""
         floor += f"; {row.floor_note}" if row.flops else ""
-        lines += ["", f"== {row.name}  ({row.n_inputs} input sets{floor})", cols]
+        lines += ["", f"== {row.name}  ({row.n_inputs} input sets{floor})", *([f"   {row.note}"] if row.note else []),
+                  cols]
         for v in row.variants:
             if v.status != "ok":
                 lines.append(f"  {v.name:<30} {v.status.upper()}: {v.message}")
@@ -117,7 +118,7 @@ def to_json(rows: list[Row], meta: dict) -> dict:
     for row in rows:
         out_rows.append({
             "name": row.name, "group": row.group, "params": {k: _plain(v) for k, v in row.params.items()},
-            "n_input_sets": row.n_inputs, "bytes_floor": row.bytes_floor, "floor_note": row.floor_note,
+            "n_input_sets": row.n_inputs, "note": row.note, "bytes_floor": row.bytes_floor, "floor_note": row.floor_note,
             "flops": row.flops, "matmul_flops_per_s": row.flop_rate,
             "items_per_call": row.items, "item_unit": row.item_unit,
             "target": row.target.text() if row.target else None,

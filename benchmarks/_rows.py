@@ -93,6 +93,7 @@ class Row:
     duration_s: float | None = None  # wall time of the whole row (build, checks, timings): the next run's estimate
     flops: int | None = None  # arithmetic floor: FLOPs one call must do (the ensemble rows)
     flop_rate: float | None = None  # this machine's fp32 matmul FLOP/s, measured in the same run
+    note: str = ""  # what the reader must know to compare the variants (e.g. that they compute the same objective)
 
 
 @dataclass

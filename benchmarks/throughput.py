@@ -11,7 +11,8 @@ PyTorch a user would write (`_baselines`), the same under ``torch.compile``, dif
 checked against `isofast.reference` before it is timed: a wrong answer is a FAILED line, not a
 time. Rows: q_sample; loss fwd+bwd ("batch" and "sample" modes); noising + loss fwd+bwd (fp32,
 bf16; two shapes); one DDPM sampler step; full DDPM sampling of the 2D MLP (10,000 points) and
-a UNet; 50-step DDIM sampling of the UNet; one UNet training step. See `_harness` for the timing and memory method.
+a UNet; 50-step DDIM sampling of the UNet; one UNet training step; one step of diffusers' training loop on a
+tiny UNet2DModel, add_noise + mse_loss vs isofast fused. See `_harness` for the timing and memory method.
 
 Output: the table on stdout, a JSON file (machine, versions, every figure, date) and a PNG chart of the
 speed-ups beside it. A run writes ``benchmarks/results/local/<device-name>-<date>.json`` (git-ignored; a
@@ -42,6 +43,7 @@ import _harness as H  # noqa: E402
 import _progress as P  # noqa: E402
 import _report as R  # noqa: E402
 import _rows as rows_ops  # noqa: E402
+import _rows_diffusers as rows_diffusers  # noqa: E402
 import _rows_ensemble as rows_ensemble  # noqa: E402
 import _rows_models as rows_models  # noqa: E402
 import torch  # noqa: E402
@@ -63,6 +65,7 @@ def _sizes(device: torch.device, quick: bool) -> dict:
             "unet_sampling": ("flowers64", 8, 100 if quick else 1000),
             "ddim_steps": 50,
             "train": ("flowers64", 16 if quick else 32),
+            "diffusers_loop": (64, 32),
             "trainer_modes": [("fp32", {}), ("bf16+channels_last", {"precision": "bf16", "channels_last": True})],
         }
     return {
@@ -71,6 +74,7 @@ def _sizes(device: torch.device, quick: bool) -> dict:
         "unet_sampling": ("tiny", 4, 20 if quick else 1000),
         "ddim_steps": 10 if quick else 50,
         "train": ("tiny", 8 if quick else 16),
+        "diffusers_loop": (16, 16),
         "trainer_modes": [("fp32", {})],
     }
 
@@ -123,6 +127,10 @@ def plan(settings: Settings) -> list[tuple[str, Callable[[], Row]]]:
     shape = (batch, 3, _RESOLUTION[cfg], _RESOLUTION[cfg])
     entries.append((f"train step/unet-{cfg}/{rows_ops.shape_text(shape)}",
                     lambda cfg=cfg, batch=batch: rows_models.train_row(s, cfg, batch, size["trainer_modes"])))
+    if not quick:  # a whole UNet step per call, ~0.2 s on a loaded 2-core CPU: as long as the rest of --quick
+        batch, side = size["diffusers_loop"]
+        entries.append((f"diffusers loop step/unet2d-tiny/{rows_ops.shape_text((batch, 3, side, side))}",
+                        lambda batch=batch, side=side: rows_diffusers.diffusers_loop_row(s, batch, side)))
     members, num, steps = (4, 1000, 2) if quick else (18, 10_000, 5)
     entries.append((f"ensemble train step/TimeMLP x{members}/batch 64",
                     lambda members=members: rows_ensemble.train_row(s, members, 64, rows_ensemble.matmul_rate())))

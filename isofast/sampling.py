@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from typing_extensions import Unpack  # typing.Unpack is Python >= 3.11
 
 from . import cuda_graph, scalars
+from .diffusers_bridge.models import check_timesteps
 from .noise import NoiseKey, calls_for, check_generator, to_signed
 from .ops import backends
 from .ops.steps import ddim_step_keyed, ddpm_step_keyed
@@ -120,7 +121,7 @@ def ddpm_sample(
     Returns:
         (B, ...) tensor of ``dtype`` on ``device``: the samples x_0.
     """
-    sched = _check_sched(sched)
+    sched = _check_sched(sched, model)
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"variance must be one of ('fixed_small', 'fixed_large'), got {variance!r}")
 
@@ -154,11 +155,13 @@ def ddim_sample(
     ``steps_offset=0``, ``set_alpha_to_one=True``, and ``clip_sample`` equal to ``clip_x0`` (x0 is clipped
     to [-1, 1]; eps_pred is not recomputed, as ``use_clipped_model_output=False``). A plain function runs on
     ``device`` (default CPU: pass the unet's device); `isofast.diffusers_bridge.models.DiffusersUNet2D`
-    (``DiffusersUNet2D(unet=unet)``) is the same call as an `nn.Module`, whose device the sampler finds.
+    (``DiffusersUNet2D(unet=unet)``) is the same call as an `nn.Module`, whose device the sampler finds, and
+    whose config's ``num_train_timesteps``, when set, must equal ``sched.T`` (ValueError otherwise; a plain
+    function declares no T, so nothing is checked).
     """
     if not scalars.is_real(eta) or not 0.0 <= eta < float("inf"):
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
-    sched, eta = _check_sched(sched), float(eta)
+    sched, eta = _check_sched(sched, model), float(eta)
     t_seq, t_prev_seq = ddim_timesteps(sched.T, steps)
 
     def update(x, eps, t, t_prev, key, name):
@@ -168,9 +171,11 @@ def ddim_sample(
 
 
 # ----- the shared driver: chunks, keys, graph or eager --------------------------------------------------
-def _check_sched(sched: object) -> NoiseSchedule:
+def _check_sched(sched: object, model: object) -> NoiseSchedule:
     if not isinstance(sched, NoiseSchedule):
         raise TypeError(f"sched must be a NoiseSchedule, got {type(sched).__name__}")
+    # a diffusers model declares the T it was trained for; a plain function declares nothing
+    check_timesteps(model, sched.T, "sched.T")
     return sched
 
 

@@ -185,7 +185,8 @@ class NoiseSchedule:
     def to_diffusers(self, kind: str = "ddpm", **overrides):
         """A diffusers DDPMScheduler (``kind="ddpm"``) or DDIMScheduler (``"ddim"``) with these betas (a named
         ``beta_schedule`` when they are one, else ``trained_betas``), ``clip_sample=False`` and
-        ``prediction_type="epsilon"``; ``overrides``: further config fields. Needs diffusers."""
+        ``prediction_type="epsilon"``; ``overrides``: further config fields, none that changes the betas or T
+        (ValueError). Needs diffusers."""
         from .diffusers_bridge.schedule import scheduler_from_schedule
 
         return scheduler_from_schedule(self, kind, **overrides)

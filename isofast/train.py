@@ -70,6 +70,7 @@ from .data.order import (
     seed_global_rngs,
     step_batches,
 )
+from .diffusers_bridge.models import check_timesteps
 from .ema import EMA
 from .io import atomic_write_text, check_writable_dir
 from .models.registry import model_spec_of
@@ -124,6 +125,7 @@ class Trainer:
             warnings.warn("TrainConfig.sample_every is set but no sample_fn was given: no samples will be written",
                           RuntimeWarning, stacklevel=2)
         config.validate()
+        check_timesteps(model, config.T, "TrainConfig.T")
         self.config = config
         self.sample_fn = sample_fn
         self.out_dir = Path(config.out_dir)

@@ -70,6 +70,20 @@ def test_to_diffusers_overrides_and_bad_kind():
         NoiseSchedule.linear(10).to_diffusers("euler")
 
 
+@pytest.mark.parametrize("override,match", [
+    ({"num_train_timesteps": 20}, "overrides num_train_timesteps=20 differs from the schedule's T = 10"),
+    ({"beta_end": 0.05}, "overrides beta_end=0.05 differs from the schedule's 0.02"),
+    ({"beta_schedule": "scaled_linear"}, "overrides beta_schedule='scaled_linear' differs"),
+    ({"trained_betas": [0.1] * 10}, "overrides trained_betas="),
+])
+def test_to_diffusers_refuses_overrides_that_change_the_betas_or_T(override, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule.linear(10).to_diffusers("ddpm", **override)
+    # the schedule's own values are no change
+    same = NoiseSchedule.linear(10).to_diffusers("ddim", num_train_timesteps=10, beta_start=1e-4, beta_end=0.02)
+    assert same.config.num_train_timesteps == 10
+
+
 def test_from_diffusers_trained_betas_float64():
     betas = torch.linspace(1e-4, 0.02, 20, dtype=torch.float64)
     sched = NoiseSchedule.from_diffusers({"num_train_timesteps": 20, "trained_betas": betas.tolist()},

@@ -56,6 +56,41 @@ def test_quick_q_sample_run_writes_valid_json(tmp_path):
     assert "q_sample/fp32/64x3x32x32" in proc.stdout
 
 
+def test_diffusers_loop_row_checks_both_steps_and_times_them():
+    """The row "diffusers loop step" (full runs only: a whole UNet step per call is not --quick): diffusers'
+    add_noise + mse_loss step and isofast's fused step, each checked by its gradients against isofast.reference,
+    then timed; its note says they compute the same objective."""
+    pytest.importorskip("diffusers")
+    import _rows_diffusers
+
+    quick = throughput.plan(_rows.Settings(torch.device("cpu"), True, False, ["cpu"], 2))
+    full = throughput.plan(_rows.Settings(torch.device("cpu"), False, False, ["cpu"], 2))
+    assert not any(n.startswith("diffusers loop step/") for n, _ in quick)
+    assert [n for n, _ in full if n.startswith("diffusers loop step/")] == ["diffusers loop step/unet2d-tiny/16x3x16x16"]
+    row = _rows_diffusers.diffusers_loop_row(_rows.Settings(torch.device("cpu"), False, False, ["cpu"], 2), 4, 8)
+    args = throughput.parse_args(["--repeat", "2", "--warmup", "1", "--min-sample-s", "0"])
+    throughput.run_row(row, _rows.Settings(torch.device("cpu"), False, False, ["cpu"], 2), args)
+    assert [(v.name, v.role, v.status) for v in row.variants] == [
+        ("diffusers add_noise + mse_loss", "eager", "ok"), ("isofast[cpu]", "isofast", "ok")], \
+        [v.message for v in row.variants]
+    for v in row.variants:
+        assert v.check_note.startswith("gradients of one step vs isofast.reference") and v.timing.median > 0
+    R.derive([row], None)
+    assert row.variants[1].derived["x_eager"] > 0
+    assert "add_noise + F.mse_loss + the isotropy term" in row.note and "q_sample + iso_ddpm_loss" in row.note
+    assert row.note in R.table([row], []) and R.to_json([row], {})["rows"][0]["note"] == row.note
+
+
+def test_diffusers_loop_row_without_diffusers_is_skipped_saying_how_to_get_it(monkeypatch):
+    import _rows_diffusers
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    row = _rows_diffusers.diffusers_loop_row(_rows.Settings(torch.device("cpu"), True, False, ["cpu"], 2), 2, 8)
+    assert [(v.name, v.status) for v in row.variants] == [("diffusers add_noise + mse_loss", "skipped"),
+                                                           ("isofast[cpu]", "skipped")]
+    assert all("pip install '.[bench]'" in v.message for v in row.variants)
+
+
 def test_only_pattern_that_matches_nothing_exits_2(capsys):
     assert throughput.main(["--only", "no-such-row", "--device", "cpu"]) == 2
 

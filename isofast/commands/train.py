@@ -175,7 +175,7 @@ def _diffusers_unet2d_and_data(args: argparse.Namespace, recorded):
     import torch
 
     from ..data.images import make_image_dataset
-    from ..diffusers_bridge.models import DiffusersUNet2D, load_unet2d_config, unet2d_sample_shape
+    from ..diffusers_bridge.models import DiffusersUNet2D, check_timesteps, load_unet2d_config, unet2d_sample_shape
 
     if args.config is not None:
         raise ValueError(f"--config {args.config} names an isofast UNet config; --model diffusers-unet2d takes its "
@@ -195,6 +195,7 @@ def _diffusers_unet2d_and_data(args: argparse.Namespace, recorded):
                          "(the model predicts the noise of its input)")
     if args.image_size is not None and args.image_size != height:
         raise ValueError(f"--image-size {args.image_size} differs from {source}'s sample_size {height}")
+    check_timesteps(config, args.T, "--T", source)
     if args.data == "digits" and channels != 1:
         raise ValueError(f"--data digits has 1 channel; {source} has in_channels {channels}")
     dataset = make_image_dataset(args.data, root=args.data_root, image_size=height, download=args.download,
@@ -350,7 +351,8 @@ def add_parser(subparsers) -> None:
                         "needs diffusers) (default: mlp for 2D data, unet for images)")
     g.add_argument("--model-config", action=_Given, default=None, metavar="CFG.json",
                    help="a local UNet2DModel config JSON for --model diffusers-unet2d (its sample_size and "
-                        "in_channels set the image size and channels; nothing is downloaded; default: none)")
+                        "in_channels set the image size and channels; its num_train_timesteps, if set, must equal "
+                        "--T; nothing is downloaded; default: none)")
     g.add_argument("--config", action=_Given, default=None, help="UNet config name (isofast.models.unet.UNET_CONFIGS; default: "
                    "digits8 for digits, else flowers64)")
     g.add_argument("--data", action=_Given, default="digits", help="a 2D dataset (swiss_roll, moon_scatter, moon_circles, "

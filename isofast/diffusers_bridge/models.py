@@ -18,7 +18,7 @@ from torch import nn
 
 from . import require_diffusers
 
-__all__ = ["DiffusersUNet2D", "load_unet2d_config", "unet2d_sample_shape"]
+__all__ = ["DiffusersUNet2D", "check_timesteps", "declared_timesteps", "load_unet2d_config", "unet2d_sample_shape"]
 
 
 class DiffusersUNet2D(nn.Module):
@@ -49,6 +49,27 @@ class DiffusersUNet2D(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t).sample
+
+
+def declared_timesteps(model: object) -> int | None:
+    """The ``num_train_timesteps`` a diffusers model's config declares (a `DiffusersUNet2D`, a `UNet2DModel` or
+    the config mapping itself), or None: unset, or not a model with a config mapping (isofast's own models).
+
+    A UNet2DModel uses it as the size of its "learned" time embedding, and whoever loads the model reads it as
+    the T it was trained for; isofast's models take any t and declare nothing."""
+    config = model if isinstance(model, Mapping) else getattr(model, "config", None)
+    return config.get("num_train_timesteps") if isinstance(config, Mapping) else None
+
+
+def check_timesteps(model: object, T: int, t_name: str, source: str = "the model's UNet2DModel config") -> None:
+    """Refuse a model whose config declares ``num_train_timesteps`` other than ``T``, the schedule's (named
+    ``t_name`` in the message, e.g. "--T"): trained or sampled with another T, its timestep t means another
+    noise level than the one it declares, silently (or, past a "learned" embedding's rows, an IndexError)."""
+    declared = declared_timesteps(model)
+    if declared is not None and declared != T:
+        raise ValueError(f"{t_name} is {T}, but {source} declares num_train_timesteps {declared}: the model and "
+                         f"the noise schedule must have the same T (use a schedule of T = {declared}, or a model "
+                         "config without num_train_timesteps)")
 
 
 def unet2d_sample_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:

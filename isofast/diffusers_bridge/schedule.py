@@ -91,9 +91,19 @@ def diffusers_config(sched: NoiseSchedule) -> dict[str, Any]:
 
 def scheduler_from_schedule(sched: NoiseSchedule, kind: str = "ddpm", **overrides: Any):
     """A diffusers DDPMScheduler (``kind="ddpm"``) or DDIMScheduler (``"ddim"``) with ``sched``'s betas;
-    ``overrides``: further config fields (e.g. ``clip_sample=True``)."""
+    ``overrides``: further config fields (e.g. ``clip_sample=True``). An override of a field that decides the
+    betas (``num_train_timesteps``, ``beta_schedule``, ...) to another value than the schedule's is refused
+    (ValueError): the scheduler would silently noise and denoise with another schedule, or another T."""
     if kind not in SCHEDULER_KINDS:
         raise ValueError(f"kind must be one of {SCHEDULER_KINDS}, got {kind!r}")
+    config = diffusers_config(sched)
+    for field in _DEFAULTS:
+        ours = config.get(field, _DEFAULTS[field])
+        if field in overrides and overrides[field] != ours:
+            what = f"the schedule's T = {sched.T}" if field == "num_train_timesteps" else f"the schedule's {ours!r}"
+            raise ValueError(f"overrides {field}={overrides[field]!r} differs from {what}: the scheduler's betas come "
+                             f"from the schedule (fields {', '.join(_DEFAULTS)}); make a NoiseSchedule of the betas "
+                             "you want instead")
     diffusers = require_diffusers("NoiseSchedule.to_diffusers")
     cls = diffusers.DDPMScheduler if kind == "ddpm" else diffusers.DDIMScheduler
-    return cls.from_config({**diffusers_config(sched), **overrides})
+    return cls.from_config({**config, **overrides})
