@@ -208,7 +208,7 @@ def measure_memory(rows: list[Row], settings: Settings) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="reduced sizes and repeats (9 rows; 11.5 s on a 2-core VM, the full run 400 s)")
+    p.add_argument("--quick", action="store_true", help="reduced sizes and repeats (11 rows; its first 9 took 11.5 s on a 2-core VM at load 1, the full run 400 s)")
     p.add_argument("--only", metavar="PATTERN", help="run only rows whose name matches this regex (re.search)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
