@@ -71,7 +71,7 @@ def _cells(rows: list[dict], lam: float) -> tuple[dict[str, str], dict[str, str]
             parts = []
             for key, short in (("precision@recall", "P@R"), ("density@coverage", "D@C")):
                 off, n = m["outside"][key], m[key]["n"]
-                # a seed whose lambda model lies beyond the lowest temperature measured has no matched point
+                # a seed whose lambda model lies outside its temperature curve's range has no matched point
                 parts.append(_cell(m[key], short) + (f" ({off}/{n + off} off)" if off else ""))
             matched[m["dataset"]] = " ".join(parts)
     return paired, matched
@@ -92,8 +92,9 @@ def grid_markdown(studies: Sequence[tuple[str, list[dict]]], lam: float) -> str:
     out += [f"| {label} | " + " | ".join(cells.get(d, ("–", "–"))[0] for d in datasets) + " |\n"
             for label, cells in labels.items()]
     out += [f"\nlambda = {lam:g} against the lambda = 0 model at a lower temperature with the same recall (P@R) or "
-            "coverage (D@C); (k/n off): k of n seeds' lambda models lie beyond the lowest temperature measured, "
-            "so the interval is over the others:\n\n", head]
+            "coverage (D@C); (k/n off): k of n seeds' lambda models have a recall (coverage) outside the range "
+            "of their temperature curve (below the lowest tau's or above tau = 1's), so the interval is over the "
+            "others:\n\n", head]
     out += [f"| {label} | " + " | ".join(cells.get(d, ("–", "–"))[1] for d in datasets) + " |\n"
             for label, cells in labels.items()]
     return "".join(out)
