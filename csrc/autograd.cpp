@@ -8,6 +8,10 @@
 //   q_sample_noise: the same for x0; its eps output is the draw, not differentiable
 //   iso_sums:       sse = sum (p - e)^2, ssq = sum p^2     ->  dp = iso_grad(p, e, 2 g_sse, 2 g_ssq),
 //                                                               de = -2 g_sse (p - e)
+//                   with x0, coef (v/x0-prediction): sse = sum r^2, ssq = sum h^2, r = p - (coef0 e + coef1 x0),
+//                   h = coef2 p + coef3 e + coef4 x0   ->  dp = iso_grad(..., x0, coef),
+//                                                          de = 2 g_sse (-coef0) r + 2 g_ssq coef3 h;
+//                   x0 and coef are constants (the ops layer sends a differentiable x0 to the reference)
 //   iso_loss_tail:  the loss from the sums                 ->  dsse = k1 g / 2, dssq = k2 g / 2, dw = d_w g
 //                   (k1 = (2/n) dL/dmse_b, k2 = (2/n) dL/ds_b, d_w = dL/dw_b are its own outputs)
 // The sampler steps and the Philox ops have no autograd: isofast.ops sends differentiable step
@@ -92,19 +96,39 @@ class QSampleNoise : public torch::autograd::Function<QSampleNoise> {
 };
 
 using IsoSumsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
-                                                      int64_t);
+                                                      int64_t, const std::optional<at::Tensor>&,
+                                                      const std::optional<at::Tensor>&);
 using IsoGradSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
-                              const at::Tensor&, const at::Tensor&);
+                              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&);
+
+std::optional<at::Tensor> optional_of(const at::Tensor& x) {
+  return x.defined() ? std::optional<at::Tensor>(x) : std::nullopt;
+}
+
+// The gradient in an explicit noise tensor e: -c1 (p - e) (eps-prediction), or with coef (5, B)
+// c1 (-coef0) r + c2 coef3 h (the residual r and implied eps h of the header).
+at::Tensor noise_grad(const at::Tensor& p, const at::Tensor& e, const at::Tensor& x0, const at::Tensor& coef,
+                      const at::Tensor& c1, const at::Tensor& c2) {
+  const auto acc = c1.scalar_type();
+  const at::Tensor pa = p.to(acc), ea = e.to(acc), k1 = c1.unsqueeze(1);
+  if (!coef.defined()) return (-k1 * (pa - ea)).to(e.scalar_type());
+  const at::Tensor xa = x0.to(acc), k = coef.unsqueeze(2);  // (5, B, 1): one column per row
+  const at::Tensor r = pa - (k[0] * ea + k[1] * xa), h = k[2] * pa + k[3] * ea + k[4] * xa;
+  return (-k1 * k[0] * r + c2.unsqueeze(1) * k[3] * h).to(e.scalar_type());
+}
 
 class IsoSums : public torch::autograd::Function<IsoSums> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& p, const std::optional<at::Tensor>& e,
-                               int64_t seed, int64_t offset) {
+                               int64_t seed, int64_t offset, const std::optional<at::Tensor>& x0,
+                               const std::optional<at::Tensor>& coef) {
     at::AutoDispatchBelowADInplaceOrView below;
     static auto op = kernel<IsoSumsSig>("isofast_C::iso_sums");
-    auto [sse, ssq] = op.call(p, e, seed, offset);
+    auto [sse, ssq] = op.call(p, e, seed, offset, x0, coef);
     // e is saved as an undefined tensor when absent: backward regenerates the draw from the key.
-    ctx->save_for_backward({p, e.has_value() ? *e : at::Tensor()});
+    // x0 and coef likewise (eps-prediction). All are references, no copies.
+    ctx->save_for_backward({p, e.value_or(at::Tensor()), x0.value_or(at::Tensor()), coef.value_or(at::Tensor())});
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["offset"] = offset;
     return {sse, ssq};
@@ -116,19 +140,16 @@ class IsoSums : public torch::autograd::Function<IsoSums> {
     // iso_grad has no derivative, so refuse rather than drop the second-order term silently.
     TORCH_CHECK(!at::GradMode::is_enabled(), kOnceDifferentiable);
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &p = saved[0], &e = saved[1];
+    const at::Tensor &p = saved[0], &e = saved[1], &x0 = saved[2], &coef = saved[3];
     // Autograd materialises an unused output's gradient as zeros; expanded gradients become dense.
     const at::Tensor c1 = (2 * grads[0]).contiguous(), c2 = (2 * grads[1]).contiguous();
-    const std::optional<at::Tensor> noise = e.defined() ? std::optional<at::Tensor>(e) : std::nullopt;
     at::Tensor dp, de;
     if (ctx->needs_input_grad(0)) {
-      dp = iso_grad.call(p, noise, ctx->saved_data["seed"].toInt(), ctx->saved_data["offset"].toInt(), c1, c2);
+      dp = iso_grad.call(p, optional_of(e), ctx->saved_data["seed"].toInt(), ctx->saved_data["offset"].toInt(), c1,
+                         c2, optional_of(x0), optional_of(coef));
     }
-    if (e.defined() && ctx->needs_input_grad(1)) {
-      const auto acc = c1.scalar_type();
-      de = (-c1.unsqueeze(1) * (p.to(acc) - e.to(acc))).to(e.scalar_type());
-    }
-    return {dp, de, at::Tensor(), at::Tensor()};
+    if (e.defined() && ctx->needs_input_grad(1)) de = noise_grad(p, e, x0, coef, c1, c2);
+    return {dp, de, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -176,8 +197,13 @@ std::tuple<at::Tensor, at::Tensor> q_sample_noise_autograd(const at::Tensor& x0,
 }
 
 std::tuple<at::Tensor, at::Tensor> iso_sums_autograd(const at::Tensor& p, const std::optional<at::Tensor>& e,
-                                                     int64_t seed, int64_t offset) {
-  auto out = IsoSums::apply(p, e, seed, offset);
+                                                     int64_t seed, int64_t offset, const std::optional<at::Tensor>& x0,
+                                                     const std::optional<at::Tensor>& coef) {
+  // No rule for them: refuse rather than return a gradient that silently leaves them out.
+  TORCH_CHECK(!at::GradMode::is_enabled() || !((x0 && x0->requires_grad()) || (coef && coef->requires_grad())),
+              "isofast_C::iso_sums: x0 and coef are constants (no gradient flows into them); "
+              "iso_ddpm_loss sends an x0 that requires grad to the reference");
+  auto out = IsoSums::apply(p, e, seed, offset, x0, coef);
   return {out[0], out[1]};
 }
 

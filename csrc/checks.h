@@ -78,21 +78,32 @@ inline bool is_float32_noise_for(const at::Tensor& e, const at::Tensor& p) {
 }
 
 // Operands of iso_sums / iso_grad, shared by the CPU and CUDA implementations. e has p's dtype;
-// with float32_noise_ok (CPU) it may also be float32 beside 16-bit p.
-inline void check_iso_sums_args(const at::Tensor& p, const std::optional<at::Tensor>& e, const char* op,
-                                bool float32_noise_ok = false) {
+// with float32_noise_ok (CPU) it may also be float32 beside 16-bit p. x0 (like p) and coef (5, B)
+// in the table dtype: both or neither (v- and x0-prediction; neither: eps-prediction).
+inline void check_iso_sums_args(const at::Tensor& p, const std::optional<at::Tensor>& e,
+                                const std::optional<at::Tensor>& x0, const std::optional<at::Tensor>& coef,
+                                const char* op, bool float32_noise_ok = false) {
   check_data(p, op, "p");
-  if (!e.has_value()) return;
-  if (float32_noise_ok && is_float32_noise_for(*e, p)) {
-    check_placed_like(*e, p, op, "e");
-  } else {
-    check_like(*e, p, op, "e");
+  if (e.has_value()) {
+    if (float32_noise_ok && is_float32_noise_for(*e, p)) {
+      check_placed_like(*e, p, op, "e");
+    } else {
+      check_like(*e, p, op, "e");
+    }
   }
+  TORCH_CHECK(x0.has_value() == coef.has_value(), op,
+              ": x0 and coef come together (v- and x0-prediction) or not at all (eps-prediction)");
+  if (!coef.has_value()) return;
+  check_like(*x0, p, op, "x0");
+  check_table(*coef, p, 2, op, "coef");
+  TORCH_CHECK(coef->size(0) == 5 && coef->size(1) == p.size(0), op, ": coef must have shape (5, ", p.size(0),
+              "), got ", coef->sizes());
 }
 
 inline void check_iso_grad_args(const at::Tensor& p, const std::optional<at::Tensor>& e, const at::Tensor& c1,
-                                const at::Tensor& c2, const char* op, bool float32_noise_ok = false) {
-  check_iso_sums_args(p, e, op, float32_noise_ok);
+                                const at::Tensor& c2, const std::optional<at::Tensor>& x0,
+                                const std::optional<at::Tensor>& coef, const char* op, bool float32_noise_ok = false) {
+  check_iso_sums_args(p, e, x0, coef, op, float32_noise_ok);
   check_table(c1, p, 1, op, "c1");
   check_table(c2, p, 1, op, "c2");
   TORCH_CHECK(c1.numel() == p.size(0) && c2.numel() == p.size(0), op, ": c1 and c2 must have shape (", p.size(0),

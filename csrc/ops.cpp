@@ -19,8 +19,11 @@ TORCH_LIBRARY(isofast_C, m) {
   m.def(
       "q_sample_noise(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, int seed, int offset) "
       "-> (Tensor, Tensor)");
-  m.def("iso_sums(Tensor p, Tensor? e, int seed, int offset) -> (Tensor, Tensor)");
-  m.def("iso_grad(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2) -> Tensor");
+  // x0 and coef (5, B): v- and x0-prediction (ARCHITECTURE.md, the primitives); None: eps-prediction.
+  m.def("iso_sums(Tensor p, Tensor? e, int seed, int offset, Tensor? x0=None, Tensor? coef=None) -> (Tensor, Tensor)");
+  m.def(
+      "iso_grad(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2, Tensor? x0=None, Tensor? coef=None) "
+      "-> Tensor");
   // CPU: the loss's O(B) tail from the sums, (loss, mse, iso, isotropy, k1, k2, d_w) (cpu/iso_loss_tail.cpp).
   m.def(
       "iso_loss_tail(Tensor sse, Tensor ssq, int n, Tensor? weights, float iso_lambda, str iso_mode, str reduction) "

@@ -140,6 +140,13 @@ class NoiseKey:
     a key that carries its draw and the loss reads it instead of drawing again. The values are the
     ones the kernels would regenerate, so no number depends on it; it is freed with the key.
     Not part of the key's identity (equality, hash, repr).
+
+    ``t``, ``schedule``, ``x0``: the context of the draw when `q_sample` made it, x_t = sqrt(ab_t) x0 +
+    sqrt(1 - ab_t) eps, with t the int64 (B,) timesteps on the data device, the `NoiseSchedule` and x0
+    the clean data itself (a reference, not a copy: the key keeps it alive, and an in-place change of
+    x0 after q_sample changes what the loss sees). `iso_ddpm_loss` reads them for v- and
+    x0-prediction and for min-SNR weights; None on a key made by hand (`NoiseKey(...)`,
+    `NoiseKey.draw`). Like ``kept``, not part of the key's identity.
     """
 
     seed: int
@@ -149,6 +156,9 @@ class NoiseKey:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # init=False: `dataclasses.replace` (another offset, say) gives a key that carries nothing.
     kept: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)
+    t: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)
+    schedule: object = field(default=None, init=False, compare=False, repr=False)  # a NoiseSchedule
+    x0: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seed", _check_u64("seed", self.seed))
@@ -163,9 +173,17 @@ class NoiseKey:
 
     def keeping(self, draw: torch.Tensor | None) -> NoiseKey:
         """This key carrying ``draw`` (its values as a CPU kernel generated them; None: carrying nothing)."""
+        return self._carrying(kept=draw)
+
+    def with_context(self, t: torch.Tensor, schedule: object, x0: torch.Tensor) -> NoiseKey:
+        """This key carrying the context of its q_sample: timesteps ``t``, the ``schedule`` and ``x0`` (no copy)."""
+        return self._carrying(t=t, schedule=schedule, x0=x0)
+
+    def _carrying(self, **fields: object) -> NoiseKey:
         key = object.__new__(NoiseKey)  # a copy without re-validating the fields (hot path: every step)
         key.__dict__.update(self.__dict__)
-        object.__setattr__(key, "kept", draw)
+        for name, value in fields.items():
+            object.__setattr__(key, name, value)
         return key
 
     @property

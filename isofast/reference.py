@@ -47,12 +47,58 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, sched: NoiseSchedule, noise: tor
     return x_t.to(x0.dtype)
 
 
-def per_sample_terms(eps_pred: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mse_b, s_b), each (B,): mse_b = mean_i (eps_pred - eps)^2, s_b = mean_i eps_pred^2."""
-    acc = compute_dtype(eps_pred.dtype)
-    p = eps_pred.reshape(eps_pred.shape[0], -1).to(acc)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def per_sample_terms(
+    pred: torch.Tensor,
+    eps: torch.Tensor,
+    prediction_type: str = "epsilon",
+    x0: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    sched: NoiseSchedule | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mse_b, s_b), each (B,): mse_b = mean_i (pred - target)^2, s_b = mean_i eps_hat^2.
+
+    epsilon: target eps, eps_hat = pred. With x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (x0, t, sched needed):
+    v_prediction: target v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0, eps_hat = sqrt(ab_t) pred + sqrt(1 - ab_t) x_t;
+    sample: target x0, eps_hat = (x_t - sqrt(ab_t) pred) / sqrt(1 - ab_t).
+    """
+    acc = compute_dtype(pred.dtype)
+    p = pred.reshape(pred.shape[0], -1).to(acc)
     e = eps.reshape(eps.shape[0], -1).to(acc)
-    return ((p - e) ** 2).mean(dim=1), (p**2).mean(dim=1)
+    if prediction_type == "epsilon":
+        target, eps_hat = e, p
+    else:
+        x = x0.reshape(x0.shape[0], -1).to(acc)
+        s = _per_sample(sched.exact("sqrt_alphas_cumprod"), t, p)
+        sigma = _per_sample(sched.exact("sqrt_one_minus_alphas_cumprod"), t, p)
+        x_t = s * x + sigma * e
+        if prediction_type == "v_prediction":
+            target, eps_hat = s * e - sigma * x, s * p + sigma * x_t
+        else:
+            target, eps_hat = x, (x_t - s * p) / sigma
+    return ((p - target) ** 2).mean(dim=1), (eps_hat**2).mean(dim=1)
+
+
+def snr(t: torch.Tensor, sched: NoiseSchedule) -> torch.Tensor:
+    """The signal-to-noise ratio ab_t / (1 - ab_t) per sample, float64 from the schedule's masters."""
+    ab = sched.exact("alphas_cumprod").to(t.device)[t]
+    return ab / (1.0 - ab)
+
+
+def min_snr_weights(ratio: torch.Tensor, snr_gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights of samples whose `snr` is ``ratio`` (Hang et al. 2023, as diffusers'
+    training scripts weight each type), of ratio's dtype and shape.
+
+    epsilon: min(snr, gamma) / snr; v_prediction: min(snr, gamma) / (snr + 1); sample: min(snr, gamma).
+    """
+    clipped = torch.clamp_max(ratio, snr_gamma)
+    if prediction_type == "epsilon":
+        return clipped / ratio
+    if prediction_type == "v_prediction":
+        return clipped / (ratio + 1.0)
+    return clipped
 
 
 def loss_from_terms(
@@ -96,13 +142,25 @@ def iso_ddpm_loss(
     weights: torch.Tensor | None = None,
     reduction: str = "mean",
     groups: int = 1,
+    *,
+    prediction_type: str = "epsilon",
+    x0: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    sched: NoiseSchedule | None = None,
+    snr_gamma: float | None = None,
 ) -> tuple[torch.Tensor, LossParts]:
     """Reference Iso-Diffusion loss. Returns (loss, parts); the loss is float32 (float64 for float64 input).
 
+    ``eps_pred`` is the model's output, a prediction of ``prediction_type`` (`per_sample_terms`: its
+    target and implied eps; v_prediction and sample need ``x0``, ``t``, ``sched``). ``snr_gamma``: the
+    weights are multiplied by `min_snr_weights` (needs ``t``, ``sched``).
     ``groups`` G > 1: the batch is G consecutive groups of B/G samples, each its own loss with its own
     lambda (a (G,) tensor or a float); the loss and parts are (G,) (reduction "none": (B,) terms).
     """
-    mse_b, s_b = per_sample_terms(eps_pred, eps)
+    mse_b, s_b = per_sample_terms(eps_pred, eps, prediction_type, x0, t, sched)
+    if snr_gamma is not None:
+        snr_w = min_snr_weights(snr(t, sched), snr_gamma, prediction_type).to(mse_b.dtype)
+        weights = snr_w if weights is None else weights.to(mse_b.dtype) * snr_w
     if groups == 1:
         return loss_from_terms(mse_b, s_b, iso_lambda, iso_mode, weights, reduction)
     w = None if weights is None else weights.reshape(groups, -1)

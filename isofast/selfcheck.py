@@ -57,13 +57,17 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / scale)
 
 
-def _loss_case(mode: str, keyed: bool, weighted: bool):
+def _loss_case(mode: str, keyed: bool, weighted: bool, prediction_type: str = "epsilon"):
     def run(backend, x0, t, sched, key):
         noise = key if keyed else key.materialize()
         batch = x0.shape[0]
         weights = torch.linspace(0.5, 1.5, batch, device=x0.device) if weighted else None
         p = (0.9 * x0.float() + 0.3).to(x0.dtype).requires_grad_(True)
-        loss, parts = isofast.iso_ddpm_loss(p, noise, 0.3, mode, weights, return_parts=True, backend=backend)
+        extra = {}
+        if prediction_type != "epsilon":  # the context (x0, t, schedule) as q_sample hands it over with its key
+            _, noise = isofast.q_sample(x0, t, sched, noise, backend=backend)
+            extra = dict(prediction_type=prediction_type, snr_gamma=5.0)
+        loss, parts = isofast.iso_ddpm_loss(p, noise, 0.3, mode, weights, return_parts=True, backend=backend, **extra)
         (loss * 1.7).backward()  # an upstream gradient != 1 exercises its folding into c1/c2
         return [loss, *parts, p.grad]
 
@@ -88,6 +92,8 @@ def _cases() -> dict[str, Callable]:
         "loss batch (key) fwd+bwd": _loss_case("batch", keyed=True, weighted=False),
         "loss batch (tensor, weights) fwd+bwd": _loss_case("batch", keyed=False, weighted=True),
         "loss sample (key, weights) fwd+bwd": _loss_case("sample", keyed=True, weighted=True),
+        "loss batch v-pred min-SNR (key) fwd+bwd": _loss_case("batch", keyed=True, weighted=True,
+                                                              prediction_type="v_prediction"),
         "ddpm_step (key, clip)": ddpm,
         "ddim_step eta=0": ddim(0.0),
         "ddim_step eta=1 (key)": ddim(1.0),
@@ -127,13 +133,15 @@ def _kernel_signatures(dtype: str):
                                          for m in ("iso_loss", "philox", "q_sample", "steps"))
 
     i64_ptrs = {"t_ptr", "t_prev_ptr", "key_ptr"}
-    f32_ptrs = {"sqrt_ab_ptr", "sqrt_1mab_ptr", "table_ptr", "c1_ptr", "c2_ptr",
+    f32_ptrs = {"sqrt_ab_ptr", "sqrt_1mab_ptr", "table_ptr", "c1_ptr", "c2_ptr", "coef_ptr",
                 "sse_part_ptr", "ssq_part_ptr"}
     block = 2048
     cases = [
         ("q_sample", q_sample.q_sample_kernel, {"HAS_E": False, "BLOCK": block}),
-        ("iso_sums", iso_loss.iso_sums_kernel, {"HAS_E": False, "BLOCK": block}),
-        ("iso_grad", iso_loss.iso_grad_kernel, {"HAS_E": False, "BLOCK": block}),
+        ("iso_sums", iso_loss.iso_sums_kernel, {"HAS_E": False, "AFFINE": False, "BLOCK": block}),
+        ("iso_grad", iso_loss.iso_grad_kernel, {"HAS_E": False, "AFFINE": False, "BLOCK": block}),
+        ("iso_sums v/x0", iso_loss.iso_sums_kernel, {"HAS_E": False, "AFFINE": True, "BLOCK": block}),
+        ("iso_grad v/x0", iso_loss.iso_grad_kernel, {"HAS_E": False, "AFFINE": True, "BLOCK": block}),
         ("ddpm_step", steps.ddpm_step_kernel, {"HAS_E": False, "CLIP_X0": True, "BLOCK": block}),
         ("ddim_step", steps.ddim_step_kernel, {"STOCHASTIC": True, "HAS_NOISE": True, "HAS_E": False, "CLIP_X0": False,
                                                      "BLOCK": block}),

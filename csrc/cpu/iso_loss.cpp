@@ -1,7 +1,11 @@
 // The Iso-Diffusion loss on the CPU, as two one-pass kernels that regenerate eps per tile (or read
 // it: the data's dtype, or float32 beside 16-bit data when it is the backend's stored draw):
-//   iso_sums: sse[b] = sum_j (p[b,j] - eps[b,j])^2,  ssq[b] = sum_j p[b,j]^2   (float32 / float64 (B,))
-//   iso_grad: g[b,j] = c1[b] (p[b,j] - eps[b,j]) + c2[b] p[b,j]                (data dtype)
+//   iso_sums: sse[b] = sum_j r[b,j]^2,  ssq[b] = sum_j h[b,j]^2                 (float32 / float64 (B,))
+//   iso_grad: g[b,j] = c1[b] r[b,j] + c2[b] coef[2,b] h[b,j]                     (data dtype)
+// with, for eps-prediction (no coef, no x0): r = p - eps, h = p (and coef[2] = 1); for v- or
+// x0-prediction (coef (5, B), x0 (B, n)): r = p - (coef[0] eps + coef[1] x0), the residual against
+// the target, and h = coef[2] p + coef[3] eps + coef[4] x0, the implied eps. The eps path is its own
+// instantiation (EpsilonTerms): it reads no x0 and does the arithmetic it did before coef existed.
 // Sums are accumulated per tile in the arithmetic type in 16 fixed lanes (vectorised), then the
 // tile partials of a row are added in float64 in a fixed order: the result does not depend on the
 // number of threads, the ISA, or whether eps was regenerated or stored.
@@ -62,22 +66,65 @@ template <typename A, typename X>
   }
 }
 
-template <typename A, typename P, typename E>
-inline void row_sums(const P* __restrict__ p, const E* __restrict__ eps, int64_t len, A* s_err, A* s_sq) {
+// The per-element terms of eps-prediction: residual r = p - eps, implied eps h = p (x0 unused).
+struct EpsilonTerms {
+  static constexpr bool kReadsX0 = false;
+  template <typename V>
+  [[gnu::always_inline]] void operator()(const V& p, const V& eps, const V& /*x0*/, V& r, V& h) const {
+    r = p - eps;
+    h = p;
+  }
+  template <typename A>
+  [[gnu::always_inline]] A hat_p() const { return A(1); }
+};
+
+// The per-element terms of one row of v- or x0-prediction, from its coef column:
+// r = p - (tgt_eps eps + tgt_x0 x0), h = hat_p p + hat_eps eps + hat_x0 x0.
+template <typename A>
+struct AffineTerms {
+  static constexpr bool kReadsX0 = true;
+  A tgt_eps, tgt_x0, hat_p_, hat_eps, hat_x0;
+  template <typename V>
+  [[gnu::always_inline]] void operator()(const V& p, const V& eps, const V& x0, V& r, V& h) const {
+    r = p - (tgt_eps * eps + tgt_x0 * x0);
+    h = hat_p_ * p + hat_eps * eps + hat_x0 * x0;
+  }
+  template <typename R>
+  [[gnu::always_inline]] R hat_p() const { return hat_p_; }
+};
+
+// Row b's AffineTerms from coef (5, B), rows (tgt_eps, tgt_x0, hat_p, hat_eps, hat_x0).
+template <typename A>
+struct AffineRows {
+  const A* coef;
+  int64_t B;
+  AffineTerms<A> operator()(int64_t b) const {
+    return {coef[b], coef[B + b], coef[2 * B + b], coef[3 * B + b], coef[4 * B + b]};
+  }
+};
+
+template <typename A, typename P, typename E, typename Terms>
+inline void row_sums(const P* __restrict__ p, const E* __restrict__ eps, const P* __restrict__ x0, int64_t len,
+                     const Terms& terms, A* s_err, A* s_sq) {
   lanes_t<A> se_v = {}, sq_v = {};
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes) {
-    const lanes_t<A> pv = load_lanes<A>(p + j), d = pv - load_lanes<A>(eps + j);
+    const lanes_t<A> pv = load_lanes<A>(p + j);
+    lanes_t<A> xv = {}, d, h;
+    if constexpr (Terms::kReadsX0) xv = load_lanes<A>(x0 + j);
+    terms(pv, load_lanes<A>(eps + j), xv, d, h);
     se_v += d * d;
-    sq_v += pv * pv;
+    sq_v += h * h;
   }
   A se[kLanes], sq[kLanes];
   std::memcpy(se, &se_v, sizeof se);
   std::memcpy(sq, &sq_v, sizeof sq);
   for (int l = 0; j < len; ++j, ++l) {
-    const A pv = static_cast<A>(p[j]), d = pv - static_cast<A>(eps[j]);
+    const A xv = Terms::kReadsX0 ? static_cast<A>(x0[j]) : A(0);
+    A d, h;
+    terms(static_cast<A>(p[j]), static_cast<A>(eps[j]), xv, d, h);
     se[l] += d * d;
-    sq[l] += pv * pv;
+    sq[l] += h * h;
   }
   for (int w = kLanes / 2; w > 0; w /= 2) {  // pairwise, fixed order
     for (int l = 0; l < w; ++l) {
@@ -89,19 +136,22 @@ inline void row_sums(const P* __restrict__ p, const E* __restrict__ eps, int64_t
   *s_sq = sq[0];
 }
 
-template <typename T, typename E>
-void iso_sums_kernel(const T* p, const E* e, uint64_t seed, uint64_t offset, acc_t<T>* sse, acc_t<T>* ssq, int64_t B,
-                     int64_t n) {
+// row_terms(b): the Terms of row b (EpsilonTerms, or AffineTerms from AffineRows).
+template <typename T, typename E, typename RowTerms>
+void iso_sums_kernel(const T* p, const E* e, const T* x0, RowTerms row_terms, uint64_t seed, uint64_t offset,
+                     acc_t<T>* sse, acc_t<T>* ssq, int64_t B, int64_t n) {
   using A = acc_t<T>;
   const int64_t tiles_per_row = (n + kTile - 1) / kTile;
   std::vector<double> part(static_cast<size_t>(2 * B * tiles_per_row));
   for_each_tile(B, n, seed, offset, [&](int64_t) { return e == nullptr; },
                 [&](int64_t b, int64_t j0, int64_t j1, const float* z) {
                   A s_err, s_sq;
+                  const auto terms = row_terms(b);
+                  const T* xr = x0 == nullptr ? nullptr : x0 + b * n + j0;
                   if (z != nullptr) {
-                    row_sums<A>(p + b * n + j0, z, j1 - j0, &s_err, &s_sq);
+                    row_sums<A>(p + b * n + j0, z, xr, j1 - j0, terms, &s_err, &s_sq);
                   } else {
-                    row_sums<A>(p + b * n + j0, e + b * n + j0, j1 - j0, &s_err, &s_sq);
+                    row_sums<A>(p + b * n + j0, e + b * n + j0, xr, j1 - j0, terms, &s_err, &s_sq);
                   }
                   const int64_t slot = b * tiles_per_row + j0 / kTile;
                   part[2 * slot] = s_err;
@@ -110,29 +160,48 @@ void iso_sums_kernel(const T* p, const E* e, uint64_t seed, uint64_t offset, acc
   for (int64_t b = 0; b < B; ++b) add_row_partials(part.data(), b, tiles_per_row, sse, ssq);
 }
 
-template <typename T, typename E>
-void iso_grad_kernel(const T* p, const E* e, uint64_t seed, uint64_t offset, const acc_t<T>* c1, const acc_t<T>* c2,
-                     T* g, int64_t B, int64_t n) {
+// g = k1 r + k2 hat_p h over one tile of a row (eps: any contiguous float or data-type pointer).
+template <typename A, typename T, typename E, typename Terms>
+[[gnu::always_inline]] inline void grad_tile(const T* __restrict__ pr, const E* __restrict__ er,
+                                             const T* __restrict__ xr, T* __restrict__ gr, int64_t len, A k1, A k2,
+                                             const Terms& terms) {
+  const A k2h = k2 * terms.template hat_p<A>();
+  for (int64_t j = 0; j < len; ++j) {
+    const A xv = Terms::kReadsX0 ? static_cast<A>(xr[j]) : A(0);
+    A r, h;
+    terms(static_cast<A>(pr[j]), static_cast<A>(er[j]), xv, r, h);
+    gr[j] = static_cast<T>(k1 * r + k2h * h);
+  }
+}
+
+template <typename T, typename E, typename RowTerms>
+void iso_grad_kernel(const T* p, const E* e, const T* x0, RowTerms row_terms, uint64_t seed, uint64_t offset,
+                     const acc_t<T>* c1, const acc_t<T>* c2, T* g, int64_t B, int64_t n) {
   using A = acc_t<T>;
   for_each_tile(B, n, seed, offset, [&](int64_t) { return e == nullptr; },
                 [&](int64_t b, int64_t j0, int64_t j1, const float* z) {
-                  const A k1 = c1[b], k2 = c2[b];
-                  const T* pr = p + b * n;
-                  T* gr = g + b * n;
+                  const auto terms = row_terms(b);
+                  const int64_t at = b * n + j0;
+                  const T* xr = x0 == nullptr ? nullptr : x0 + at;
                   if (z != nullptr) {
-                    z -= j0;
-                    for (int64_t j = j0; j < j1; ++j) {
-                      const A pv = static_cast<A>(pr[j]);
-                      gr[j] = static_cast<T>(k1 * (pv - static_cast<A>(z[j])) + k2 * pv);
-                    }
+                    grad_tile<A>(p + at, z, xr, g + at, j1 - j0, c1[b], c2[b], terms);
                   } else {
-                    const E* er = e + b * n;
-                    for (int64_t j = j0; j < j1; ++j) {
-                      const A pv = static_cast<A>(pr[j]);
-                      gr[j] = static_cast<T>(k1 * (pv - static_cast<A>(er[j])) + k2 * pv);
-                    }
+                    grad_tile<A>(p + at, e + at, xr, g + at, j1 - j0, c1[b], c2[b], terms);
                   }
                 });
+}
+
+// Calls kernel(x0_data, row_terms) for eps-prediction (no coef: nullptr, EpsilonTerms) or the
+// affine terms of coef (5, B) over x0 (v- and x0-prediction).
+template <typename T, typename Kernel>
+void with_terms(const std::optional<at::Tensor>& x0, const std::optional<at::Tensor>& coef, int64_t B,
+                Kernel&& kernel) {
+  using A = acc_t<T>;
+  if (!coef.has_value()) {
+    kernel(static_cast<const T*>(nullptr), [](int64_t) { return EpsilonTerms{}; });
+  } else {
+    kernel(static_cast<const T*>(x0->data_ptr<T>()), AffineRows<A>{coef->data_ptr<A>(), B});
+  }
 }
 
 // Calls kernel(noise) with the noise as the kernels read it: nullptr (generate), the data's dtype
@@ -149,9 +218,10 @@ void with_noise(const std::optional<at::Tensor>& e, const at::Tensor& p, Kernel&
 }
 
 std::tuple<at::Tensor, at::Tensor> iso_sums_cpu(const at::Tensor& p, const std::optional<at::Tensor>& e, int64_t seed,
-                                                int64_t offset) {
+                                                int64_t offset, const std::optional<at::Tensor>& x0,
+                                                const std::optional<at::Tensor>& coef) {
   constexpr const char* op = "isofast_C::iso_sums";
-  check_iso_sums_args(p, e, op, /*float32_noise_ok=*/true);
+  check_iso_sums_args(p, e, x0, coef, op, /*float32_noise_ok=*/true);
   const int64_t B = p.size(0), n = p.size(1);
   const auto acc = table_dtype(p.scalar_type());
   at::Tensor sse = at::empty({B}, p.options().dtype(acc)), ssq = at::empty({B}, p.options().dtype(acc));
@@ -163,25 +233,30 @@ std::tuple<at::Tensor, at::Tensor> iso_sums_cpu(const at::Tensor& p, const std::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "isofast_iso_sums_cpu", [&] {
     using A = acc_t<scalar_t>;
     with_noise<scalar_t>(e, p, [&](const auto* noise) {
-      iso_sums_kernel<scalar_t>(p.data_ptr<scalar_t>(), noise, static_cast<uint64_t>(seed),
-                                static_cast<uint64_t>(offset), sse.data_ptr<A>(), ssq.data_ptr<A>(), B, n);
+      with_terms<scalar_t>(x0, coef, B, [&](const scalar_t* x0p, auto row_terms) {
+        iso_sums_kernel<scalar_t>(p.data_ptr<scalar_t>(), noise, x0p, row_terms, static_cast<uint64_t>(seed),
+                                  static_cast<uint64_t>(offset), sse.data_ptr<A>(), ssq.data_ptr<A>(), B, n);
+      });
     });
   });
   return {sse, ssq};
 }
 
 at::Tensor iso_grad_cpu(const at::Tensor& p, const std::optional<at::Tensor>& e, int64_t seed, int64_t offset,
-                        const at::Tensor& c1, const at::Tensor& c2) {
+                        const at::Tensor& c1, const at::Tensor& c2, const std::optional<at::Tensor>& x0,
+                        const std::optional<at::Tensor>& coef) {
   constexpr const char* op = "isofast_C::iso_grad";
-  check_iso_grad_args(p, e, c1, c2, op, /*float32_noise_ok=*/true);
+  check_iso_grad_args(p, e, c1, c2, x0, coef, op, /*float32_noise_ok=*/true);
   at::Tensor g = at::empty_like(p);
   if (p.numel() == 0) return g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "isofast_iso_grad_cpu", [&] {
     using A = acc_t<scalar_t>;
     with_noise<scalar_t>(e, p, [&](const auto* noise) {
-      iso_grad_kernel<scalar_t>(p.data_ptr<scalar_t>(), noise, static_cast<uint64_t>(seed),
-                                static_cast<uint64_t>(offset), c1.data_ptr<A>(), c2.data_ptr<A>(),
-                                g.data_ptr<scalar_t>(), p.size(0), p.size(1));
+      with_terms<scalar_t>(x0, coef, p.size(0), [&](const scalar_t* x0p, auto row_terms) {
+        iso_grad_kernel<scalar_t>(p.data_ptr<scalar_t>(), noise, x0p, row_terms, static_cast<uint64_t>(seed),
+                                  static_cast<uint64_t>(offset), c1.data_ptr<A>(), c2.data_ptr<A>(),
+                                  g.data_ptr<scalar_t>(), p.size(0), p.size(1));
+      });
     });
   });
   return g;

@@ -20,8 +20,9 @@ import torch
 # The schemas of the primitives, as in csrc/ops.cpp.
 SCHEMAS = {
     "q_sample": "(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor? e, int seed, int offset) -> Tensor",
-    "iso_sums": "(Tensor p, Tensor? e, int seed, int offset) -> (Tensor, Tensor)",
-    "iso_grad": "(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2) -> Tensor",
+    "iso_sums": "(Tensor p, Tensor? e, int seed, int offset, Tensor? x0=None, Tensor? coef=None) -> (Tensor, Tensor)",
+    "iso_grad": "(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2, Tensor? x0=None, Tensor? coef=None) "
+                "-> Tensor",
     "ddpm_step": "(Tensor x, Tensor eps_pred, Tensor t, Tensor table, Tensor? e, Tensor? key, bool clip_x0) -> Tensor",
     "ddim_step": "(Tensor x, Tensor eps_pred, Tensor t, Tensor t_prev, Tensor table, float eta, Tensor? e, "
                  "Tensor? key, bool clip_x0) -> Tensor",

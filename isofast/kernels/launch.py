@@ -36,13 +36,14 @@ def launch_rows(kernel, x, cfg: LaunchSettings, head, *tail, **constexprs) -> No
                                 BLOCK=cfg.block, num_warps=cfg.num_warps, **constexprs)
 
 
-def launch_keyed(kernel, x, cfg: LaunchSettings, head, e, seed: int, offset: int) -> None:
+def launch_keyed(kernel, x, cfg: LaunchSettings, head, e, seed: int, offset: int, **constexprs) -> None:
     """`launch_rows` for a kernel read by `keyed_noise`: ``(seed, offset)`` as int32 halves after
-    ``nwin``, ``HAS_E`` whether the explicit noise ``e`` is given. (Written out, not through
-    `launch_rows`: a second call level with repacked arguments costs about 0.5 us a launch.)"""
+    ``nwin``, ``HAS_E`` whether the explicit noise ``e`` is given, then the kernel's own constexprs.
+    (Written out, not through `launch_rows`: a second call level with repacked arguments costs about
+    0.5 us a launch.)"""
     batch, n = x.shape
     kernel[(batch * cfg.nwin,)](*head, n, cfg.nwin, *split_u64(seed), *split_u64(offset),
-                                HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps)
+                                HAS_E=e is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, **constexprs)
 
 
 @triton.jit

@@ -8,6 +8,13 @@ and its closed-form slopes, so the backward is one ``iso_grad`` pass and no auto
 ~20 tiny ops. On the CPU the tail is one compiled op (``isofast_C::iso_loss_tail``: in torch ops it
 costs more than both kernels at training sizes); elsewhere `_LossTail` below, in torch ops.
 
+Prediction types: for v- and x0-prediction the same two primitives take two more operands, x0 and
+per-row coefficients coef (5, B) (`operands.PREDICTION_COEFFICIENTS`), since the residual against the
+target and the implied eps are affine in (pred, eps, x0) per row: r = pred - (coef0 eps + coef1 x0),
+eps_hat = coef2 pred + coef3 eps + coef4 x0; then sse_b = sum r^2, ssq_b = sum eps_hat^2 and the
+gradient is c1 r + c2 coef2 eps_hat. Still one pass each, with the noise regenerated; x0 is one more
+read per pass (5 B n e bytes with a key). eps-prediction passes neither and runs the kernels it ran before.
+
 Memory traffic (B x n elements of e bytes): forward reads eps_pred once (plus eps if given as a
 tensor); backward reads eps_pred again (usually from L2: it runs right after the forward) and
 writes the gradient once: 3 B n e bytes with a NoiseKey, 5 B n e with an explicit eps tensor.
@@ -24,7 +31,8 @@ from torch.autograd.function import once_differentiable
 from .. import reference
 from ..noise import NoiseKey
 from ..reference import LossParts
-from . import backends, extension, operands, validation
+from ..schedule import NoiseSchedule
+from . import backends, extension, operands, prediction, validation
 
 ONCE_DIFFERENTIABLE = ("iso_ddpm_loss: the fused loss is differentiable once (its backward, iso_grad, has no "
                        "derivative); for higher-order gradients (create_graph=True) use backend='reference'")
@@ -40,10 +48,31 @@ def iso_ddpm_loss(
     return_parts: bool = False,
     backend: str | None = None,
     groups: int = 1,
+    *,
+    prediction_type: str = "epsilon",
+    snr_gamma: float | None = None,
+    x0: torch.Tensor | None = None,
+    t: torch.Tensor | int | None = None,
+    schedule: NoiseSchedule | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
-    """The Iso-Diffusion loss of ``eps_pred`` (B, ...) against the true noise (a NoiseKey or tensor).
+    """The Iso-Diffusion loss of the model output ``eps_pred`` (B, ...) against the true noise (a NoiseKey or tensor).
 
-    With mse_b = mean_i (eps_pred - eps)^2 and s_b = mean_i eps_pred^2 per sample:
+    ``prediction_type``: what the model predicts, "epsilon" (the default), "v_prediction" or "sample"
+    (x0), as diffusers names them. For v and x0 the target is built from x0, the noise and ab_t, and
+    the isotropy penalty applies to the eps the prediction implies (x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps):
+    v: target sqrt(ab_t) eps - sqrt(1 - ab_t) x0, eps_hat = sqrt(ab_t) v_hat + sqrt(1 - ab_t) x_t;
+    sample: target x0, eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t). Near t = 0 that eps_hat
+    multiplies the error of x0_hat by sqrt(ab_t / (1 - ab_t)) (100 at t = 0 of the linear schedule),
+    and the penalty's gradient by its square: lower ``iso_lambda`` or weight with ``snr_gamma`` there.
+    ``snr_gamma``: min-SNR-gamma weights, snr = ab_t / (1 - ab_t): min(snr, gamma) / snr (epsilon),
+    min(snr, gamma) / (snr + 1) (v_prediction), min(snr, gamma) (sample), multiplied into ``weights``.
+    The context these need (x0, t, the schedule) comes with the `NoiseKey` that `q_sample` returned;
+    for a noise tensor (or to override the key's) pass ``x0=`` (B, ...) like eps_pred, ``t=`` (B,)
+    (or an int) and ``schedule=``. A missing piece is a ValueError naming it. x0 is read in eps_pred's
+    dtype; gradients flow into eps_pred (and weights), and into an x0 that requires grad (reference path).
+
+    With mse_b = mean_i (eps_pred - target)^2 and s_b = mean_i eps_hat^2 per sample (eps-prediction:
+    target eps, eps_hat = eps_pred):
     mode "batch": mean_b(w_b mse_b) + iso_lambda ((1/B) sum_b s_b - 1)^2;
     mode "sample": mean_b(w_b (mse_b + iso_lambda (s_b - 1)^2)).
     reduction "sum" sums over b instead of averaging; "none" (mode "sample" only) returns the
@@ -66,18 +95,30 @@ def iso_ddpm_loss(
         raise ValueError('reduction="none" needs iso_mode="sample": the batch penalty is not a per-sample term')
     weights = validation.weights(weights, eps_pred.shape[0], eps_pred.device)
     return_parts = validation.flag("return_parts", return_parts)
+    prediction_type = validation.choice("prediction_type", prediction_type, reference.PREDICTION_TYPES)
+    if snr_gamma is not None:
+        snr_gamma = validation.positive_finite("snr_gamma", snr_gamma)
+    ctx = prediction.loss_context(noise, eps_pred, prediction_type, snr_gamma, x0, t, schedule)
 
     name = backends.resolve(backend, eps_pred.device, eps_pred.dtype)
-    if name == "reference" or (isinstance(noise, torch.Tensor) and operands.needs_reference_autograd(noise)):
+    if name == "reference" or operands.needs_reference_autograd(
+            noise if isinstance(noise, torch.Tensor) else None, ctx.x0):
         eps = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
-        loss, parts = reference.iso_ddpm_loss(eps_pred, eps, iso_lambda, iso_mode, weights, reduction, groups)
+        loss, parts = reference.iso_ddpm_loss(eps_pred, eps, iso_lambda, iso_mode, weights, reduction, groups,
+                                              prediction_type=prediction_type, x0=ctx.x0, t=ctx.t,
+                                              sched=ctx.schedule, snr_gamma=snr_gamma)
         return (loss, parts) if return_parts else loss
+    if snr_gamma is not None:
+        snr_w = reference.min_snr_weights(operands.table(ctx.schedule, "snr", eps_pred)[0][ctx.t], snr_gamma, prediction_type)
+        weights = snr_w if weights is None else weights * snr_w.to(weights.dtype)
     p = operands.rows(eps_pred)
     keeps = name in backends.KEEPS_DRAW
     e, seed, offset = operands.noise(noise, p, use_kept=keeps)
     if e is None and keeps and not torch.compiler.is_compiling():
         e = extension.draw(p, seed, offset)  # the loss on its own: draw once, for iso_sums and iso_grad
-    sse, ssq = backends.library(name).iso_sums(p, e, seed, offset)
+    affine = () if ctx.x0 is None else (  # v- and x0-prediction: the x0 operand and the rows' coefficients
+        operands.rows(ctx.x0.to(p.dtype)), operands.prediction_coefficients(ctx.schedule, prediction_type, ctx.t, p))
+    sse, ssq = backends.library(name).iso_sums(p, e, seed, offset, *affine)
     loss, *terms = _tail(sse, ssq, p.shape[1], weights, iso_lambda, iso_mode, reduction, groups)[:4]
     return (loss, LossParts(*terms)) if return_parts else loss
 
@@ -156,13 +197,13 @@ class _LossTail(torch.autograd.Function):
 
 
 @backends.register_fake("iso_sums")
-def _(p, e, seed, offset):
+def _(p, e, seed, offset, x0=None, coef=None):
     acc = reference.compute_dtype(p.dtype)
     return p.new_empty(p.shape[0], dtype=acc), p.new_empty(p.shape[0], dtype=acc)
 
 
 @backends.register_fake("iso_grad")
-def _(p, e, seed, offset, c1, c2):
+def _(p, e, seed, offset, c1, c2, x0=None, coef=None):
     return torch.empty_like(p)
 
 
@@ -174,22 +215,37 @@ def _(sse, ssq, n, weights, iso_lambda, iso_mode, reduction):
 
 
 def _setup_context(ctx, inputs, output):
-    p, e, seed, offset = inputs
-    ctx.save_for_backward(p, e)
+    p, e, seed, offset, *affine = inputs
+    x0, coef = (*affine, None, None)[:2]
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (x0, coef)):
+        raise RuntimeError("isofast_triton::iso_sums: x0 and coef are constants (no gradient flows into them); "
+                           "iso_ddpm_loss sends an x0 that requires grad to the reference")
+    ctx.save_for_backward(p, e, x0, coef)
     ctx.key = (seed, offset)
 
 
+def _noise_grad(p, e, x0, coef, c1, c2):
+    """The gradient in an explicit noise tensor (the rule of csrc/autograd.cpp: noise_grad)."""
+    pa, ea, k1 = p.to(c1.dtype), e.to(c1.dtype), c1.unsqueeze(1)
+    if coef is None:
+        return (-k1 * (pa - ea)).to(e.dtype)
+    xa, k = x0.to(c1.dtype), coef.unsqueeze(2)  # (5, B, 1): one column per row
+    r, h = pa - (k[0] * ea + k[1] * xa), k[2] * pa + k[3] * ea + k[4] * xa
+    return (-k1 * k[0] * r + c2.unsqueeze(1) * k[3] * h).to(e.dtype)
+
+
 def _backward(ctx, grad_sse, grad_ssq):
-    """dp = iso_grad(p, e, 2 g_sse, 2 g_ssq); de = -2 g_sse (p - e) (the rule of csrc/autograd.cpp)."""
+    """dp = iso_grad(p, e, 2 g_sse, 2 g_ssq, x0, coef); de = `_noise_grad` (the rule of csrc/autograd.cpp)."""
     if torch.is_grad_enabled():  # create_graph=True: iso_grad has no derivative (as in csrc/autograd.cpp)
         raise RuntimeError(ONCE_DIFFERENTIABLE)
-    p, e = ctx.saved_tensors
+    p, e, x0, coef = ctx.saved_tensors
     c1, c2 = (2 * grad_sse).contiguous(), (2 * grad_ssq).contiguous()
-    grad_p = torch.ops.isofast_triton.iso_grad(p, e, *ctx.key, c1, c2) if ctx.needs_input_grad[0] else None
-    grad_e = None
-    if e is not None and ctx.needs_input_grad[1]:
-        grad_e = (-c1.unsqueeze(1) * (p.to(c1.dtype) - e.to(c1.dtype))).to(e.dtype)
-    return grad_p, grad_e, None, None
+    grad_p = None
+    if ctx.needs_input_grad[0]:
+        affine = () if coef is None else (x0, coef)
+        grad_p = torch.ops.isofast_triton.iso_grad(p, e, *ctx.key, c1, c2, *affine)
+    grad_e = _noise_grad(p, e, x0, coef, c1, c2) if e is not None and ctx.needs_input_grad[1] else None
+    return (grad_p, grad_e, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 torch.library.register_autograd("isofast_triton::iso_sums", _backward, setup_context=_setup_context)

@@ -58,9 +58,31 @@ def _cached_table(sched: NoiseSchedule, key: str, device: torch.device, dtype: t
             exact("alphas_cumprod"),
             1.0 - exact("alphas_cumprod"),
         )
+    elif key == "snr":  # ab / (1 - ab), for min-SNR weights
+        parts = (exact("alphas_cumprod") / (1.0 - exact("alphas_cumprod")),)
+    elif key in PREDICTION_COEFFICIENTS:
+        parts = PREDICTION_COEFFICIENTS[key](exact("sqrt_alphas_cumprod"), exact("sqrt_one_minus_alphas_cumprod"))
     else:
         raise KeyError(key)
     return torch.stack(parts).to(device=device, dtype=dtype).contiguous()
+
+
+# The loss's rows for a prediction p of each type but eps (the primitives' coef): the target is
+# tgt_eps eps + tgt_x0 x0 and the implied eps hat_p p + hat_eps eps + hat_x0 x0, from
+# s = sqrt(ab_t) and sigma = sqrt(1 - ab_t) in float64 (x_t = s x0 + sigma eps):
+#   v = s eps - sigma x0;   eps_hat = s v_hat + sigma x_t = s v_hat + sigma^2 eps + s sigma x0
+#   x0;                     eps_hat = (x_t - s x0_hat) / sigma = -(s/sigma) x0_hat + eps + (s/sigma) x0
+# s/sigma = sqrt(snr) grows without bound as t -> 0 (ARCHITECTURE.md, the loss).
+PREDICTION_COEFFICIENTS = {
+    "v_prediction": lambda s, sigma: (s, -sigma, s, sigma * sigma, s * sigma),
+    "sample": lambda s, sigma: (torch.zeros_like(s), torch.ones_like(s), -s / sigma, torch.ones_like(s), s / sigma),
+}
+
+
+def prediction_coefficients(sched: NoiseSchedule, prediction_type: str, t: torch.Tensor,
+                            like: torch.Tensor) -> torch.Tensor:
+    """The primitives' coef (5, B) for timesteps ``t`` (int64 (B,) on like's device), in like's compute dtype."""
+    return table(sched, prediction_type, like).index_select(1, t)
 
 
 def table(sched: NoiseSchedule, key: str, like: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,8 @@ def q_sample(
     `NoiseKey` from torch's generator (``generator`` or the default one); a Tensor or NoiseKey is
     used as given. Returns (x_t of x0's shape and dtype, the noise as given or the new key; on the
     "cpu" backend the key carries its draw for the loss). Differentiable in x0 (and in a noise tensor).
+    A returned key also carries ``t`` (int64 (B,) on x0's device), ``sched`` and ``x0`` itself (no
+    copy): what `iso_ddpm_loss` needs for v- and x0-prediction and min-SNR weights.
     """
     validation.schedule(sched)
     x0 = validation.float_tensor("x0", x0)
@@ -43,7 +45,7 @@ def q_sample(
     name = backends.resolve(backend, x0.device, x0.dtype)
     if name == "reference" or (isinstance(noise, torch.Tensor) and operands.needs_reference_autograd(noise)):
         eps = noise.materialize(torch.float32) if isinstance(noise, NoiseKey) else noise
-        return reference.q_sample(x0, t, sched, eps), noise
+        return reference.q_sample(x0, t, sched, eps), _with_context(noise, t, sched, x0)
     x, coefs = operands.rows(x0), operands.table(sched, "q_sample", x0)
     e, seed, offset = operands.noise(noise, x, use_kept=False)
     # Keep the draw where regenerating it costs more than reading it back (not under torch.compile,
@@ -53,7 +55,12 @@ def q_sample(
         noise = noise.keeping(kept)
     else:
         x_t = backends.library(name).q_sample(x, t, coefs[0], coefs[1], e, seed, offset)
-    return x_t.reshape(x0.shape), noise
+    return x_t.reshape(x0.shape), _with_context(noise, t, sched, x0)
+
+
+def _with_context(noise: torch.Tensor | NoiseKey, t: torch.Tensor, sched: NoiseSchedule, x0: torch.Tensor):
+    """A key with the context of this q_sample (a noise tensor is returned as given)."""
+    return noise.with_context(t, sched, x0) if isinstance(noise, NoiseKey) else noise
 
 
 @backends.register_fake("q_sample")

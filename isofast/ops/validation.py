@@ -102,6 +102,14 @@ def finite_nonnegative(name: str, value: object) -> float:
     return value
 
 
+def positive_finite(name: str, value: object) -> float:
+    """A finite real scalar > 0 (int, float or numpy scalar) as a Python float."""
+    value = scalars.real(name, value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
 def iso_lambda(value: object, groups: int = 1, device: torch.device | None = None) -> float | torch.Tensor:
     """A float >= 0, or with ``groups`` G > 1 also a (G,) float tensor of such values (one per group)."""
     if isinstance(value, torch.Tensor) and groups > 1:
@@ -165,8 +173,8 @@ def noise_for(noise: object, like: torch.Tensor, name: str = "noise") -> torch.T
     raise TypeError(f"{name} must be a NoiseKey or a torch.Tensor, got {type(noise).__name__}")
 
 
-def schedule(sched: object) -> None:
+def schedule(sched: object, name: str = "sched") -> None:
     from ..schedule import NoiseSchedule
 
     if not isinstance(sched, NoiseSchedule):
-        raise TypeError(f"sched must be a NoiseSchedule, got {type(sched).__name__}")
+        raise TypeError(f"{name} must be a NoiseSchedule, got {type(sched).__name__}")

@@ -44,6 +44,7 @@ BAD_SCHED = [None, "linear", 10, SCHED.betas]
 BAD_NOISE = ["x", 3, [0.0] * 6, torch.ones(3, 3), torch.ones(SHAPE, dtype=torch.int64), torch.ones(SHAPE, dtype=torch.complex64),
              NoiseKey(1, 0, (3, 3)), NoiseKey(1, 0, (6,)), NoiseKey(1, 0, SHAPE, device="meta")]
 BAD_NONNEG = [-0.1, NAN, INF, -INF, "0.3", None, True, np.float32(-1.0), torch.tensor(0.3), 1j]
+BAD_SNR_GAMMA = [0, 0.0, -1.0, NAN, INF, -INF, "5", True, np.float32(-2.0), torch.tensor(5.0), 1j]
 BAD_FLAG = ["yes", "no", None, 1, 0.0]
 BAD_BACKEND = ["bogus", 3, ["cpu"], "CPU"]
 BAD_GENERATOR = ["g", 3, torch.ones(1)]
@@ -81,6 +82,24 @@ ENTRIES = {
              reduction=["foo", None, 3, "none"], weights=[[1.0, 1.0], torch.ones(3), torch.ones(SHAPE),
                                                           torch.ones(B, dtype=torch.int64), "w"],
              groups=[0, -1, 3, 1.5, True, "2", np.float64(2.0)], return_parts=BAD_FLAG, backend=BAD_BACKEND),
+        {}, takes_backend=True),
+    # v- and x0-prediction need x0, t and the schedule; min-SNR weights t and the schedule (here as keywords
+    # beside a noise tensor: a NoiseKey from q_sample carries them)
+    "iso_ddpm_loss v_prediction": Entry(
+        isofast.iso_ddpm_loss, lambda: dict(eps_pred=_x(), noise=_x(), prediction_type="v_prediction", x0=_x(),
+                                            t=torch.tensor([1, 2]), schedule=SCHED, snr_gamma=5.0),
+        dict(prediction_type=["eps", "v", "x0", "V_prediction", None, 3, ["sample"]], snr_gamma=BAD_SNR_GAMMA,
+             x0=BAD_DATA + BAD_LIKE_DATA[:3], t=BAD_T, schedule=BAD_SCHED),
+        {}, takes_backend=True),
+    "iso_ddpm_loss sample": Entry(
+        isofast.iso_ddpm_loss, lambda: dict(eps_pred=_x(), noise=_x(), prediction_type="sample", x0=_x(),
+                                            t=torch.tensor([1, 2]), schedule=SCHED),
+        dict(x0=[None, torch.ones(2, 4)], t=[None, torch.tensor([0, T])], schedule=[None, "linear"]),
+        {}, takes_backend=True),
+    "iso_ddpm_loss epsilon min-SNR": Entry(
+        isofast.iso_ddpm_loss, lambda: dict(eps_pred=_x(), noise=_x(), snr_gamma=5.0, t=torch.tensor([1, 2]),
+                                            schedule=SCHED),
+        dict(snr_gamma=BAD_SNR_GAMMA, t=[None, -1, torch.tensor([1, 2, 3])], schedule=[None, 10]),
         {}, takes_backend=True),
     "ddpm_step": Entry(
         isofast.ddpm_step, lambda: dict(x_t=_x(), eps_pred=_x(), t=torch.tensor([3, 0]), sched=SCHED),

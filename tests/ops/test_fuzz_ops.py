@@ -2,7 +2,8 @@
 
 One hypothesis example draws a problem (sample shape, data dtype, memory layout, schedule kind, length
 and dtype, timesteps, the noise as a key, with the offset near 2^64 where the counters wrap, or as a
-tensor) and runs q_sample (and its gradient in x0), iso_ddpm_loss (and its gradient in eps_pred),
+tensor) and runs q_sample (and its gradient in x0), iso_ddpm_loss (every prediction type, with and without
+min-SNR weights, and its gradient in eps_pred),
 ddpm_step and ddim_step on the backend under test. The oracle is `isofast.reference` in float64 on
 the same (rounded) inputs with the schedule's exact float64 tables, and every bound is per element, in
 the data dtype's ulp of the result plus the compute dtype's ulp of the size of the terms that made it
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 import isofast
 from isofast import NoiseKey, NoiseSchedule, reference
+from isofast.ops import operands
 
 # (CI examples, ISOFAST_FUZZ=long examples) per backend family: the Triton interpreter runs programs one by one
 EXAMPLES = {"compiled": (150, 5000), "triton": (40, 1000)}
@@ -56,7 +58,9 @@ def _within(got, want, size, dtype, noise_coef, keyed, what):
     bound = (out.eps * want.abs() + out.eps * out.tiny + 8 * torch.finfo(acc(dtype)).eps * size.detach().cpu().double()
              + (NOISE_ATOL * noise_coef.detach().cpu().double().abs() if keyed else 0.0))
     err = (got - want).abs()
-    bad = ~(err <= bound)  # NaN counts as bad
+    # a true value beyond the dtype's range rounds to +-inf (x0-prediction's gradient near t = 0 in float16)
+    overflow = torch.isfinite(want) & torch.isinf(want.to(dtype)) & (got == want.to(dtype).double())
+    bad = ~(err <= bound) & ~overflow  # NaN counts as bad
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.numel()} elements off, worst error "
                            f"{(err / bound).nan_to_num(float('inf')).max():.3g} x its bound: got {got[bad][:4].tolist()}, "
                            f"want {want[bad][:4].tolist()}")
@@ -108,6 +112,18 @@ def _q_sample(case, name):
     _within(x0.grad, a * g_used, (a * g_used).abs(), case.dtype, torch.zeros(()), keyed, "q_sample d/dx0")
 
 
+def _prediction_terms(case, prediction_type):
+    """|coef| (5, B, 1) of the residual and implied eps (`operands.PREDICTION_COEFFICIENTS`; eps: 1, 0, 1, 0, 0)
+    in float64, for the sizes of the terms."""
+    if prediction_type == "epsilon":
+        k = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)[:, None].expand(5, case.t.numel())
+    else:
+        s = case.exact.sqrt_alphas_cumprod.double()[case.t]
+        sigma = case.exact.sqrt_one_minus_alphas_cumprod.double()[case.t]
+        k = torch.stack(operands.PREDICTION_COEFFICIENTS[prediction_type](s, sigma))
+    return k.abs().unsqueeze(-1)
+
+
 def _loss(case, name, draw):
     B = case.p["shape"][0]
     mode = draw(st.sampled_from(["batch", "sample"]))
@@ -115,27 +131,46 @@ def _loss(case, name, draw):
     groups = draw(st.sampled_from([g for g in (1, 2, 4) if B % g == 0]))
     lam = draw(st.sampled_from([0.0, 0.3, 2.5]))
     weighted = draw(st.booleans())
+    prediction_type = draw(st.sampled_from(reference.PREDICTION_TYPES))
+    snr_gamma = draw(st.sampled_from([None, 0.5, 5.0]))
     w = torch.rand(B, generator=torch.Generator().manual_seed(case.p["data_seed"]), dtype=torch.float64) + 0.5
     p = case.on_device(case.e_pred).requires_grad_()
     w_arg = w.to(acc(case.dtype)).to(case.device) if weighted else None
-    loss = isofast.iso_ddpm_loss(p, case.noise(), lam, mode, w_arg, reduction, backend=name, groups=groups)
+    # the context as keywords (the key q_sample returns carries the same: test_iso_loss.py)
+    context = dict(prediction_type=prediction_type, snr_gamma=snr_gamma, x0=case.on_device(case.x),
+                   t=case.t.to(case.device), schedule=case.sched)
+    loss = isofast.iso_ddpm_loss(p, case.noise(), lam, mode, w_arg, reduction, backend=name, groups=groups, **context)
     upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
     loss.backward(upstream.to(loss.dtype).to(case.device))
 
     p64 = case.e_pred.double().requires_grad_()
     w64 = w.to(acc(case.dtype)).double() if weighted else None
-    want, _ = reference.iso_ddpm_loss(p64, case.eps, lam, mode, w64, reduction, groups)
+    x64 = case.x.double()
+    want, _ = reference.iso_ddpm_loss(p64, case.eps, lam, mode, w64, reduction, groups, prediction_type=prediction_type,
+                                      x0=x64, t=case.t, sched=case.exact, snr_gamma=snr_gamma)
     want.backward(upstream.to(loss.dtype).double())
-    # the size of the loss: its sums before normalising (float32 accumulates n terms), the penalty's too
-    n, w_max = p64[0].numel(), (w.max() if weighted else 1.0)
-    diff = (p64.detach() - case.eps).abs().reshape(B, -1)
-    size_loss = w_max * (diff**2).sum() + (lam + 1) * ((p64.detach() ** 2).sum() + B)
-    noise_coef = 2 * diff.max() * w_max * torch.ones(())
+    # the size of the loss: its sums before normalising (float32 accumulates n terms), the penalty's too;
+    # r and h: the sizes of the residual and the implied eps from the magnitudes of their terms
+    n = p64[0].numel()
+    w_max = w.max() if weighted else torch.tensor(1.0, dtype=torch.float64)
+    if snr_gamma is not None:
+        w_max = w_max * reference.min_snr_weights(reference.snr(case.t, case.exact), snr_gamma, prediction_type).max()
+    k = _prediction_terms(case, prediction_type)
+    pa, ea, xa = (v.detach().abs().reshape(B, -1) for v in (p64, case.eps, x64))
+    r = pa + k[0] * ea + k[1] * xa
+    h = k[2] * pa + k[3] * ea + k[4] * xa
+    s_max = (h**2).mean(dim=1).max()
+    size_loss = w_max * (r**2).sum() + (lam + 1) * ((h**2).sum() + B) * (1 + s_max)
+    noise_coef = 2 * (k[0].max() * r.max() * w_max + 2 * (lam + 1) * k[3].max() * h.max() * (1 + s_max)) * torch.ones(())
+    what = f"{prediction_type} snr_gamma={snr_gamma} {mode}/{reduction}/groups={groups}/lambda={lam}"
     _within(loss, want, size_loss * torch.ones_like(want), acc(case.dtype), noise_coef, case.p["keyed"],
-            f"iso_ddpm_loss {mode}/{reduction}/groups={groups}/lambda={lam}")
-    g_size = p64.grad.abs().max() + (2 / n) * (diff.max() + p64.detach().abs().max()) * (lam + 1) * upstream.abs().max()
-    _within(p.grad, p64.grad, g_size * torch.ones_like(p64.grad), case.dtype, (2 / n) * upstream.abs().max() * torch.ones(()),
-            case.p["keyed"], f"iso_ddpm_loss d/deps_pred {mode}/{reduction}/groups={groups}")
+            f"iso_ddpm_loss {what}")
+    # the penalty's slope carries S - 1, whose rounding is 2 h times that of h (a few roundings of each of its terms)
+    scale = (2 / n) * (lam + 1) * w_max * (1 + 4 * s_max) * upstream.abs().max()
+    g_size = p64.grad.abs().max() + scale * (r.max() + k[2].max() * h.max())
+    _within(p.grad, p64.grad, g_size * torch.ones_like(p64.grad), case.dtype,
+            scale * (k[0].max() + k[2].max() * k[3].max()) * torch.ones(()), case.p["keyed"],
+            f"iso_ddpm_loss d/deps_pred {what}")
 
 
 def _steps(case, name, draw):

@@ -314,16 +314,21 @@ def test_triton_iso_ops_refuse_float64_and_non_row_layouts(backend):
 
 
 # ---------------------------------------------------------------- autograd of the ops
+def _grad_operands(backend, dtype, data_seed, B, n, with_e):
+    """(gen, p, e, inputs) of the ops' autograd tests: p, and e when ``with_e``, leaves that require grad."""
+    gen = torch.Generator().manual_seed(data_seed)
+    p = rand((B, n), dtype, gen, device=backend.device).requires_grad_()
+    e = rand((B, n), dtype, gen, device=backend.device).requires_grad_() if with_e else None
+    return gen, p, e, (p, e) if with_e else (p,)
+
+
 @on("cpu", "cuda")
 @pytest.mark.parametrize("with_e", [False, True], ids=["keyed", "explicit"])
 def test_compiled_iso_sums_op_gradcheck(backend, with_e):
     # C++ autograd: dp = iso_grad(p, e, 2 g_sse, 2 g_ssq), de = -2 g_sse (p - e)
     dev, f64 = backend.device, torch.float64
-    gen = torch.Generator().manual_seed(8)
     B, n, seed, offset = 3, 7, 2**40 + 3, 5
-    p = rand((B, n), f64, gen, device=dev).requires_grad_()
-    e = rand((B, n), f64, gen, device=dev).requires_grad_() if with_e else None
-    inputs = (p, e) if with_e else (p,)
+    gen, p, e, inputs = _grad_operands(backend, f64, 8, B, n, with_e)
     op = torch.ops.isofast_C.iso_sums
     assert torch.autograd.gradcheck(lambda q, *z: op(q, z[0] if z else None, seed, offset), inputs)
     # the same gradients as the formula's autograd, for each output alone and together
@@ -370,11 +375,8 @@ def test_compiled_iso_loss_tail_op_gradcheck(backend, mode, reduction, weighted)
 def test_triton_iso_sums_op_gradient_equals_formula_autograd(backend, with_e):
     # torch.library.register_autograd (isofast/ops/iso_loss.py), in float32
     dev = backend.device
-    gen = torch.Generator().manual_seed(9)
     B, n, seed, offset = 3, 37, 2**63 + 1, 2**32 - 1
-    p = rand((B, n), torch.float32, gen, device=dev).requires_grad_()
-    e = rand((B, n), torch.float32, gen, device=dev).requires_grad_() if with_e else None
-    inputs = (p, e) if with_e else (p,)
+    gen, p, e, inputs = _grad_operands(backend, torch.float32, 9, B, n, with_e)
     eps = e if with_e else eps_of(seed, offset, B, n, dev)
     u1, u2 = rand(B, torch.float32, gen, device=dev), rand(B, torch.float32, gen, device=dev)
     s, o = noise.to_signed(seed), noise.to_signed(offset)
@@ -790,3 +792,261 @@ def test_cuda_iso_ops_equal_cpu(backend, dtype, shape):
         sums_cpu, sums_gpu = ops.iso_sums(p, e_arg, s, o), ops.iso_sums(cu(p), cu(e_arg), s, o)
         for want, got in zip(sums_cpu, sums_gpu, strict=True):
             torch.testing.assert_close(got.cpu().double(), want.double(), rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- prediction types and min-SNR weights
+PREDICTIONS = ("v_prediction", "sample")
+
+
+def _affine_terms_expr(p, eps, x0, coef):
+    """(r, h) in float64: r = p - (coef0 eps + coef1 x0), h = coef2 p + coef3 eps + coef4 x0 (coef (5, B))."""
+    p, eps, x0 = (v.to(torch.float64) for v in (p, eps, x0))
+    k = coef.to(torch.float64).unsqueeze(2)
+    return p - (k[0] * eps + k[1] * x0), k[2] * p + k[3] * eps + k[4] * x0
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("explicit", [False, True], ids=["keyed", "explicit"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_iso_sums_and_iso_grad_with_x0_and_coef_equal_formula(backend, dtype, explicit, prediction_type):
+    # sse = sum r^2, ssq = sum h^2, g = c1 r + c2 coef2 h, with the coefficients of a real schedule
+    backend.skip_unless_takes(dtype)
+    dev, a = backend.device, acc(dtype)
+    sched = NoiseSchedule.linear(50)
+    extra = 0.0 if explicit else backend.pick(compiled=NOISE_ATOL, triton=0.0)
+
+    def body(shape, seed, offset, data_seed):
+        B, n = shape
+        gen = torch.Generator().manual_seed(data_seed)
+        p, x0 = rand((B, n), dtype, gen, scale=1.3, device=dev), rand((B, n), dtype, gen, device=dev)
+        eps = rand((B, n), dtype, gen, device=dev) if explicit else eps_of(seed, offset, B, n, dev)
+        t = torch.randint(0, sched.T, (B,), generator=gen).to(dev)
+        coef = operands.prediction_coefficients(sched, prediction_type, t, p)
+        assert coef.shape == (5, B) and coef.dtype == a
+        e_arg = eps if explicit else None
+        s, o = noise.to_signed(seed), noise.to_signed(offset)
+        sse, ssq = backend.ops.iso_sums(p, e_arg, s, o, x0, coef)
+        r, h = _affine_terms_expr(p, eps, x0, coef)
+        k = coef.abs().max().item()
+        sum_tol = backend.pick(compiled=(1e-12, 1e-12) if dtype == torch.float64 else (2e-6, 1e-5), triton=(1e-5, 1e-5))
+        close(sse, (r**2).sum(1), sum_tol, extra_atol=(2 * k * extra * r.abs().sum(1)).max().item() + k * extra)
+        close(ssq, (h**2).sum(1), sum_tol, extra_atol=(2 * k * extra * h.abs().sum(1)).max().item() + k * extra)
+        c1, c2 = rand(B, a, gen, device=dev), rand(B, a, gen, device=dev)
+        g = backend.ops.iso_grad(p, e_arg, s, o, c1, c2, x0, coef)
+        want = c1.double()[:, None] * r + (c2.double() * coef[2].double())[:, None] * h
+        assert g.dtype == dtype and g.shape == (B, n)
+        # the terms carry coefficients up to sqrt(snr) ~ 1e2: tolerances relative to their size
+        size = (c1.double().abs()[:, None] * (p.double().abs() + k * (eps.double().abs() + x0.double().abs())) * (1 + k**2))
+        rtol, atol = PRIMITIVE_TOL[backend.family][dtype]
+        assert ((g.double() - want).abs() <= rtol * want.abs() + 4 * atol * size + 4 * k**2 * extra).all()
+
+    check(backend.pick(compiled=8, triton=3), body, EDGE_EXAMPLES, shape=PRIMITIVE_SHAPES[backend.family],
+          seed=KEYS, offset=KEYS, data_seed=st.integers(0, 2**31))
+
+
+def test_primitives_take_x0_and_coef_together_or_not_at_all(backend):
+    dev = backend.device
+    p = torch.randn(2, 5, device=dev)
+    coef = torch.ones(5, 2, device=dev)
+    for args in ((p, None), (None, coef)):
+        with pytest.raises((RuntimeError, ValueError), match="x0 and coef"):
+            backend.ops.iso_sums(p, None, 0, 0, *args)
+    with pytest.raises((RuntimeError, ValueError), match="coef"):
+        backend.ops.iso_sums(p, None, 0, 0, p, torch.ones(4, 2, device=dev))
+
+
+@on("cpu", "cuda")
+@pytest.mark.parametrize("with_e", [False, True], ids=["keyed", "explicit"])
+def test_compiled_iso_sums_with_x0_and_coef_gradcheck(backend, with_e):
+    # C++ autograd: dp = iso_grad(..., x0, coef), de = 2 g_sse (-coef0) r + 2 g_ssq coef3 h
+    dev, f64 = backend.device, torch.float64
+    B, n, seed, offset = 3, 7, 2**40 + 3, 5
+    gen, p, e, inputs = _grad_operands(backend, f64, 18, B, n, with_e)
+    x0, coef = rand((B, n), f64, gen, device=dev), rand((5, B), f64, gen, device=dev)
+    op = torch.ops.isofast_C.iso_sums
+    assert torch.autograd.gradcheck(lambda q, *z: op(q, z[0] if z else None, seed, offset, x0, coef), inputs)
+    with pytest.raises(RuntimeError, match="constants"):
+        op(p, e, seed, offset, x0.requires_grad_(), coef)
+
+
+@on("triton")
+@pytest.mark.parametrize("with_e", [False, True], ids=["keyed", "explicit"])
+def test_triton_iso_sums_with_x0_and_coef_gradient_equals_formula_autograd(backend, with_e):
+    dev = backend.device
+    B, n, seed, offset = 3, 37, 2**63 + 1, 2**32 - 1
+    gen, p, e, inputs = _grad_operands(backend, torch.float32, 19, B, n, with_e)
+    x0, coef = rand((B, n), torch.float32, gen, device=dev), rand((5, B), torch.float32, gen, device=dev)
+    eps = e if with_e else eps_of(seed, offset, B, n, dev)
+    u1, u2 = rand(B, torch.float32, gen, device=dev), rand(B, torch.float32, gen, device=dev)
+    sse, ssq = backend.ops.iso_sums(p, e, noise.to_signed(seed), noise.to_signed(offset), x0, coef)
+    got = torch.autograd.grad((sse * u1 + ssq * u2).sum(), inputs)
+    k = coef.unsqueeze(2)
+    r, h = p - (k[0] * eps + k[1] * x0), k[2] * p + k[3] * eps + k[4] * x0
+    want = torch.autograd.grad(((r**2).sum(1) * u1 + (h**2).sum(1) * u2).sum(), inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def _noised(shape, dtype, dev, seed=7, T=1000, t=None):
+    """(sched, x0, t, x_t, key with context) of a q_sample on the reference: the same numbers on every backend."""
+    gen = torch.Generator().manual_seed(seed)
+    sched = NoiseSchedule.linear(T)
+    x0 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(dev)
+    t = torch.randint(0, T, (shape[0],), generator=gen) if t is None else t
+    x_t, key = isofast.q_sample(x0, t.to(dev), sched, NoiseKey(seed, 2**32 + 1, shape, dtype, dev), backend="reference")
+    return sched, x0, t.to(dev), x_t, key
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_public_loss_of_each_prediction_type_equals_reference(backend, dtype, prediction_type):
+    # the key q_sample returned carries x0, t and the schedule; groups (an ensemble) keep working
+    backend.skip_unless_takes(dtype)
+    dev = backend.device
+    shape = (4, 3, 5)
+    sched, x0, t, x_t, key = _noised(shape, dtype, dev)
+    assert key.x0 is x0 and key.schedule is sched and torch.equal(key.t, t)
+    for mode, reduction, groups, gamma in (("batch", "mean", 1, None), ("sample", "none", 2, 5.0),
+                                           ("batch", "sum", 2, 1.0), ("sample", "mean", 1, 5.0)):
+        results = []
+        for name in (backend.name, "reference"):
+            p = (1.1 * x0.double() + 0.2).to(dtype).requires_grad_()
+            loss, parts = isofast.iso_ddpm_loss(p, key, 0.3, mode, None, reduction, True, name, groups,
+                                                prediction_type=prediction_type, snr_gamma=gamma)
+            (loss * torch.linspace(0.5, 1.5, loss.numel(), device=dev).reshape(loss.shape)).sum().backward()
+            results.append((loss.detach(), *parts, p.grad))
+        rtol, atol = LOSS_TOL[dtype]
+        what = f"{prediction_type} {mode}/{reduction}/groups={groups}/snr_gamma={gamma}"
+        for got, want in zip(*results, strict=True):
+            close(got, want, (rtol, atol), extra_atol=1e-3 * want.abs().max().item() + 4 * NOISE_ATOL, msg=what)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_a_perfect_prediction_has_no_error_and_implies_the_true_noise(backend, prediction_type):
+    # pred = the target: mse 0, and the implied eps is the noise itself, so the isotropy is that of eps
+    dev = backend.device
+    shape = (3, 4, 6)
+    sched, x0, t, x_t, key = _noised(shape, torch.float32, dev, seed=3)
+    eps = key.materialize(torch.float64).cpu()
+    s = sched.exact("sqrt_alphas_cumprod")[t.cpu()].reshape(-1, 1, 1)
+    sigma = sched.exact("sqrt_one_minus_alphas_cumprod")[t.cpu()].reshape(-1, 1, 1)
+    target = s * eps - sigma * x0.double().cpu() if prediction_type == "v_prediction" else x0.double().cpu()
+    _, parts = isofast.iso_ddpm_loss(target.float().to(dev), key, 0.3, return_parts=True, backend=backend.name,
+                                     prediction_type=prediction_type)
+    assert parts.mse.item() < 1e-9 * (1 + (s / sigma).max().item() ** 2)
+    torch.testing.assert_close(parts.isotropy.double().cpu(), isofast.isotropy(eps), rtol=1e-4, atol=1e-4)
+
+
+def test_x0_prediction_near_t_0_is_finite_and_equals_the_float64_reference(backend):
+    # 1 - ab_0 = 1e-4 on the linear schedule: eps_hat = eps + 100 (x0 - x0_hat) (the loss's docstring)
+    dev = backend.device
+    shape = (2, 8)
+    sched, x0, t, x_t, key = _noised(shape, torch.float32, dev, t=torch.tensor([0, 1]))
+    p = (x0 + 0.01).requires_grad_()
+    loss = isofast.iso_ddpm_loss(p, key, 0.3, backend=backend.name, prediction_type="sample")
+    loss.backward()
+    p64 = p.detach().double().cpu().requires_grad_()
+    want, _ = reference.iso_ddpm_loss(p64, key.materialize(torch.float64).cpu(), 0.3, prediction_type="sample",
+                                      x0=x0.double().cpu(), t=t.cpu(), sched=sched)
+    want.backward()
+    assert torch.isfinite(loss) and torch.isfinite(p.grad).all()
+    torch.testing.assert_close(loss.double().cpu(), want, rtol=1e-4, atol=0)
+    torch.testing.assert_close(p.grad.double().cpu(), p64.grad, rtol=1e-3, atol=1e-3 * p64.grad.abs().max().item())
+
+
+def test_keywords_give_what_the_key_carries_and_override_it(backend):
+    dev = backend.device
+    shape = (2, 3, 4)
+    sched, x0, t, x_t, key = _noised(shape, torch.float32, dev, seed=5)
+    p = torch.randn(shape, device=dev)
+    eps = key.materialize(torch.float32)
+    by_key = isofast.iso_ddpm_loss(p, key, backend=backend.name, prediction_type="v_prediction", snr_gamma=5.0)
+    by_words = isofast.iso_ddpm_loss(p, eps, backend=backend.name, prediction_type="v_prediction", snr_gamma=5.0,
+                                     x0=x0, t=t, schedule=sched)
+    close(by_key, by_words, (1e-5, 4 * NOISE_ATOL))
+    # an explicit keyword wins over the key's context
+    other = isofast.iso_ddpm_loss(p, key, backend=backend.name, prediction_type="v_prediction", t=t.flip(0))
+    want = isofast.iso_ddpm_loss(p, eps, backend="reference", prediction_type="v_prediction", x0=x0, t=t.flip(0),
+                                 schedule=sched)
+    close(other, want, (1e-5, 4 * NOISE_ATOL))
+
+
+def test_eps_prediction_passes_no_x0_or_coefficients_to_the_primitives(backend, monkeypatch):
+    # the eps path stays the two-operand kernels: no x0 read, even when the key carries x0
+    calls, library = [], backends.library
+
+    class Library:
+        def __init__(self, name):
+            self.ops = library(name)
+
+        def __getattr__(self, primitive):
+            op = getattr(self.ops, primitive)
+
+            def recording(*args):
+                calls.append((primitive, len(args)))
+                return op(*args)
+
+            return recording
+
+    monkeypatch.setattr(backends, "library", Library)
+    _, _, _, _, key = _noised((2, 5), torch.float32, backend.device)
+    isofast.iso_ddpm_loss(torch.randn(2, 5, device=backend.device), key, backend=backend.name, snr_gamma=5.0)
+    assert calls == [("iso_sums", 4)]
+
+
+@pytest.mark.parametrize("prediction_type", ("epsilon", "v_prediction", "sample"))
+def test_min_snr_weights_equal_diffusers(prediction_type):
+    # diffusers' training scripts: min(snr, gamma) / snr (epsilon), / (snr + 1) (v_prediction), unchanged (sample)
+    training_utils = pytest.importorskip("diffusers.training_utils")
+    sched = NoiseSchedule.linear(1000)
+    scheduler = sched.to_diffusers()
+    scheduler.alphas_cumprod = sched.exact("alphas_cumprod")  # diffusers keeps float32; compare the formula in float64
+    t = torch.tensor([0, 1, 10, 100, 400, 999])
+    gamma = 5.0
+    snr = training_utils.compute_snr(scheduler, t).double()
+    want = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    if prediction_type == "epsilon":
+        want = want / snr
+    elif prediction_type == "v_prediction":
+        want = want / (snr + 1)
+    got = reference.min_snr_weights(reference.snr(t, sched), gamma, prediction_type)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # compute_snr rounds to float32
+    # and the loss uses them as weights
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    e = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    kw = dict(prediction_type=prediction_type, x0=x, t=t, schedule=sched)
+    weighted = isofast.iso_ddpm_loss(e + 0.1, e, 0.3, "sample", snr_gamma=gamma, **kw)
+    plain = isofast.iso_ddpm_loss(e + 0.1, e, 0.3, "sample", weights=want.float(), **kw)
+    torch.testing.assert_close(weighted, plain, rtol=1e-5, atol=0)
+
+
+def test_prediction_type_bad_context_names_what_is_missing(backend):
+    dev = backend.device
+    p = torch.randn(2, 3, device=dev)
+    hand_made = NoiseKey(1, 0, (2, 3), device=dev)
+    for kwargs, word in ((dict(prediction_type="v_prediction"), "schedule"),
+                         (dict(prediction_type="sample", schedule=NoiseSchedule.linear(10)), "t"),
+                         (dict(prediction_type="sample", schedule=NoiseSchedule.linear(10), t=1), "x0"),
+                         (dict(snr_gamma=5.0), "schedule"),
+                         (dict(prediction_type="x0"), "prediction_type"),
+                         (dict(snr_gamma=0.0), "snr_gamma")):
+        with pytest.raises(ValueError, match=rf"\b{word}\b"):
+            isofast.iso_ddpm_loss(p, hand_made, backend=backend.name, **kwargs)
+    _, _, _, _, key = _noised((2, 3), torch.float32, dev, T=20)
+    with pytest.raises(ValueError, match="T=10"):  # the key's t belongs to a schedule of another length
+        isofast.iso_ddpm_loss(p, key, backend=backend.name, prediction_type="sample", schedule=NoiseSchedule.linear(10))
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_gradient_flows_into_an_x0_that_requires_grad(backend, prediction_type):
+    # the fused primitives treat x0 as a constant: such a call takes the reference path
+    dev = backend.device
+    sched, x0, t, x_t, key = _noised((2, 6), torch.float32, dev)
+    grads = []
+    for name in (backend.name, "reference"):
+        x = x0.detach().clone().requires_grad_()
+        isofast.iso_ddpm_loss(torch.randn(2, 6, generator=torch.Generator().manual_seed(2)).to(dev), key,
+                              backend=name, prediction_type=prediction_type, x0=x).backward()
+        grads.append(x.grad)
+    assert grads[0] is not None and torch.count_nonzero(grads[0]) > 0
+    torch.testing.assert_close(grads[0], grads[1])

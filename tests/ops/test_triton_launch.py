@@ -57,9 +57,11 @@ def test_selfcheck_passes_kernels_and_flags_a_wrong_one(backend, monkeypatch):
     # a wrong iso_grad op (what the loss's autograd calls): the loss fails, q_sample still passes
     wrong = torch.ops.isofast_triton.iso_grad
     monkeypatch.setattr(torch.ops.isofast_triton, "iso_grad",
-                        lambda p, e, s, o, c1, c2: 1.001 * wrong(p, e, s, o, c1, c2))
+                        lambda p, e, s, o, c1, c2, *affine: 1.001 * wrong(p, e, s, o, c1, c2, *affine))
     results = {r.op: r for r in selfcheck.check_backend("triton", backend.device.type, 2, (1, 3, 3), (torch.float32,))}
     assert not results["loss batch (key) fwd+bwd"].passed and results["q_sample (key)"].passed
+    v_case = results["loss batch v-pred min-SNR (key) fwd+bwd"]
+    assert not v_case.passed and v_case.error is not None  # a wrong gradient, not a crash
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the GPU runs the kernels themselves")
