@@ -126,10 +126,12 @@ def test_the_command_line_names_the_bad_argument(tmp_path, capsys):
 def test_temperature_one_is_the_plain_sampler_bit_for_bit_and_tau_scales_a_linear_chain():
     model = digits_unet(0, base_channels=8, channel_mult=(1,)).eval()  # untrained: eps_pred = 0 exactly
     sched = NoiseSchedule.cosine(20)
-    plain = ddpm_sample(model, (6, 1, 8, 8), sched, generator=torch.Generator().manual_seed(3), progress=False)
-    assert torch.equal(tempered_ddpm_sample(model, (6, 1, 8, 8), sched, 3, 1.0), plain)
-    # with eps_pred = 0 every step is linear in x_T and the noise: tau scales the whole chain
-    torch.testing.assert_close(tempered_ddpm_sample(model, (6, 1, 8, 8), sched, 3, 0.8), 0.8 * plain,
+    for clip in (True, False):
+        plain = ddpm_sample(model, (6, 1, 8, 8), sched, clip_x0=clip, generator=torch.Generator().manual_seed(3),
+                            progress=False)
+        assert torch.equal(tempered_ddpm_sample(model, (6, 1, 8, 8), sched, 3, 1.0, clip_x0=clip), plain)
+    # unclamped, with eps_pred = 0 every step is linear in x_T and the noise: tau scales the whole chain
+    torch.testing.assert_close(tempered_ddpm_sample(model, (6, 1, 8, 8), sched, 3, 0.8, clip_x0=False), 0.8 * plain,
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="temperature must be a finite float > 0"):
         tempered_ddpm_sample(model, (6, 1, 8, 8), sched, 3, 0.0)

@@ -59,11 +59,14 @@ def digits_unet(seed: int, **overrides) -> UNet:
 
 @torch.no_grad()
 def tempered_ddpm_sample(model: nn.Module, shape: Sequence[int], sched: NoiseSchedule, seed: int,
-                         temperature: float = 1.0, backend: str | None = None, progress: bool = False
-                         ) -> torch.Tensor:
+                         temperature: float = 1.0, clip_x0: bool = True, backend: str | None = None,
+                         progress: bool = False) -> torch.Tensor:
     """(B, ...) DDPM samples (posterior variance, the mean at the last step) with x_T and every step's added
     noise scaled by ``temperature`` (tau > 0). The keys are drawn as `ddpm_sample` draws them from
-    ``torch.Generator().manual_seed(seed)``, so every tau of a seed shares its noise directions."""
+    ``torch.Generator().manual_seed(seed)``, so every tau of a seed shares its noise directions.
+    clip_x0: clamp each step's x0 estimate to [-1, 1], as DDPM's image sampler does (Ho et al.'s
+    ``clip_denoised``); without it a few chains of a short-trained model run away at the noisiest steps
+    (where 1/sqrt(ab_t) is large), and one such sample dominates the mean squared norm."""
     from tqdm.auto import tqdm
 
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
@@ -87,7 +90,7 @@ def tempered_ddpm_sample(model: nn.Module, shape: Sequence[int], sched: NoiseSch
             z = z * temperature
         # the step ops take (B, n) rows
         x = ddpm_step_keyed(x.reshape(shape[0], -1), eps.reshape(shape[0], -1), tt, sched, z.reshape(shape[0], -1),
-                            None, False, "fixed_small", name).reshape(shape)
+                            None, bool(clip_x0), "fixed_small", name).reshape(shape)
     return x
 
 

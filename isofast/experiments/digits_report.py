@@ -97,7 +97,8 @@ def _markdown(cfg, rows: list[dict], timing: dict) -> str:
              f"{cfg.split_seed}); UNet base {cfg.base_channels} channels, levels {list(cfg.channel_mult)}, "
              f"{cfg.num_res_blocks} ResBlock(s) per level, no attention; {cfg.steps} steps of batch {cfg.batch_size}, "
              f"Adam lr {cfg.lr:g}, grad clip {cfg.grad_clip:g}, EMA {cfg.ema_decay:g} (samples from the EMA weights), "
-             f"fused loss iso_mode batch; {cfg.schedule} schedule, T = {cfg.T}; DDPM ancestral sampling, "
+             f"fused loss iso_mode batch; {cfg.schedule} schedule, T = {cfg.T}; DDPM ancestral sampling "
+             f"({'x0 clamped to [-1, 1] at every step' if cfg.clip_x0 else 'x0 not clamped'}), "
              f"{cfg.n_samples} samples per arm and tau; PRDC k = {cfg.k} on the 64 pixels against "
              f"{timing['n_reference']} reference digits per set; seeds {list(cfg.seeds)}.", "",
              f"Time: {timing['wall_s'] / 60:.1f} min wall, {timing['cpu_s'] / 60:.1f} min CPU "

@@ -53,14 +53,14 @@ class DigitsConfig:
     sampled) for the lambda = 0 arms, references (of `REFERENCES`). Training: steps, batch_size, lr, grad_clip,
     ema_decay, schedule, T; the UNet: base_channels, channel_mult, num_res_blocks. The defaults are sized so
     the default comparison (6 arms) takes about 20 CPU-minutes on one thread (see results/verdict/digits). Evaluation: n_samples per
-    arm and tau, k of PRDC; the split: test_fraction of the 1797 digits held out, by split_seed."""
+    arm and tau, clip_x0 (clamp each sampler step's x0 estimate to [-1, 1]), k of PRDC; the split: test_fraction of the 1797 digits held out, by split_seed."""
 
     out: str
     lambdas: tuple[float, ...] = (0.0, 0.3)
     seeds: tuple[int, ...] = (0, 1, 2)
     temperatures: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
     references: tuple[str, ...] = REFERENCES
-    steps: int = 1800
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
     grad_clip: float = 1.0
@@ -71,6 +71,7 @@ class DigitsConfig:
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = 1
     n_samples: int = 500
+    clip_x0: bool = True
     k: int = 5
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -168,8 +169,8 @@ def run_arm(cfg: DigitsConfig, lam: float, seed: int, data: dict, resume: bool, 
     rows = []
     (out / "grids").mkdir(exist_ok=True)
     for tau in cfg.taus(lam):
-        samples = tempered_ddpm_sample(sampler, (cfg.n_samples, 1, 8, 8), trainer.schedule, seed, tau, cfg.backend,
-                                       cfg.progress)
+        samples = tempered_ddpm_sample(sampler, (cfg.n_samples, 1, 8, 8), trainer.schedule, seed, tau, cfg.clip_x0,
+                                       cfg.backend, cfg.progress)
         rows += prdc_rows(samples, refs, cfg.k, dataset="digits", **{"lambda": lam}, temperature=tau, seed=seed,
                           step=cfg.steps)
         if tau == 1.0 or tau == min(cfg.temperatures):
@@ -271,6 +272,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-mult", nargs="+", type=int, default=list(d.channel_mult), help="UNet level widths")
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks, help="ResBlocks per UNet level")
     p.add_argument("--n-samples", type=int, default=d.n_samples, help="samples per arm and temperature")
+    p.add_argument("--no-clip-x0", action="store_true",
+                   help="do not clamp the sampler's x0 estimate to [-1, 1] (DDPM's image sampler clamps it)")
     p.add_argument("--k", type=int, default=d.k, help="PRDC neighbourhood size")
     p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of the digits held out")
     p.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the train/test split")
@@ -289,7 +292,7 @@ def config_from_args(args: argparse.Namespace) -> DigitsConfig:
         references=tuple(args.references), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         grad_clip=args.grad_clip, ema_decay=args.ema_decay, schedule=args.schedule, T=args.T,
         base_channels=args.base_channels, channel_mult=tuple(args.channel_mult), num_res_blocks=args.num_res_blocks,
-        n_samples=args.n_samples, k=args.k, test_fraction=args.test_fraction, split_seed=args.split_seed,
+        n_samples=args.n_samples, clip_x0=not args.no_clip_x0, k=args.k, test_fraction=args.test_fraction, split_seed=args.split_seed,
         backend=args.backend, progress=show_progress(args.no_progress))
 
 
