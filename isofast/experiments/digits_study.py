@@ -6,8 +6,9 @@ scikit-learn's 8x8 digits, paired over seeds::
 
 The 1797 digits are split once at random (``--test-fraction`` held out, ``--split-seed``). Each arm
 (lambda, seed) trains a small UNet (`digits_arm.digits_unet`) with isofast's fused loss, iso_mode "batch",
-EMA of the weights (``--ema-decay``; samples come from the EMA model), then samples ``--n-samples`` digits at
-tau = 1, and the lambda = 0 arms also at every ``--temperatures`` tau (x_T and every step's noise scaled by
+EMA of the weights (``--ema-decay``; samples come from the EMA model), then samples ``--n-samples`` digits
+(DDPM ancestral steps, each step's x0 estimate clamped to [-1, 1] as in DDPM's image sampler unless
+``--no-clip-x0``) at tau = 1, and the lambda = 0 arms also at every ``--temperatures`` tau (x_T and every step's noise scaled by
 tau). PRDC (k = ``--k``) on the 64 flattened pixels against each reference set (``--references``):
 ``test``, the held-out digits, and ``train``, as many training digits (same N, so the k-NN radii compare).
 
@@ -51,9 +52,10 @@ _FREE_ON_RESUME = ("out", "seeds", "lambdas", "progress")
 class DigitsConfig:
     """out: output folder. lambdas (>= 0, must hold 0), seeds (ints >= 0), temperatures (> 0; 1 is always
     sampled) for the lambda = 0 arms, references (of `REFERENCES`). Training: steps, batch_size, lr, grad_clip,
-    ema_decay, schedule, T; the UNet: base_channels, channel_mult, num_res_blocks. The defaults are sized so
-    the default comparison (6 arms) takes about 20 CPU-minutes on one thread (see results/verdict/digits). Evaluation: n_samples per
-    arm and tau, clip_x0 (clamp each sampler step's x0 estimate to [-1, 1]), k of PRDC; the split: test_fraction of the 1797 digits held out, by split_seed."""
+    ema_decay, schedule, T; the UNet: base_channels, channel_mult, num_res_blocks. Evaluation: n_samples per
+    arm and tau, clip_x0 (clamp each sampler step's x0 estimate to [-1, 1]), k of PRDC; the split:
+    test_fraction of the 1797 digits held out, by split_seed. The defaults are sized so that the default
+    comparison (6 arms) takes about 20 CPU-minutes on one thread (results/verdict/digits/README.md)."""
 
     out: str
     lambdas: tuple[float, ...] = (0.0, 0.3)
