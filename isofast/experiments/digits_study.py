@@ -271,7 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default=d.schedule, help=f"noise schedule, of {', '.join(SCHEDULES)}")
     p.add_argument("--T", type=int, default=d.T, help="diffusion steps (training and sampling)")
     p.add_argument("--base-channels", type=int, default=d.base_channels, help="UNet width of the 8x8 level")
-    p.add_argument("--channel-mult", nargs="+", type=int, default=list(d.channel_mult), help="UNet width of each level, as multiples of --base-channels (8x8, 4x4, ...)")
+    p.add_argument("--channel-mult", nargs="+", type=int, default=list(d.channel_mult),
+                   help="UNet width of each level (8x8, 4x4, ...) as multiples of --base-channels")
     p.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks, help="ResBlocks per UNet level")
     p.add_argument("--n-samples", type=int, default=d.n_samples, help="samples per arm and temperature")
     p.add_argument("--no-clip-x0", action="store_true",
