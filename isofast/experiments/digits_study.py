@@ -7,8 +7,8 @@ scikit-learn's 8x8 digits, paired over seeds::
 The 1797 digits are split once at random (``--test-fraction`` held out, ``--split-seed``). Each arm (lambda,
 seed) trains a small UNet (`digits_arm.digits_unet`) with isofast's fused loss, iso_mode "batch", EMA of the
 weights (``--ema-decay``; samples come from the EMA model), then samples ``--n-samples`` digits (DDPM
-ancestral steps, each step's x0 estimate clamped to [-1, 1] as in DDPM's image sampler unless ``--no-
-clip-x0``) at tau = 1, and the lambda = 0 arms also at every ``--temperatures`` tau (x_T and every step's
+ancestral steps, each step's x0 estimate clamped to [-1, 1] as in DDPM's image sampler unless
+``--no-clip-x0``) at tau = 1, and the lambda = 0 arms also at every ``--temperatures`` tau (x_T and every step's
 noise scaled by tau). PRDC (k = ``--k``) on the 64 flattened pixels against each reference set
 (``--references``): ``test``, the held-out digits, and ``train``, as many training digits (same N, so the k-NN
 radii compare).
@@ -297,8 +297,7 @@ def config_from_args(args: argparse.Namespace) -> DigitsConfig:
         grad_clip=args.grad_clip, ema_decay=args.ema_decay, schedule=args.schedule, T=args.T,
         base_channels=args.base_channels, channel_mult=tuple(args.channel_mult), num_res_blocks=args.num_res_blocks,
         n_samples=args.n_samples, clip_x0=not args.no_clip_x0, k=args.k, test_fraction=args.test_fraction,
-        split_seed=args.split_seed,
-        backend=args.backend, progress=show_progress(args.no_progress))
+        split_seed=args.split_seed, backend=args.backend, progress=show_progress(args.no_progress))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
