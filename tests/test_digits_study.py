@@ -55,6 +55,22 @@ def test_it_runs_end_to_end_and_writes_the_columns(finished):
     assert timing["wall_s"] > 0 and timing["cpu_s"] > 0 and len(timing["loadavg_start"]) == 3
 
 
+def test_report_only_rewrites_the_summary_from_the_arms_results(finished):
+    cfg, out, _ = finished
+    before = (out / "summary.md").read_text()
+    (out / "summary.md").unlink()
+    assert main(["--out", str(out), "--report-only"]) == 0
+    assert (out / "summary.md").read_text() == before
+    for key in ("precision at matched recall", "density at matched recall", "density at matched coverage"):
+        assert key in before
+
+
+def test_report_only_needs_a_finished_study(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--report-only"])
+    assert "holds no finished digits study" in capsys.readouterr().err
+
+
 def test_the_same_seed_shares_initial_weights_and_lambda_changes_training(finished):
     cfg, out, _ = finished
     from safetensors.torch import load_file

@@ -3,7 +3,7 @@
 summary.md, per reference set: the lambda table (tau = 1; mean ± std over seeds of PRDC and the samples'
 mean squared norm), the paired difference lambda − 0 of the same seed with its 95% paired-t interval
 (`paired.paired_interval`), the temperature baseline (lambda = 0 at each tau), lambda against a lower
-temperature (precision at matched recall, density at matched coverage: `study_report.matched_rows`), the tau
+temperature (precision and density at matched recall, density at matched coverage: `matched_intervals`), the tau
 whose recall / coverage matches each lambda's (interpolated per seed along the lambda = 0 curve), and a
 plain reading of the numbers. Figures: ``frontier_<reference>.png`` (`study_report.plot_frontier`) and
 ``mse.png`` (the training MSE per lambda).
@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..io import atomic_write_text
-from .paired import paired_interval, verdict
-from .study_report import _fmt_interval, _mean_std, matched_rows, paired_rows, plot_frontier
+from .paired import matched_difference, paired_interval, verdict
+from .study_report import _fmt_interval, _mean_std, paired_rows, plot_frontier
 
 __all__ = ["matching_tau", "write_report"]
 
@@ -63,11 +63,29 @@ def _tau_rows(rows: list[dict], ref: str, lambdas: list[float], taus: list[float
     return lines
 
 
-def _reading(rows: list[dict], ref: str, lambdas: list[float]) -> list[str]:
+MATCHED = (("recall", "precision"), ("recall", "density"), ("coverage", "density"))
+
+
+def matched_intervals(rows: list[dict], ref: str, lam: float, taus: list[float]) -> dict[str, dict]:
+    """{"<y>@<x>": paired interval, plus "outside": seeds off the curve} for each (x, y) of `MATCHED`: per seed,
+    the lambda model's y minus the lambda = 0 model's y interpolated along its temperature curve at the same x
+    (`paired.matched_difference`)."""
+    out: dict = {"outside": {}}
+    cell = _cell(rows, ref, lam, 1.0)
+    for x, y in MATCHED:
+        diffs = []
+        for seed, r in sorted(cell.items()):
+            curve = [c for c in (_cell(rows, ref, 0.0, t).get(seed) for t in taus) if c is not None]
+            diffs.append(matched_difference(r[x], r[y], [c[x] for c in curve], [c[y] for c in curve]))
+        out[f"{y}@{x}"] = paired_interval(diffs)
+        out["outside"][f"{y}@{x}"] = sum(math.isnan(d) for d in diffs)
+    return out
+
+
+def _reading(rows: list[dict], ref: str, lambdas: list[float], taus: list[float]) -> list[str]:
     """Plain sentences from the intervals: which metrics gained or lost, and against matched temperature."""
     lines = []
     paired = {pr["lambda"]: pr for pr in paired_rows(rows) if pr["reference"] == ref}
-    matched = {mr["lambda"]: mr for mr in matched_rows(rows) if mr["reference"] == ref}
     for lam in lambdas:
         if lam not in paired:
             continue
@@ -76,17 +94,21 @@ def _reading(rows: list[dict], ref: str, lambdas: list[float]) -> list[str]:
         losses = [m for m in METRICS if words[m] == "loss"]
         text = (f"- lambda {lam:g} vs 0 (tau 1): gains in {', '.join(gains) or 'nothing'}; losses in "
                 f"{', '.join(losses) or 'nothing'}; the rest not significant.")
-        if lam in matched:
-            mv = {k: verdict(matched[lam][k]) for k in ("precision@recall", "density@coverage")}
-            if all(v == "n.s." for v in mv.values()):
-                text += (" Against the lambda = 0 model sampled at the temperature of the same recall / coverage, "
-                         "neither precision nor density differs significantly: on these numbers the penalty is "
-                         "not distinguishable from a lower temperature.")
-            else:
-                text += (" Against a matched temperature: precision at matched recall "
-                         f"{mv['precision@recall']}, density at matched coverage {mv['density@coverage']}.")
+        if len(taus) > 1:
+            mv = matched_intervals(rows, ref, lam, taus)
+            said = [f"{key.replace('@', ' at matched ')} {_fmt_interval(mv[key])} ({verdict(mv[key])}"
+                    + (f", {mv['outside'][key]} seed(s) outside the curve" if mv["outside"][key] else "") + ")"
+                    for key in (f"{y}@{x}" for x, y in MATCHED)]
+            text += " Against the lambda = 0 model at the temperature of the same recall / coverage: " + "; ".join(
+                said) + "."
+            if all(verdict(mv[k]) == "n.s." for k in mv if k != "outside"):
+                text += " On these numbers the penalty is not distinguishable from a lower temperature."
         lines.append(text)
     return lines
+
+
+def _minutes(timing: dict, kind: str) -> str:
+    return f"{(timing[f'arms_train_{kind}_s'] + timing[f'arms_sample_{kind}_s']) / 60:.1f}"
 
 
 def _markdown(cfg, rows: list[dict], timing: dict) -> str:
@@ -101,8 +123,10 @@ def _markdown(cfg, rows: list[dict], timing: dict) -> str:
              f"({'x0 clamped to [-1, 1] at every step' if cfg.clip_x0 else 'x0 not clamped'}), "
              f"{cfg.n_samples} samples per arm and tau; PRDC k = {cfg.k} on the 64 pixels against "
              f"{timing['n_reference']} reference digits per set; seeds {list(cfg.seeds)}.", "",
-             f"Time: {timing['wall_s'] / 60:.1f} min wall, {timing['cpu_s'] / 60:.1f} min CPU "
-             f"({timing['torch_threads']} torch thread(s)); load average at start "
+             f"Time: all arms together {_minutes(timing, 'wall')} min wall, {_minutes(timing, 'cpu')} min CPU "
+             f"(training + sampling, summed over the arms' result.json); the last invocation "
+             f"{timing['wall_s'] / 60:.1f} min wall, {timing['cpu_s'] / 60:.1f} min CPU "
+             f"({timing['torch_threads']} torch thread(s)); its load average at start "
              f"{', '.join(f'{v:.2f}' for v in timing['loadavg_start'])}, at end "
              f"{', '.join(f'{v:.2f}' for v in timing['loadavg_end'])}.", "",
              f"Mean squared norm of the training digits (64 pixels in [-1, 1]): {timing['train_sq_norm']:.2f}.", "",
@@ -132,16 +156,19 @@ def _markdown(cfg, rows: list[dict], timing: dict) -> str:
                 lines.append(f"| {tau:g} | " + " | ".join(_mean_std([r[m] for r in cell.values()]) for m in COLUMNS)
                              + " |")
             lines += ["", "### lambda vs a lower temperature (matched recall / coverage, paired over seeds)", "",
-                      "| lambda | precision at matched recall | density at matched coverage |", "|---|---|---|"]
-            for mr in matched_rows(sel):
-                cells = [_fmt_interval(mr[key]) + (f" ({mr['outside'][key]} seeds outside the curve)"
-                                                   if mr["outside"][key] else "")
-                         for key in ("precision@recall", "density@coverage")]
-                lines.append(f"| {mr['lambda']:g} | {cells[0]} | {cells[1]} |")
+                      "The lambda model's metric minus the lambda = 0 model's (same seed) on its temperature curve at "
+                      "the same recall (or coverage). Where coverage barely moves with tau, matching on it is "
+                      "ill-conditioned; recall is the axis that tau trades.", "",
+                      "| lambda | " + " | ".join(f"{y} at matched {x}" for x, y in MATCHED) + " |", "|---" * 4 + "|"]
+            for lam in [lam for lam in lambdas if lam > 0]:
+                mv = matched_intervals(sel, ref, lam, taus)
+                cells = [_fmt_interval(mv[f"{y}@{x}"]) + (f" ({mv['outside'][f'{y}@{x}']} seeds outside the curve)"
+                                                          if mv["outside"][f"{y}@{x}"] else "") for x, y in MATCHED]
+                lines.append(f"| {lam:g} | " + " | ".join(cells) + " |")
             lines += ["", "The temperature of lambda = 0 whose recall / coverage equals each lambda's (tau = 1):", "",
                       "| lambda | tau matching recall / coverage |", "|---|---|"]
             lines += _tau_rows(sel, ref, [lam for lam in lambdas if lam > 0], taus)
-        lines += ["", "### What the numbers show", ""] + _reading(sel, ref, lambdas) + [""]
+        lines += ["", "### What the numbers show", ""] + _reading(sel, ref, lambdas, taus) + [""]
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,8 @@ reference, precision, recall, density, coverage, sample_sq_norm (the samples' me
 pixels), step), ``summary.md`` and the figures (`digits_report`), ``grids/`` (a sample grid per arm),
 ``study.json`` (the settings) and ``runs/lambda_<l>_seed_<s>/`` (the trainer's folder and ``result.json``).
 
+``--report-only`` writes summary.md and the figures of a finished study again (after a change to the report).
+
 Resumable: an arm's ``result.json`` is written atomically when it is finished; ``--resume`` reads finished
 arms back and continues an unfinished one from its last checkpoint. Seeds and lambdas may be added on resume;
 every other setting must match ``study.json``.
@@ -235,14 +237,34 @@ def run_study(cfg: DigitsConfig, resume: bool = False, log: Callable[[str], None
     writer.writerows(rows)
     atomic_write_text(out / "prdc.csv", buf.getvalue())
     timing = {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
-              "arms_train_cpu_s": sum(r["train_cpu_s"] for r in results),
-              "arms_sample_cpu_s": sum(r["sample_cpu_s"] for r in results),
+              **arm_totals(results),
               "loadavg_start": load0, "loadavg_end": os.getloadavg(), "torch_threads": _threads(),
               "n_train": int(data["train"].shape[0]), "n_reference": int(data["test"].shape[0]),
               "train_sq_norm": float(data["train"].flatten(1).square().sum(1).mean())}
     atomic_write_text(out / "timing.json", json.dumps(timing, indent=1) + "\n")
     write_report(out, cfg, rows, timing)
     return rows
+
+
+def arm_totals(results: list[dict]) -> dict[str, float]:
+    """Wall and CPU seconds of every arm's training and sampling, summed from the arms' results (arms read back
+    on --resume included: the cost of the whole study, however many invocations it took)."""
+    return {f"arms_{part}_{kind}_s": sum(r[f"{part}_{kind}_s"] for r in results)
+            for part in ("train", "sample") for kind in ("wall", "cpu")}
+
+
+def rewrite_report(out: str | Path) -> None:
+    """Write summary.md and the figures of the finished study in ``out`` again, from its study.json, timing.json
+    and the arms' result.json (e.g. after a change to the report); nothing is trained or sampled."""
+    from .digits_report import write_report
+
+    out = Path(out)
+    if not (out / "timing.json").exists():
+        raise FileNotFoundError(f"--out {str(out)!r} holds no finished digits study (no timing.json)")
+    cfg = DigitsConfig(**json.loads((out / "study.json").read_text()))
+    results = [json.loads((arm_folder(out, lam, seed) / "result.json").read_text()) for lam, seed in cfg.arms()]
+    timing = {**json.loads((out / "timing.json").read_text()), **arm_totals(results)}
+    write_report(out, cfg, [r for res in results for r in res["rows"]], timing)
 
 
 def _threads() -> int:
@@ -284,6 +306,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--backend", default=None, help="isofast op backend (default: automatic)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out (finished arms are kept)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write summary.md and the figures of the finished study in --out again (no training)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are drawn only on a terminal)")
     return p
 
@@ -303,6 +327,13 @@ def config_from_args(args: argparse.Namespace) -> DigitsConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.report_only:
+        try:
+            rewrite_report(args.out)
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(str(exc))
+        print(f"digits_study: wrote {args.out}/summary.md and the figures again")
+        return 0
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     cfg = config_from_args(args)
