@@ -96,13 +96,19 @@ def _reading(rows: list[dict], ref: str, lambdas: list[float], taus: list[float]
                 f"{', '.join(losses) or 'nothing'}; the rest not significant.")
         if len(taus) > 1:
             mv = matched_intervals(rows, ref, lam, taus)
-            said = [f"{key.replace('@', ' at matched ')} {_fmt_interval(mv[key])} ({verdict(mv[key])}"
-                    + (f", {mv['outside'][key]} seed(s) outside the curve" if mv["outside"][key] else "") + ")"
-                    for key in (f"{y}@{x}" for x, y in MATCHED)]
+            keys = [f"{y}@{x}" for x, y in MATCHED]
+            said = [f"{key.replace('@', ' at matched ')} {_fmt_interval(mv[key])}"
+                    + (f" ({mv['outside'][key]} seed(s) outside the curve, left out)" if mv["outside"][key] else "")
+                    for key in keys]
             text += " Against the lambda = 0 model at the temperature of the same recall / coverage: " + "; ".join(
                 said) + "."
-            if all(verdict(mv[k]) == "n.s." for k in mv if k != "outside"):
+            better = [k.replace("@", " at matched ") for k in keys if verdict(mv[k]) == "gain"]
+            worse = [k.replace("@", " at matched ") for k in keys if verdict(mv[k]) == "loss"]
+            if not better and not worse:
                 text += " On these numbers the penalty is not distinguishable from a lower temperature."
+            else:
+                text += (f" So the penalty does more than a lower temperature in {', '.join(better) or 'nothing'}, and "
+                         f"less in {', '.join(worse) or 'nothing'}.")
         lines.append(text)
     return lines
 
