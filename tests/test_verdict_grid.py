@@ -49,6 +49,15 @@ def test_grid_lines_up_paired_differences_and_matched_temperature(tmp_path, caps
     assert "P@R +0.000" in matched
 
 
+def test_other_studies_beside_them_are_left_out(tmp_path, capsys):
+    _study(tmp_path / "a", "authors2024", "per-batch", _rows("moons", 0.05))
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "study.json").write_text(json.dumps({"config": {}}))
+    (tmp_path / "digits" / "prdc.csv").write_text("dataset\n")
+    assert verdict_grid.main([str(tmp_path)]) == 0
+    assert "one t per batch" in capsys.readouterr().out
+
+
 def test_empty_root_is_a_clear_error(tmp_path, capsys):
     assert verdict_grid.main([str(tmp_path)]) == 2
     assert "no study folders" in capsys.readouterr().err

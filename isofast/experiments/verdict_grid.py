@@ -105,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("root", type=Path, help="a folder whose subfolders are protocol studies (prdc.csv + study.json)")
     ap.add_argument("--lam", type=float, nargs="+", default=[0.3], help="the lambdas to tabulate (default: 0.3)")
     args = ap.parse_args(argv)
-    folders = sorted(p.parent for p in args.root.glob("*/study.json") if (p.parent / "prdc.csv").exists())
+    folders = sorted(p.parent for p in args.root.glob("*/study.json")
+                     if (p.parent / "prdc.csv").exists() and "protocol" in json.loads(p.read_text()))
+    # other studies beside them (e.g. the digits study: no "protocol" in its study.json) have tables of their own
     if not folders:
         print(f"error: no study folders (prdc.csv + study.json) under {args.root}", file=sys.stderr)
         return 2
