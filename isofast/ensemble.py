@@ -104,8 +104,10 @@ class EnsembleRun:
         x_t, _ = q_sample(x0.reshape(rows, -1), t.reshape(-1), self.schedule, eps.reshape(rows, -1),
                           backend=cfg.backend)
         eps_pred = self.model(x_t.view_as(x0), t)
-        loss = iso_ddpm_loss(eps_pred.reshape(rows, -1), eps.reshape(rows, -1), self.lambda_tensor, "batch",
-                             backend=cfg.backend, groups=M)
+        # one member is the ordinary loss: a float lambda (a tensor is one value per group, groups > 1 only)
+        lam = self.lambda_tensor if M > 1 else float(self.lambdas[0])
+        loss = iso_ddpm_loss(eps_pred.reshape(rows, -1), eps.reshape(rows, -1), lam, "batch",
+                             backend=cfg.backend, groups=M).reshape(M)
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # member m's parameters get member m's loss's gradient, nothing else
         if cfg.grad_clip:

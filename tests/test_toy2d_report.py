@@ -29,3 +29,20 @@ def test_the_timing_line_says_the_load_it_was_measured_under():
            "3.2 at start, 9.0 at end)." in md
     del elapsed["load_average_at_start"]  # a sweep timed before the load was recorded: no load claimed
     assert "load" not in toy2d_report.markdown_table(cfg, summary, elapsed)
+
+
+def test_the_timing_line_of_the_ensemble_engine_says_one_process():
+    cfg = toy2d.SweepConfig(out="x", datasets=("moons",), lambdas=(0.0,), seeds=(0,))
+    results = [toy2d.RunResult("moons", 0.0, 0, 0.5, 0.5, 0.5, 0.5, 0, 0, 0, 0, np.zeros((1, 2)))]
+    elapsed = {"wall_s": 60.0, "cpu_s": 60.0, "torch_threads": 1, "jobs": 1, "engine": "ensemble", "cpu_count": 2,
+               "runs": 1}
+    md = toy2d_report.markdown_table(cfg, toy2d_report.summarize(results, cfg), elapsed)
+    assert "(the ensemble engine: one process of 1 torch thread(s), 2 CPU cores)" in md
+
+
+def test_a_sweep_records_its_engine_and_one_process_for_the_ensemble(tmp_path):
+    cfg = toy2d.config_from_preset(quick=True, out=str(tmp_path / "sweep"), datasets=("moon_scatter",),
+                                   lambdas=(0.0,))
+    toy2d.run_sweep(cfg, jobs=2, engine="ensemble")
+    md = (tmp_path / "sweep" / "results.md").read_text()
+    assert "the ensemble engine: one process of" in md and "job(s)" not in md

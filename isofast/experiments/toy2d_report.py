@@ -60,6 +60,13 @@ def write_tables(out: Path, cfg: SweepConfig, results: list[RunResult], summary:
     atomic_write_text(out / "timing.json", json.dumps(elapsed, indent=1) + "\n")
 
 
+def _processes_text(elapsed: dict) -> str:
+    threads = f"{elapsed['torch_threads']} torch thread(s)"
+    if elapsed.get("engine") == "ensemble":
+        return f"the ensemble engine: one process of {threads}"
+    return f"{elapsed.get('jobs', 1)} job(s) of {threads}"
+
+
 def _load_text(elapsed: dict) -> str:
     start, end = elapsed.get("load_average_at_start"), elapsed.get("load_average_at_end")
     if not start or not end:
@@ -95,7 +102,7 @@ def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None =
     if elapsed:
         earlier = elapsed.get("runs_finished_earlier", 0)
         lines += ["", f"{elapsed['runs']} runs: {elapsed['wall_s'] / 60:.1f} min wall, {elapsed['cpu_s'] / 60:.1f} min "
-                      f"CPU time ({elapsed.get('jobs', 1)} job(s) of {elapsed['torch_threads']} torch thread(s), "
+                      f"CPU time ({_processes_text(elapsed)}, "
                       f"{elapsed['cpu_count']} CPU cores{_load_text(elapsed)})"
                       + (f"; {earlier} of them finished in an earlier invocation and are not timed here." if earlier
                          else ".")]
