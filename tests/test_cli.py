@@ -44,6 +44,14 @@ def test_debug_shows_the_traceback_wherever_it_is(tmp_path):
     # errors `isofast train` used to catch and print itself: --debug shows them too
     with pytest.raises(ValueError, match="applies to --resume only"):
         main([*_train(tmp_path, "--override", "lr"), "--debug"])
+    with pytest.raises(ValueError, match="--num must be >= 1"):
+        main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--num", "0", "--debug"])
+    with pytest.raises((ValueError, OSError)):  # no such run: a CheckpointError (ValueError) or FileNotFoundError
+        main(["export", str(tmp_path / "nothing"), "--diffusers", str(tmp_path / "p"), "--debug"])
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        main(["toy2d", "--threads", "0", "--out", str(tmp_path / "t"), "--debug"])
+    with pytest.raises(OSError):  # no such samples file
+        main(["eval", str(tmp_path / "none.npz"), "--metrics", "prdc", "--debug"])
 
 
 def test_unavailable_backend_is_a_user_error(tmp_path, capsys, monkeypatch):

@@ -156,11 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..io import atomic_write_text
 
-    try:
-        report = evaluate(args)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        print(f"isofast eval: error: {exc}", file=sys.stderr)
-        return 2
+    report = evaluate(args)  # bad input raises: `isofast.cli.main` reports it
     text = json.dumps(report, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

@@ -14,15 +14,11 @@ from . import HelpFormatter, add_checkpoint_argument
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError
-    from ..diffusers_bridge import DiffusersMissingError
+    """Export as the arguments say; bad input raises and `isofast.cli.main` reports it (one line, or the
+    traceback under ``--debug``)."""
     from ..diffusers_bridge.pipeline import export_ddpm_pipeline
 
-    try:
-        out = export_ddpm_pipeline(args.checkpoint, args.diffusers, which=args.weights)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, DiffusersMissingError) as exc:
-        print(f"isofast export: error: {exc}", file=sys.stderr)
-        return 2
+    out = export_ddpm_pipeline(args.checkpoint, args.diffusers, which=args.weights)
     print(f"isofast export: DDPMPipeline -> {out} (load with DDPMPipeline.from_pretrained)", file=sys.stderr)
     return 0
 

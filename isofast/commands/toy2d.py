@@ -18,25 +18,19 @@ def run_protocol(args: argparse.Namespace) -> int:
     """`--protocol NAME`: the protocol study (isofast.experiments.study) on the ensemble engine."""
     import torch
 
-    from ..experiments.study import run_study, study_config
+    from ..experiments.study import prepare_study, run_study, study_config
     from ..experiments.toy2d import PAPER_DATASETS
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
-        cfg = study_config(
-            args.protocol, args.out, args.datasets or PAPER_DATASETS, lambdas=args.lambdas, seeds=args.seeds,
-            temperatures=args.temperatures, eval_at=args.eval_at, device=args.device, backend=args.backend,
-            progress=show_progress(args.no_progress), steps=args.steps, batch_size=args.batch_size,
-            lr=args.lr, timesteps=args.timesteps, data_noise=args.data_noise, n_points=args.n_points,
-            ema_decay=args.ema_decay, grad_clip=args.grad_clip, model=args.model, references=args.eval_against,
-            n_eval=args.n_eval)
-        from ..experiments.study import prepare_study
-
-        prepare_study(cfg, args.resume)  # bad input fails here, before any training
-    except (ValueError, TypeError, OSError) as exc:
-        print(f"isofast toy2d: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = study_config(
+        args.protocol, args.out, args.datasets or PAPER_DATASETS, lambdas=args.lambdas, seeds=args.seeds,
+        temperatures=args.temperatures, eval_at=args.eval_at, device=args.device, backend=args.backend,
+        progress=show_progress(args.no_progress), steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, timesteps=args.timesteps, data_noise=args.data_noise, n_points=args.n_points,
+        ema_decay=args.ema_decay, grad_clip=args.grad_clip, model=args.model, references=args.eval_against,
+        n_eval=args.n_eval)
+    prepare_study(cfg, args.resume)  # bad input fails here, before any training (`isofast.cli.main` reports it)
     run_study(cfg, resume=args.resume)
     print(f"isofast toy2d: wrote {cfg.out}/prdc.csv and {cfg.out}/summary.md")
     return 0
@@ -52,32 +46,24 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments.toy2d import config_from_preset, prepare_output, run_sweep
 
     if args.threads is not None and args.threads < 1:
-        print("isofast toy2d: error: --threads must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError("--threads must be >= 1")
     if args.protocol is not None:
         return run_protocol(args)
     given = [f"--{k.replace('_', '-')}" for k in _STUDY_ONLY if getattr(args, k) is not None]
     if given:
-        print(f"isofast toy2d: error: {', '.join(given)} need --protocol (e.g. --protocol isofast for today's "
-              "setup)", file=sys.stderr)
-        return 2
+        raise ValueError(f"{', '.join(given)} need --protocol (e.g. --protocol isofast for today's setup)")
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     progress = show_progress(args.no_progress)
-    try:
-        cfg = config_from_preset(
-            args.preset, args.quick, out=args.out, datasets=args.datasets, lambdas=args.lambdas, seeds=args.seeds,
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, backend=args.backend,
-            progress=progress)
-        prepare_output(cfg, args.resume)  # bad input fails here, before any training
-    except (ValueError, TypeError, OSError) as exc:
-        print(f"isofast toy2d: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = config_from_preset(
+        args.preset, args.quick, out=args.out, datasets=args.datasets, lambdas=args.lambdas, seeds=args.seeds,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, backend=args.backend,
+        progress=progress)
+    prepare_output(cfg, args.resume)  # bad input fails here, before any training (`isofast.cli.main` reports it)
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
-        print("isofast toy2d: error: --jobs must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError("--jobs must be >= 1")
     if args.quick:
         print(SMOKE_TEST_NOTE, file=sys.stderr)
     run_sweep(cfg, resume=args.resume, jobs=jobs, engine=args.engine)
