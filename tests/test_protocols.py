@@ -279,3 +279,42 @@ def test_paired_table_pairs_each_seed_with_its_own_baseline(capsys, tmp_path):
                                                                           (0.3, 1, 0.9))))
     assert main([str(path)]) == 0
     assert "| d | 0.3 | 2 | +0.1500" in capsys.readouterr().out
+
+
+def test_study_extended_by_resume_equals_the_longer_study(tmp_path):
+    """--resume with more --steps trains on from the last save: the same weights and rows as a study run to the
+    longer budget at once; earlier evaluations are kept; shortening or another change is refused."""
+    from isofast.experiments.study import prepare_study, run_study, study_config
+
+    small = dict(lambdas=(0.0, 0.3), seeds=(0, 1), n_points=200, n_eval=40, temperatures=(0.8,),
+                 references=("test",))
+    short = study_config("authors2024", str(tmp_path / "ext"), ["moon_scatter"], steps=6, eval_at=(0.5,), **small)
+    run_study(short, log=lambda msg: None)
+    longer = study_config("authors2024", str(tmp_path / "ext"), ["moon_scatter"], steps=12, eval_at=(0.25, 0.5),
+                          **small)
+    logged: list[str] = []
+    rows = run_study(longer, resume=True, log=logged.append)
+    assert any("extending the study from 6 to 12 steps" in m for m in logged)
+    assert not any("lies before" in m for m in logged)  # step 3 was evaluated by the short study
+    whole = run_study(study_config("authors2024", str(tmp_path / "whole"), ["moon_scatter"], steps=12,
+                                   eval_at=(0.25, 0.5), **small), log=lambda msg: None)
+    key = lambda r: (r["step"], r["lambda"], r["temperature"], r["seed"], r["reference"])  # noqa: E731
+    ext = {key(r): r for r in rows}
+    # the extension's step-12 rows equal the one-go study's; it also keeps the short study's tau rows at step 6
+    for r in whole:
+        if r["step"] == 12:
+            assert ext[key(r)] == r
+    assert {r["step"] for r in rows} == {3, 6, 12} and {r["fraction"] for r in rows} == {0.25, 0.5, 1.0}
+    assert any(r["step"] == 6 and r["temperature"] == 0.8 for r in rows)
+    a = torch.load(tmp_path / "ext" / "runs" / "moon_scatter" / "ensemble.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "whole" / "runs" / "moon_scatter" / "ensemble.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    import json
+
+    assert json.loads((tmp_path / "ext" / "study.json").read_text())["extended_from_steps"] == [6]
+    assert "Training loss: has it flattened?" in (tmp_path / "ext" / "summary.md").read_text()
+    with pytest.raises(ValueError, match="cannot shorten"):
+        prepare_study(short, resume=True)
+    with pytest.raises(ValueError, match="other values of lr"):
+        prepare_study(study_config("authors2024", str(tmp_path / "ext"), ["moon_scatter"], steps=12, lr=2e-3,
+                                   **small), resume=True)

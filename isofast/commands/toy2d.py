@@ -108,7 +108,8 @@ def add_parser(subparsers) -> None:
                              "(isofast.ensemble; each member equals its single run to 1e-5, saved every 2000 "
                              "steps for --resume); single: one Trainer per run, --jobs at a time")
     parser.add_argument("--resume", action="store_true",
-                        help="continue a sweep in --out: finished runs are reused, an interrupted one resumes")
+                        help="continue a sweep in --out: finished runs are reused, an interrupted one resumes; "
+                        "with --protocol, a larger --steps extends a finished study (the evaluations made are kept)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     study = parser.add_argument_group(
         "protocol study", "--protocol NAME runs a protocol's lambda sweep on the ensemble engine, with a temperature "

@@ -11,7 +11,11 @@ step's noise scaled by tau). PRDC against each reference set gives one row of ``
     dataset, lambda, temperature, seed, step, fraction, reference, precision, recall, density, coverage
 
 The tables, paired intervals and figures are `study_report`'s. Resumable: each dataset's ensemble is saved
-(atomically) at every evaluation, with the rows so far; ``resume=True`` continues from there.
+(atomically) at every evaluation, with the rows so far; ``resume=True`` continues from there. A resume may
+also raise ``steps`` (nothing else of the protocol): the study is extended, its members train on from their
+last save (Adam with a constant learning rate and no schedule tied to the budget, so an extended run is the
+longer run), the evaluations already made are kept at their steps, and the new ``eval_at`` fractions of the
+new budget that lie ahead are added.
 """
 from __future__ import annotations
 
@@ -149,7 +153,8 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
 
     p, folder = cfg.protocol, Path(cfg.out) / "runs" / dataset
     folder.mkdir(parents=True, exist_ok=True)
-    if resume and (folder / "done.json").exists():
+    final = cfg.eval_steps()[-1]
+    if resume and (folder / "done.json").exists() and json.loads((folder / "done.json").read_text())["step"] == final:
         return json.loads((folder / "rows.json").read_text())
     members = _members(cfg)
     data: dict = {"train": {}, "refs": {}}
@@ -163,10 +168,13 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
     rows: list[dict] = []
     if resume and (folder / "ensemble.pt").exists():
         run.load_state_dict(torch.load(folder / "ensemble.pt", weights_only=False))
-        rows = json.loads((folder / "rows.json").read_text())
+        rows = [{**r, "fraction": r["step"] / p.steps} for r in json.loads((folder / "rows.json").read_text())]
         log(f"  {dataset}: resumed at step {run.step}")
     for step in cfg.eval_steps():
-        if step <= run.step and any(r["step"] == step for r in rows):
+        if any(r["step"] == step for r in rows):
+            continue
+        if step < run.step:  # an extended study's new fraction of its new budget, before the resumed save
+            log(f"  {dataset}: step {step} lies before the resumed step {run.step}: not evaluated")
             continue
         t0 = time.perf_counter()
         run.fit(step, progress=cfg.progress)
@@ -198,9 +206,13 @@ def prepare_study(cfg: StudyConfig, resume: bool) -> Path:
     if resume and recorded.exists():
         old = json.loads(recorded.read_text())["protocol"]
         new = json.loads(json.dumps(cfg.to_dict()["protocol"]))  # as JSON has it (tuples are lists)
-        if old != new:
-            changed = [k for k, v in new.items() if old.get(k) != v]
-            raise ValueError(f"cannot resume {str(out)!r}: its study.json has other values of {', '.join(changed)}")
+        changed = [k for k, v in new.items() if old.get(k) != v and k != "steps"]
+        if changed:
+            raise ValueError(f"cannot resume {str(out)!r}: its study.json has other values of {', '.join(changed)} "
+                             "(only --steps may change on --resume: raising it extends the study)")
+        if new["steps"] < old["steps"]:
+            raise ValueError(f"--steps {new['steps']}: cannot shorten {str(out)!r}, trained for {old['steps']} steps "
+                             "(a resume may only extend a study: pass --steps >= its steps)")
     return out
 
 
@@ -210,7 +222,16 @@ def run_study(cfg: StudyConfig, resume: bool = False, log: Callable[[str], None]
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = prepare_study(cfg, resume)
-    atomic_write_text(out / "study.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+    record = cfg.to_dict()
+    if resume and (out / "study.json").exists():  # an extension keeps the budgets it grew from
+        old = json.loads((out / "study.json").read_text())
+        earlier = old.get("extended_from_steps", []) + [old["protocol"]["steps"]]
+        if earlier[-1] != cfg.protocol.steps:
+            record["extended_from_steps"] = earlier
+            log(f"isofast toy2d: extending the study from {earlier[-1]} to {cfg.protocol.steps} steps")
+        elif "extended_from_steps" in old:
+            record["extended_from_steps"] = old["extended_from_steps"]
+    atomic_write_text(out / "study.json", json.dumps(record, indent=1) + "\n")
     wall0 = time.perf_counter()
     rows: list[dict] = []
     for dataset in cfg.datasets:

@@ -7,7 +7,10 @@ summary.md, per dataset and reference set:
   3. lambda against temperature: precision at matched recall and density at matched coverage, i.e. the
      lambda model's metric minus the lambda = 0 model's (same seed) interpolated along its temperature
      curve at the same recall / coverage (`paired.matched_difference`);
-  4. the effect against training length: the paired differences at every evaluated step.
+  4. the effect against training length: the paired differences at every evaluated step;
+  5. has the loss flattened: each lambda's mean training loss over the last 10% of the steps and its
+     relative change from the 10% before (a study run for fewer steps than its protocol's budget must show
+     that its loss has flattened).
 Figures: ``frontier_<dataset>.png`` (precision-recall and density-coverage: the lambda sweep and the
 temperature curve), ``length_<dataset>.png`` (paired differences vs training steps), ``loss_<dataset>.png``
 (training loss per lambda: has it flattened?).
@@ -85,7 +88,7 @@ def matched_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _markdown(cfg, rows: list[dict], wall_s: float) -> str:
+def _markdown(out: Path, cfg, rows: list[dict], wall_s: float) -> str:
     p, table = cfg.protocol, _index(rows)
     last = max(r["step"] for r in rows)
     lines = [f"# Protocol `{p.name}`: lambda sweep, temperature baseline, paired over seeds", "",
@@ -93,7 +96,7 @@ def _markdown(cfg, rows: list[dict], wall_s: float) -> str:
              f"{'default' if p.data_noise is None else p.data_noise}, model `{p.model}`, batch {p.batch_size}, "
              f"{p.steps} steps, Adam lr {p.lr:g}, EMA {p.ema_decay:g}, grad clip {p.grad_clip:g}, timesteps "
              f"{p.timesteps}, T = {p.T}, {p.n_eval} samples, PRDC k = {p.k}; seeds {list(cfg.seeds)}; wall time "
-             f"{wall_s / 60:.1f} min.", "",
+             f"of this invocation {wall_s / 60:.1f} min.", "",
              "Intervals: 95% paired-t over seeds (difference to lambda = 0 of the same seed); **gain**/**loss** "
              "only when the interval excludes 0.", ""]
     paired = paired_rows(rows)
@@ -136,7 +139,46 @@ def _markdown(cfg, rows: list[dict], wall_s: float) -> str:
                         lines.append(f"| {pr['step']} | {pr['lambda']:g} | "
                                      + " | ".join(_fmt_interval(pr[m]) for m in METRICS) + " |")
             lines.append("")
+        lines += _loss_section(out / "runs" / d / "losses.csv", cfg.lambdas)
     return "\n".join(lines) + "\n"
+
+
+def _read_losses(losses_csv: Path) -> tuple[list[str], np.ndarray]:
+    with open(losses_csv) as f:
+        data = list(csv.reader(f))
+    return data[0], np.array(data[1:], dtype=np.float64).reshape(len(data) - 1, len(data[0]))
+
+
+def loss_flatness(losses_csv: Path, lambdas) -> list[dict]:
+    """Per lambda: the seeds' mean logged loss over the last 10% of the steps (``last``), over the 10% before
+    (``before``), and the relative change last / before - 1."""
+    header, body = _read_losses(losses_csv)
+    if body.shape[0] == 0:
+        return []
+    steps, end = body[:, 0], body[-1, 0]
+    last, before = steps > 0.9 * end, (steps > 0.8 * end) & (steps <= 0.9 * end)
+    out = []
+    for lam in sorted(lambdas):
+        cols = [i for i, h in enumerate(header) if h.startswith(f"lambda_{lam:g}_seed_")]
+        mean = body[:, cols].mean(axis=1)
+        a, b = float(mean[last].mean()), float(mean[before].mean()) if before.any() else math.nan
+        out.append({"lambda": float(lam), "last": a, "before": b, "change": a / b - 1.0})
+    return out
+
+
+def _loss_section(losses_csv: Path, lambdas) -> list[str]:
+    if not losses_csv.exists():
+        return []
+    flat = loss_flatness(losses_csv, lambdas)
+    if not flat:
+        return []
+    end = int(_read_losses(losses_csv)[1][-1, 0])
+    lines = [f"### Training loss: has it flattened? (mean over seeds; steps {0.8 * end:.0f}–{0.9 * end:.0f} and "
+             f"{0.9 * end:.0f}–{end})", "", "| lambda | loss, 80–90% | loss, 90–100% | relative change |",
+             "|---|---|---|---|"]
+    for r in flat:
+        lines.append(f"| {r['lambda']:g} | {r['before']:.4f} | {r['last']:.4f} | {100 * r['change']:+.1f}% |")
+    return lines + [""]
 
 
 def _figure(ncols: int):
@@ -195,9 +237,7 @@ def plot_length(path: Path, cfg, rows: list[dict], dataset: str, reference: str)
 
 def plot_losses(path: Path, losses_csv: Path, cfg) -> None:
     """Training loss (mean over seeds, per logging window) per lambda."""
-    with open(losses_csv) as f:
-        data = list(csv.reader(f))
-    header, body = data[0], np.array(data[1:], dtype=np.float64)
+    header, body = _read_losses(losses_csv)
     if body.size == 0:
         return
     fig, axes = _figure(1)
@@ -213,7 +253,7 @@ def plot_losses(path: Path, losses_csv: Path, cfg) -> None:
 
 
 def write_report(out: Path, cfg, rows: list[dict], wall_s: float) -> None:
-    atomic_write_text(out / "summary.md", _markdown(cfg, rows, wall_s))
+    atomic_write_text(out / "summary.md", _markdown(out, cfg, rows, wall_s))
     for d in cfg.datasets:
         ref = cfg.protocol.references[0]
         plot_frontier(out / f"frontier_{d}.png", cfg, rows, d, ref)
