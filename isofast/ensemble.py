@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .data.order import EpochOrder, draw_timesteps, make_noise_generator
+from .ensemble_adam import EnsembleAdam
 from .ensemble_models import EnsembleAuthorsMLP, EnsembleMLP, stack_members
 from .models.registry import build_model_2d
 from .noise import NoiseKey, calls_for, to_signed
@@ -68,11 +69,17 @@ class EnsembleRun:
             members.append(build_model_2d(model, data_dim=self.data.shape[2]))
         self.model = stack_members(members).to(self.device)
         self.ema = stack_members(members).to(self.device).requires_grad_(False) if config.ema_decay > 0 else None
-        # The Trainer's optimizer, so that members compute its numbers: on a CPU the per-tensor Adam. (The
-        # fused CPU Adam is 6x faster here, but rounds differently per memory layout, and Adam amplifies an
-        # ulp into visibly different weights within a few hundred steps; see the equality test.)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=config.betas,
-                                          eps=config.adam_eps, fused=self.device.type == "cuda")
+        # The Trainer's optimizer's numbers, so that members compute its run: on a CPU the per-tensor Adam,
+        # bitwise, which EnsembleAdam.fused_step computes in two passes (with the clipping and the EMA).
+        # (torch's fused CPU Adam rounds differently per memory layout, and Adam amplifies an ulp into
+        # visibly different weights within a few hundred steps; see the equality test.)
+        self._fused_adam = self.device.type == "cpu" and EnsembleAdam.fused_available()
+        if self.device.type == "cpu":
+            self.optimizer = EnsembleAdam(self.model.parameters(), lr=config.lr, betas=config.betas,
+                                          eps=config.adam_eps)
+        else:
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=config.betas,
+                                              eps=config.adam_eps, fused=True)
         self.schedule = NoiseSchedule.from_name(config.schedule, config.T).to(self.device)
         self.orders = [EpochOrder(N, config.batch_size, s) for s in self.seeds]
         self.generators = [make_noise_generator(s) for s in self.seeds]
@@ -110,14 +117,20 @@ class EnsembleRun:
                              backend=cfg.backend, groups=M).reshape(M)
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # member m's parameters get member m's loss's gradient, nothing else
-        if cfg.grad_clip:
-            _clip_per_member(list(self.model.parameters()), cfg.grad_clip)
-        self.optimizer.step()
-        if self.ema is not None:
-            decay = min(cfg.ema_decay, (1.0 + self.step) / (10.0 + self.step)) if cfg.ema_warmup else cfg.ema_decay
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()],
-                                     1.0 - decay)
+        params = list(self.model.parameters())
+        scale = _clip_coefficients(params, cfg.grad_clip) if cfg.grad_clip else None
+        ema = [] if self.ema is None else list(self.ema.parameters())
+        decay = min(cfg.ema_decay, (1.0 + self.step) / (10.0 + self.step)) if cfg.ema_warmup else cfg.ema_decay
+        if self._fused_adam:
+            self.optimizer.fused_step(scale, ema, 1.0 - decay)
+        else:
+            if scale is not None:
+                for p in params:
+                    p.grad.mul_(scale.view(-1, *([1] * (p.ndim - 1))))
+            self.optimizer.step()
+            if ema:
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
         self.step += 1
         return loss.detach()
 
@@ -199,13 +212,12 @@ def _draw(key: NoiseKey) -> torch.Tensor:
     return key.materialize(torch.float32)
 
 
-def _clip_per_member(params: list[torch.Tensor], max_norm: float) -> None:
-    """`torch.nn.utils.clip_grad_norm_` of each member on its own: the norm over member m's slices."""
+def _clip_coefficients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """(M,) each member's gradient coefficient of `torch.nn.utils.clip_grad_norm_` on its own: the norm
+    over member m's slices."""
     grads = [p.grad for p in params if p.grad is not None]
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)  # (M,)
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.ndim - 1))))
+    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
 @torch.no_grad()

@@ -1,0 +1,160 @@
+// Adam for the stacked ensemble (isofast/ensemble_adam.py) in two passes over the parameters instead of
+// torch's ~10 per tensor: the ensemble's optimizer step was half its training step on a CPU.
+//
+// The arithmetic is torch.optim.Adam's (the per-tensor CPU path, weight decay 0, no amsgrad) element by
+// element, in float32 and in the same order, so that a member of the ensemble stays bitwise the single
+// run that torch's Adam trains (tests/test_ensemble_adam.py checks every element against torch):
+//   adam_moments_:  g' = g * scale[member]      (the member's gradient-clipping coefficient, optional)
+//                   m  = lerp(m, g', 1 - beta1)  (ATen's lerp: one fma, by the weight's branch)
+//                   v  = fma((1 - beta2) * g', g', v * beta2)          (mul_ then addcmul_)
+//   (sqrt(v): torch's own sqrt, between the two passes, because torch's float sqrt is not always the
+//    correctly rounded one and a bitwise match needs its values)
+//   adam_update_:   p  = p + (-step_size * m) / (sqrt_v / bc2_sqrt + eps)   (div, add_, addcdiv_)
+//                   e  = lerp(e, p, ema_weight)  (the EMA, optional: torch._foreach_lerp_)
+// Every scalar is rounded to float32 as ATen rounds a Python float for a float32 tensor.
+// Elements are independent: the result does not depend on the number of threads.
+#include "cpu_common.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace isofast::cpu {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;
+
+// ATen's lerp (aten/src/ATen/native/cpu/Lerp.h): self + w (end - self) for |w| < 0.5, else
+// end - (1 - w)(end - self), each one fused multiply-add. The branch is the weight's, the same for
+// every element: the kernels take it as a template argument so that their loops vectorise.
+template <bool kSmall>
+inline float lerp(float self, float end, float w) {
+  return kSmall ? std::fma(w, end - self, self) : std::fma(w - 1.0f, end - self, end);
+}
+
+template <bool kSmall>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void moments_kernel(const float* __restrict g, float* __restrict m, float* __restrict v, int64_t n, float scale,
+                    float w1, float b2, float c2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] * scale;  // scale 1 when not clipping: exact
+    m[i] = lerp<kSmall>(m[i], gi, w1);
+    v[i] = std::fma(c2 * gi, gi, v[i] * b2);
+  }
+}
+
+template <bool kSmall>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void update_kernel(float* __restrict p, const float* __restrict m, const float* __restrict s, float* __restrict e,
+                   int64_t n, float neg_step, float bc2_sqrt, float eps, float ew) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float denom = s[i] / bc2_sqrt + eps;
+    p[i] = p[i] + (neg_step * m[i]) / denom;
+  }
+  if (e != nullptr) {
+    for (int64_t i = 0; i < n; ++i) e[i] = lerp<kSmall>(e[i], p[i], ew);
+  }
+}
+
+// body(i0, i1, member) over [0, n) in parallel, in pieces that never straddle two members' slices.
+template <typename Body>
+void for_each_piece(int64_t n, int64_t per_member, Body&& body) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t member = i / per_member, stop = std::min(end, (member + 1) * per_member);
+      body(i, stop, member);
+      i = stop;
+    }
+  });
+}
+
+void check_list(const at::TensorList& list, const at::TensorList& like, const char* name, const char* op) {
+  TORCH_CHECK(list.size() == like.size(), op, ": ", name, " must have one tensor per parameter (", like.size(),
+              "), got ", list.size());
+  for (size_t k = 0; k < list.size(); ++k) {
+    const at::Tensor& t = list[k];
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), op, ": ", name, "[", k,
+                "] must be a contiguous float32 CPU tensor, got ", t.scalar_type(), " on ", t.device(),
+                t.is_contiguous() ? "" : " (not contiguous)");
+    TORCH_CHECK(t.numel() == like[k].numel(), op, ": ", name, "[", k, "] has ", t.numel(), " elements, its parameter ",
+                like[k].numel());
+  }
+}
+
+void adam_moments_cpu(at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      const std::optional<at::Tensor>& scale, double beta1, double beta2) {
+  constexpr const char* op = "isofast_C::adam_moments_";
+  check_list(grads, grads, "grads", op);
+  check_list(exp_avgs, grads, "exp_avgs", op);
+  check_list(exp_avg_sqs, grads, "exp_avg_sqs", op);
+  const float* sc = nullptr;
+  int64_t members = 1;
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->device().is_cpu() && scale->scalar_type() == at::kFloat && scale->dim() == 1 &&
+                    scale->is_contiguous(),
+                op, ": scale must be a contiguous float32 CPU vector (one value per member)");
+    sc = scale->data_ptr<float>();
+    members = scale->numel();
+  }
+  const float w1 = static_cast<float>(1.0 - beta1), b2 = static_cast<float>(beta2),
+              c2 = static_cast<float>(1.0 - beta2);
+  for (size_t k = 0; k < grads.size(); ++k) {  // every check before any write: a refused call changes nothing
+    TORCH_CHECK(sc == nullptr || (grads[k].dim() >= 1 && grads[k].size(0) == members), op, ": grads[", k,
+                "] must have the members (", members, ") as its first dimension");
+  }
+  for (size_t k = 0; k < grads.size(); ++k) {
+    const int64_t n = grads[k].numel();
+    if (n == 0) continue;
+    const float* g = grads[k].data_ptr<float>();
+    float* m = exp_avgs[k].data_ptr<float>();
+    float* v = exp_avg_sqs[k].data_ptr<float>();
+    for_each_piece(n, n / members, [&](int64_t i0, int64_t i1, int64_t member) {
+      const float scale_m = sc != nullptr ? sc[member] : 1.0f;
+      if (std::abs(w1) < 0.5f) {
+        moments_kernel<true>(g + i0, m + i0, v + i0, i1 - i0, scale_m, w1, b2, c2);
+      } else {
+        moments_kernel<false>(g + i0, m + i0, v + i0, i1 - i0, scale_m, w1, b2, c2);
+      }
+    });
+  }
+}
+
+void adam_update_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorList sqrt_v, at::TensorList ema,
+                     double step_size, double bc2_sqrt, double eps, double ema_weight) {
+  constexpr const char* op = "isofast_C::adam_update_";
+  check_list(params, params, "params", op);
+  check_list(exp_avgs, params, "exp_avgs", op);
+  check_list(sqrt_v, params, "sqrt_v", op);
+  TORCH_CHECK(ema.empty() || ema.size() == params.size(), op, ": ema must be empty or hold one tensor per parameter");
+  if (!ema.empty()) check_list(ema, params, "ema", op);
+  const float neg_step = static_cast<float>(-step_size), bs = static_cast<float>(bc2_sqrt),
+              ep = static_cast<float>(eps), ew = static_cast<float>(ema_weight);
+  for (size_t k = 0; k < params.size(); ++k) {
+    const int64_t n = params[k].numel();
+    if (n == 0) continue;
+    float* p = params[k].data_ptr<float>();
+    const float* m = exp_avgs[k].data_ptr<float>();
+    const float* s = sqrt_v[k].data_ptr<float>();
+    float* e = ema.empty() ? nullptr : ema[k].data_ptr<float>();
+    at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+      float* ei = e != nullptr ? e + i0 : nullptr;
+      if (std::abs(ew) < 0.5f) {
+        update_kernel<true>(p + i0, m + i0, s + i0, ei, i1 - i0, neg_step, bs, ep, ew);
+      } else {
+        update_kernel<false>(p + i0, m + i0, s + i0, ei, i1 - i0, neg_step, bs, ep, ew);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(isofast_C, CPU, m) {
+  m.impl("adam_moments_", &adam_moments_cpu);
+  m.impl("adam_update_", &adam_update_cpu);
+}
+
+}  // namespace isofast::cpu
