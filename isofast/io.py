@@ -128,3 +128,17 @@ def writable_output_dir(path: str | Path) -> Path:
     except OSError as exc:
         raise PermissionError(f"output folder {str(path)!r} is not writable: {exc}") from exc
     return Path(path)
+
+
+def refuse_changed_settings(out: Path, record: str, old: dict, new: dict, *, ignore: tuple[str, ...] = (),
+                            recorded_defaults: dict | None = None, hint: str = "") -> None:
+    """Raise ValueError naming every setting of ``new`` whose value differs from ``old`` (those recorded in
+    ``out / record`` by the run being resumed), except those in ``ignore``. ``recorded_defaults``: the
+    value of a setting absent from records older than it. Values are compared as JSON has them."""
+    new = json.loads(json.dumps(new))  # tuples are lists, as in the record
+    defaults = recorded_defaults or {}
+    changed = [k for k, v in new.items() if k not in ignore and old.get(k, defaults.get(k)) != v]
+    if changed:
+        raise ValueError(f"cannot resume {str(out)!r}: its {record} has other values of {', '.join(changed)}"
+                         + (f" ({hint})" if hint else ""))
+

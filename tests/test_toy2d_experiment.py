@@ -143,3 +143,22 @@ def test_quick_schedule_reaches_noise_in_its_T_steps():
     assert toy2d.config_from_preset("default", out="x").schedule == "linear"  # the real presets are unchanged
     with pytest.raises(ValueError, match="schedule"):
         toy2d.config_from_preset("default", quick=True, out="x", schedule="sigmoid").validate()
+
+
+def test_resume_refuses_other_training_settings(tmp_path):
+    """A resumed sweep must train what its sweep.json recorded; a record from before a setting existed
+    counts as that setting's old value (schedule: linear)."""
+    cfg = toy2d.config_from_preset("default", quick=True, out=str(tmp_path))
+    record = {k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "T", "schedule", "n_train", "n_eval", "k",
+                                           "ema_decay")}
+    (tmp_path / "sweep.json").write_text(json.dumps(record))
+    assert toy2d.prepare_output(cfg, resume=True) == tmp_path
+    (tmp_path / "sweep.json").write_text(json.dumps({**record, "steps": cfg.steps + 1, "lr": 0.5}))
+    with pytest.raises(ValueError, match=r"sweep.json has other values of steps, lr$"):
+        toy2d.prepare_output(cfg, resume=True)
+    linear = toy2d.config_from_preset("default", quick=True, out=str(tmp_path), schedule="linear")
+    old_record = {k: v for k, v in record.items() if k != "schedule"}
+    (tmp_path / "sweep.json").write_text(json.dumps({**old_record, "T": linear.T}))
+    assert toy2d.prepare_output(linear, resume=True) == tmp_path
+    with pytest.raises(ValueError, match="schedule"):
+        toy2d.prepare_output(cfg, resume=True)  # cosine against the old record's linear

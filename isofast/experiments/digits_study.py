@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_text, writable_output_dir
+from ..io import atomic_write_text, refuse_changed_settings, writable_output_dir
 from ..schedule_names import SCHEDULES
 from .digits_arm import REFERENCES
 
@@ -200,12 +200,8 @@ def prepare(cfg: DigitsConfig, resume: bool) -> Path:
         raise FileExistsError(f"--out {str(out)!r} already holds a digits study: pass --resume to continue it, "
                               "or choose another --out")
     if resume and recorded.exists():
-        old = json.loads(recorded.read_text())
-        new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as JSON has it (tuples are lists)
-        changed = [k for k, v in new.items() if k not in _FREE_ON_RESUME and old.get(k) != v]
-        if changed:
-            raise ValueError(f"cannot resume {str(out)!r}: its study.json has other values of {', '.join(changed)} "
-                             f"(only {', '.join(_FREE_ON_RESUME[1:])} may change)")
+        refuse_changed_settings(out, "study.json", json.loads(recorded.read_text()), dataclasses.asdict(cfg),
+                                ignore=_FREE_ON_RESUME, hint=f"only {', '.join(_FREE_ON_RESUME[1:])} may change")
     return out
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import pick_device
-from ..io import atomic_write, atomic_write_text, writable_output_dir
+from ..io import atomic_write, atomic_write_text, refuse_changed_settings, writable_output_dir
 from .protocols import PROTOCOLS, Protocol, member_data, reference_points
 from .toy2d import METRICS
 
@@ -205,14 +205,11 @@ def prepare_study(cfg: StudyConfig, resume: bool) -> Path:
                               "or choose another --out")
     if resume and recorded.exists():
         old = json.loads(recorded.read_text())["protocol"]
-        new = json.loads(json.dumps(cfg.to_dict()["protocol"]))  # as JSON has it (tuples are lists)
-        changed = [k for k, v in new.items() if old.get(k) != v and k != "steps"]
-        if changed:
-            raise ValueError(f"cannot resume {str(out)!r}: its study.json has other values of {', '.join(changed)} "
-                             "(only --steps may change on --resume: raising it extends the study)")
-        if new["steps"] < old["steps"]:
-            raise ValueError(f"--steps {new['steps']}: cannot shorten {str(out)!r}, trained for {old['steps']} steps "
-                             "(a resume may only extend a study: pass --steps >= its steps)")
+        refuse_changed_settings(out, "study.json", old, cfg.to_dict()["protocol"], ignore=("steps",),
+                                hint="only --steps may change on --resume: raising it extends the study")
+        if cfg.protocol.steps < old["steps"]:
+            raise ValueError(f"--steps {cfg.protocol.steps}: cannot shorten {str(out)!r}, trained for {old['steps']} "
+                             "steps (a resume may only extend a study: pass --steps >= its steps)")
     return out
 
 

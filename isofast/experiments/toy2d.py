@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_write_bytes, atomic_write_text, writable_output_dir
+from ..io import atomic_write_bytes, atomic_write_text, refuse_changed_settings, writable_output_dir
 from ..schedule_names import SCHEDULES
 from ..train_config import TrainConfig
 
@@ -261,12 +261,10 @@ def prepare_output(cfg: SweepConfig, resume: bool) -> Path:
         raise FileExistsError(f"output folder {str(out)!r} already holds runs of a sweep (e.g. {started[0]}): "
                               "pass --resume to continue it, or choose another --out")
     if resume and recorded.exists():
-        old = json.loads(recorded.read_text())
         keys = ("steps", "batch_size", "lr", "T", "schedule", "n_train", "n_eval", "k", "ema_decay")
-        before = {"schedule": "linear"}  # sweeps recorded before the field existed
-        changed = [k for k in keys if old.get(k, before.get(k)) != getattr(cfg, k)]
-        if changed:
-            raise ValueError(f"cannot resume {str(out)!r}: its sweep.json has other values of {', '.join(changed)}")
+        refuse_changed_settings(out, "sweep.json", json.loads(recorded.read_text()),
+                                {k: getattr(cfg, k) for k in keys},
+                                recorded_defaults={"schedule": "linear"})  # sweeps recorded before the field
     return out
 
 
