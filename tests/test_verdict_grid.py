@@ -67,3 +67,18 @@ def test_study_without_rows_is_refused(tmp_path):
     _study(tmp_path / "a", "isofast", "per-sample", [])
     with pytest.raises(ValueError, match="no rows"):
         verdict_grid.load_study(tmp_path / "a")
+
+
+def test_budget_table_names_steps_run_and_the_loss_change(tmp_path, capsys):
+    _study(tmp_path / "a", "authors2025", "per-sample", _rows("moons", 0.0))
+    record = {"protocol": {"name": "authors2025", "timesteps": "per-sample", "steps": 25_000}, "datasets": ["moons"]}
+    (tmp_path / "a" / "study.json").write_text(json.dumps(record))
+    (tmp_path / "a" / "runs" / "moons").mkdir(parents=True)
+    # lambda 0: loss 0.20 over steps 8,000-9,000 (the 80-90% window of 10,000), 0.19 over 9,000-10,000: -5%
+    lines = ["step,lambda_0_seed_0,lambda_0.3_seed_0"] + [f"{s},{0.20 if s <= 9000 else 0.19},1.0"
+                                                          for s in range(500, 10_001, 500)]
+    (tmp_path / "a" / "runs" / "moons" / "losses.csv").write_text("\n".join(lines) + "\n")
+    assert verdict_grid.main([str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| `authors2025`") and "of 100,000" in line)
+    assert "25,000 of 100,000 (25%), loss -5.0%" in row

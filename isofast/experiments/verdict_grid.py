@@ -9,6 +9,10 @@ Markdown tables for one lambda (``--lam``, default 0.3) at each study's last eva
 2. lambda against a lower temperature: precision at matched recall and density at matched coverage
    against the lambda = 0 models' temperature curve (`study_report.matched_rows`).
 
+After them, once: each study's training budget and whether its loss has flattened (the lambda = 0 members'
+mean loss over the last 10% of the steps against the 10% before, from ``runs/<dataset>/losses.csv``), for
+every study (one run for fewer steps than its budget must show a flattened loss).
+
 The cells are the same numbers each study's own summary.md shows; this only lines them up, so the README's
 verdict is read off one generated table instead of being copied by hand from a dozen files.
 """
@@ -23,9 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .paired import verdict
-from .study_report import matched_rows, paired_rows
+from .protocols import PROTOCOLS
+from .study_report import loss_flatness, matched_rows, paired_rows
 
-__all__ = ["load_study", "grid_markdown", "main"]
+__all__ = ["load_study", "grid_markdown", "budget_markdown", "main"]
 
 _INT_COLUMNS, _STR_COLUMNS = ("seed", "step"), ("dataset", "reference")
 
@@ -100,6 +105,29 @@ def grid_markdown(studies: Sequence[tuple[str, list[dict]]], lam: float) -> str:
     return "".join(out)
 
 
+def budget_markdown(folders: Sequence[Path]) -> str:
+    """The training budget table: per (protocol row, dataset), the steps run of the protocol's budget and the
+    lambda = 0 loss's relative change over the last 10% of them."""
+    labels: dict[str, dict[str, str]] = {}
+    for folder in folders:
+        record = json.loads((folder / "study.json").read_text())
+        proto = record["protocol"]
+        label = f"`{proto['name']}`, one t per {proto['timesteps'].removeprefix('per-')}"
+        budget = PROTOCOLS[proto["name"]].steps if proto["name"] in PROTOCOLS else None
+        for dataset in record.get("datasets", []):
+            losses = folder / "runs" / dataset / "losses.csv"
+            flat = loss_flatness(losses, [0.0]) if losses.exists() else []
+            change = f"loss {100 * flat[0]['change']:+.1f}%" if flat else "loss –"
+            share = f" of {budget:,} ({100 * proto['steps'] / budget:.0f}%)" if budget else ""
+            labels.setdefault(label, {})[dataset] = f"{proto['steps']:,}{share}, {change}"
+    datasets = sorted({d for cells in labels.values() for d in cells})
+    out = ["Training budget: steps run of the protocol's budget, and the lambda = 0 members' mean training loss over "
+           "the last 10% of the steps relative to the 10% before (near 0: flattened).\n\n",
+           "| protocol | " + " | ".join(datasets) + " |\n|---|" + "---|" * len(datasets) + "\n"]
+    out += [f"| {label} | " + " | ".join(cells.get(d, "–") for d in datasets) + " |\n" for label, cells in labels.items()]
+    return "".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m isofast.experiments.verdict_grid", description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path, help="a folder whose subfolders are protocol studies (prdc.csv + study.json)")
@@ -112,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no study folders (prdc.csv + study.json) under {args.root}", file=sys.stderr)
         return 2
     studies = [load_study(f) for f in folders]
-    print("\n".join(grid_markdown(studies, lam) for lam in args.lam))
+    print("\n".join([*(grid_markdown(studies, lam) for lam in args.lam), budget_markdown(folders)]))
     return 0
 
 
