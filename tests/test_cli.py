@@ -80,3 +80,9 @@ def test_exit_status_and_stderr_of_the_real_command(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "ema_decay" in proc.stderr
+
+
+def test_python_dash_m_isofast_is_the_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "isofast", *_train(tmp_path, "--ema-decay", "1.5")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "ema_decay" in proc.stderr and "Traceback" not in proc.stderr
