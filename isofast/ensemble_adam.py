@@ -30,7 +30,9 @@ class EnsembleAdam(torch.optim.Adam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
 
     def _sqrt_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        buffers = self.__dict__.setdefault("_sqrt_buffers", {})  # not state: the state_dict stays torch's
+        # not state (the state_dict stays torch's), and made here rather than in __init__: Optimizer's pickling
+        # keeps only defaults, state and param_groups
+        buffers = self.__dict__.setdefault("_sqrt_buffers", {})
         buf = buffers.get(p)
         if buf is None or buf.shape != p.shape:
             buf = buffers[p] = torch.empty_like(p, memory_format=torch.contiguous_format)

@@ -130,6 +130,18 @@ def writable_output_dir(path: str | Path) -> Path:
     return Path(path)
 
 
+def resumed_record(out: Path, record: str, resume: bool, what: str) -> dict | None:
+    """The settings ``out / record`` holds, read when ``resume`` continues what is recorded there; None when
+    nothing is recorded. FileExistsError (naming ``what``) when something is and ``resume`` is False."""
+    path = out / record
+    if not path.exists():
+        return None
+    if not resume:
+        raise FileExistsError(f"output folder {str(out)!r} already holds {what}: pass --resume to continue it, "
+                              "or choose another --out")
+    return json.loads(path.read_text())
+
+
 def refuse_changed_settings(out: Path, record: str, old: dict, new: dict, *, ignore: tuple[str, ...] = (),
                             recorded_defaults: dict | None = None, hint: str = "") -> None:
     """Raise ValueError naming every setting of ``new`` whose value differs from ``old`` (those recorded in

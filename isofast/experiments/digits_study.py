@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_write_text, refuse_changed_settings, writable_output_dir
+from ..io import atomic_write_text, refuse_changed_settings, resumed_record, writable_output_dir
 from ..schedule_names import SCHEDULES
 from .digits_arm import REFERENCES
 
@@ -195,13 +195,10 @@ def prepare(cfg: DigitsConfig, resume: bool) -> Path:
     """Validate ``cfg`` and the output folder before any training."""
     cfg.validate()
     out = writable_output_dir(cfg.out)
-    recorded = out / "study.json"
-    if recorded.exists() and not resume:
-        raise FileExistsError(f"--out {str(out)!r} already holds a digits study: pass --resume to continue it, "
-                              "or choose another --out")
-    if resume and recorded.exists():
-        refuse_changed_settings(out, "study.json", json.loads(recorded.read_text()), dataclasses.asdict(cfg),
-                                ignore=_FREE_ON_RESUME, hint=f"only {', '.join(_FREE_ON_RESUME[1:])} may change")
+    old = resumed_record(out, "study.json", resume, "a digits study")
+    if old is not None:
+        refuse_changed_settings(out, "study.json", old, dataclasses.asdict(cfg), ignore=_FREE_ON_RESUME,
+                                hint=f"only {', '.join(_FREE_ON_RESUME[1:])} may change")
     return out
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import pick_device
-from ..io import atomic_write, atomic_write_text, refuse_changed_settings, writable_output_dir
+from ..io import atomic_write, atomic_write_text, refuse_changed_settings, resumed_record, writable_output_dir
 from .protocols import PROTOCOLS, Protocol, member_data, reference_points
 from .toy2d import METRICS
 
@@ -195,22 +195,20 @@ def _write_losses(path: Path, run, members: list[tuple[float, int]]) -> None:
     atomic_write_text(path, out.getvalue())
 
 
-def prepare_study(cfg: StudyConfig, resume: bool) -> Path:
-    """Validate ``cfg`` and the output folder before any training (as `toy2d.prepare_output`)."""
+def prepare_study(cfg: StudyConfig, resume: bool) -> tuple[Path, dict | None]:
+    """Validate ``cfg`` and the output folder before any training (as `toy2d.prepare_output`); returns the
+    folder and the study.json of the study resumed (None: a new study)."""
     cfg.validate()
     out = writable_output_dir(cfg.out)
-    recorded = out / "study.json"
-    if recorded.exists() and not resume:
-        raise FileExistsError(f"output folder {str(out)!r} already holds a study: pass --resume to continue it, "
-                              "or choose another --out")
-    if resume and recorded.exists():
-        old = json.loads(recorded.read_text())["protocol"]
+    record = resumed_record(out, "study.json", resume, "a study")
+    if record is not None:
+        old = record["protocol"]
         refuse_changed_settings(out, "study.json", old, cfg.to_dict()["protocol"], ignore=("steps",),
                                 hint="only --steps may change on --resume: raising it extends the study")
         if cfg.protocol.steps < old["steps"]:
             raise ValueError(f"--steps {cfg.protocol.steps}: cannot shorten {str(out)!r}, trained for {old['steps']} "
                              "steps (a resume may only extend a study: pass --steps >= its steps)")
-    return out
+    return out, record
 
 
 def run_study(cfg: StudyConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
@@ -218,10 +216,9 @@ def run_study(cfg: StudyConfig, resume: bool = False, log: Callable[[str], None]
     from .study_report import write_report
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = prepare_study(cfg, resume)
+    out, old = prepare_study(cfg, resume)
     record = cfg.to_dict()
-    if resume and (out / "study.json").exists():  # an extension keeps the budgets it grew from
-        old = json.loads((out / "study.json").read_text())
+    if old is not None:  # an extension keeps the budgets it grew from
         earlier = old.get("extended_from_steps", []) + [old["protocol"]["steps"]]
         if earlier[-1] != cfg.protocol.steps:
             record["extended_from_steps"] = earlier

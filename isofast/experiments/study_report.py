@@ -152,7 +152,10 @@ def _read_losses(losses_csv: Path) -> tuple[list[str], np.ndarray]:
 def loss_flatness(losses_csv: Path, lambdas) -> list[dict]:
     """Per lambda: the seeds' mean logged loss over the last 10% of the steps (``last``), over the 10% before
     (``before``), and the relative change last / before - 1."""
-    header, body = _read_losses(losses_csv)
+    return _flatness(*_read_losses(losses_csv), lambdas)
+
+
+def _flatness(header: list[str], body: np.ndarray, lambdas) -> list[dict]:
     if body.shape[0] == 0:
         return []
     steps, end = body[:, 0], body[-1, 0]
@@ -169,10 +172,11 @@ def loss_flatness(losses_csv: Path, lambdas) -> list[dict]:
 def _loss_section(losses_csv: Path, lambdas) -> list[str]:
     if not losses_csv.exists():
         return []
-    flat = loss_flatness(losses_csv, lambdas)
+    header, body = _read_losses(losses_csv)
+    flat = _flatness(header, body, lambdas)
     if not flat:
         return []
-    end = int(_read_losses(losses_csv)[1][-1, 0])
+    end = int(body[-1, 0])
     lines = [f"### Training loss: has it flattened? (mean over seeds; steps {0.8 * end:.0f}–{0.9 * end:.0f} and "
              f"{0.9 * end:.0f}–{end})", "", "| lambda | loss, 80–90% | loss, 90–100% | relative change |",
              "|---|---|---|---|"]

@@ -35,10 +35,14 @@ __all__ = ["load_study", "grid_markdown", "budget_markdown", "main"]
 _INT_COLUMNS, _STR_COLUMNS = ("seed", "step"), ("dataset", "reference")
 
 
+def _label(protocol: dict) -> str:
+    """A study's row label: its protocol and timestep mode."""
+    return f"`{protocol['name']}`, one t per {protocol['timesteps'].removeprefix('per-')}"
+
+
 def load_study(folder: Path) -> tuple[str, list[dict]]:
     """(row label: protocol and timestep mode, PRDC rows with typed values) of one study folder."""
-    protocol = json.loads((folder / "study.json").read_text())["protocol"]
-    label = f"`{protocol['name']}`, one t per {protocol['timesteps'].removeprefix('per-')}"
+    label = _label(json.loads((folder / "study.json").read_text())["protocol"])
     with open(folder / "prdc.csv", newline="") as f:
         rows = [{k: (v if k in _STR_COLUMNS else int(v) if k in _INT_COLUMNS else float(v)) for k, v in r.items()}
                 for r in csv.DictReader(f)]
@@ -112,7 +116,7 @@ def budget_markdown(folders: Sequence[Path]) -> str:
     for folder in folders:
         record = json.loads((folder / "study.json").read_text())
         proto = record["protocol"]
-        label = f"`{proto['name']}`, one t per {proto['timesteps'].removeprefix('per-')}"
+        label = _label(proto)
         budget = PROTOCOLS[proto["name"]].steps if proto["name"] in PROTOCOLS else None
         for dataset in record.get("datasets", []):
             losses = folder / "runs" / dataset / "losses.csv"
