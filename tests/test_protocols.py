@@ -287,7 +287,7 @@ def test_study_extended_by_resume_equals_the_longer_study(tmp_path):
     from isofast.experiments.study import prepare_study, run_study, study_config
 
     small = dict(lambdas=(0.0, 0.3), seeds=(0, 1), n_points=200, n_eval=40, temperatures=(0.8,),
-                 references=("test",))
+                 references=("test",), T=50)
     short = study_config("authors2024", str(tmp_path / "ext"), ["moon_scatter"], steps=6, eval_at=(0.5,), **small)
     run_study(short, log=lambda msg: None)
     longer = study_config("authors2024", str(tmp_path / "ext"), ["moon_scatter"], steps=12, eval_at=(0.25, 0.5),
@@ -318,3 +318,36 @@ def test_study_extended_by_resume_equals_the_longer_study(tmp_path):
     with pytest.raises(ValueError, match="other values of lr"):
         prepare_study(study_config("authors2024", str(tmp_path / "ext"), ["moon_scatter"], steps=12, lr=2e-3,
                                    **small), resume=True)
+
+
+def test_new_eval_fraction_before_the_save_is_replayed_exactly(tmp_path):
+    """--resume with an --eval-at fraction before the last save trains the members again from step 0 to it: its
+    rows equal those of a study that evaluated there from the start; a replay that does not retrace the saved
+    run (its loss log differs) is refused, and nothing it measured is written."""
+    import json
+
+    from isofast.experiments.study import run_study, study_config
+
+    small = dict(lambdas=(0.0, 0.3), seeds=(0, 1), n_points=200, n_eval=40, temperatures=(0.8,),
+                 references=("test",), steps=40, T=50)
+    first = study_config("authors2024", str(tmp_path / "late"), ["moon_scatter"], eval_at=(0.5,), **small)
+    run_study(first, log=lambda msg: None)
+    later = study_config("authors2024", str(tmp_path / "late"), ["moon_scatter"], eval_at=(0.25, 0.5), **small)
+    logged: list[str] = []
+    rows = run_study(later, resume=True, log=logged.append)
+    assert any("replaying the members from step 0" in m for m in logged)
+    whole = run_study(study_config("authors2024", str(tmp_path / "whole"), ["moon_scatter"], eval_at=(0.25, 0.5),
+                                   **small), log=lambda msg: None)
+    assert sorted(map(str, rows)) == sorted(map(str, whole))  # the step-10 rows too, bit for bit
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    # a save whose loss log the replay cannot retrace: refused before any row is added
+    folder = tmp_path / "late" / "runs" / "moon_scatter"
+    state = torch.load(folder / "ensemble.pt", weights_only=False)
+    state["loss_log"][0][1][0] += 1e-3
+    torch.save(state, folder / "ensemble.pt")
+    rows_before = (folder / "rows.json").read_text()
+    wider = study_config("authors2024", str(tmp_path / "late"), ["moon_scatter"], eval_at=(0.1, 0.25, 0.5), **small)
+    with pytest.raises(ValueError, match="did not retrace the saved run"):
+        run_study(wider, resume=True, log=lambda msg: None)
+    assert (folder / "rows.json").read_text() == rows_before
+    assert {r["step"] for r in json.loads(rows_before)} == {10, 20, 40}

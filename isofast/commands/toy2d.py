@@ -110,7 +110,9 @@ def add_parser(subparsers) -> None:
                              "steps for --resume); single: one Trainer per run, --jobs at a time")
     parser.add_argument("--resume", action="store_true",
                         help="continue a sweep in --out: finished runs are reused, an interrupted one resumes; "
-                        "with --protocol, a larger --steps extends a finished study (the evaluations made are kept)")
+                        "with --protocol, a larger --steps extends a finished study (the evaluations made are kept) "
+                        "and a new --eval-at fraction before its last save is evaluated by replaying the members "
+                        "from step 0 (checked against the saved loss log)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     study = parser.add_argument_group(
         "protocol study", "--protocol NAME runs a protocol's lambda sweep on the ensemble engine, with a temperature "

@@ -15,7 +15,9 @@ The tables, paired intervals and figures are `study_report`'s. Resumable: each d
 also raise ``steps`` (nothing else of the protocol): the study is extended, its members train on from their
 last save (Adam with a constant learning rate and no schedule tied to the budget, so an extended run is the
 longer run), the evaluations already made are kept at their steps, and the new ``eval_at`` fractions of the
-new budget that lie ahead are added.
+new budget that lie ahead are added. A new fraction that lies before the last save is evaluated by a replay:
+the members are trained again from step 0 to it (the same data, seeds and noise streams: the replay retraces
+the saved run, which is checked on the loss log the save holds) and discarded.
 """
 from __future__ import annotations
 
@@ -154,8 +156,11 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
     p, folder = cfg.protocol, Path(cfg.out) / "runs" / dataset
     folder.mkdir(parents=True, exist_ok=True)
     final = cfg.eval_steps()[-1]
-    if resume and (folder / "done.json").exists() and json.loads((folder / "done.json").read_text())["step"] == final:
-        return json.loads((folder / "rows.json").read_text())
+    done = folder / "done.json"
+    if resume and done.exists() and json.loads(done.read_text())["step"] == final:
+        rows = json.loads((folder / "rows.json").read_text())
+        if {r["step"] for r in rows} >= set(cfg.eval_steps()):
+            return rows
     members = _members(cfg)
     data: dict = {"train": {}, "refs": {}}
     for seed in cfg.seeds:
@@ -163,18 +168,21 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
         data["train"][seed] = train
         for ref in p.references:
             data["refs"][(seed, ref)] = reference_points(p, ref, dataset, seed, train, test)
-    run = EnsembleRun([data["train"][s] for _, s in members], [s for _, s in members], [lam for lam, _ in members],
-                      p.train_config(str(folder), cfg.backend), pick_device(cfg.device), model=p.model)
-    rows: list[dict] = []
+    new_run = lambda: EnsembleRun([data["train"][s] for _, s in members], [s for _, s in members],  # noqa: E731
+                                  [lam for lam, _ in members], p.train_config(str(folder), cfg.backend),
+                                  pick_device(cfg.device), model=p.model)
+    run = new_run()
+    rows = []
     if resume and (folder / "ensemble.pt").exists():
         run.load_state_dict(torch.load(folder / "ensemble.pt", weights_only=False))
         rows = [{**r, "fraction": r["step"] / p.steps} for r in json.loads((folder / "rows.json").read_text())]
         log(f"  {dataset}: resumed at step {run.step}")
+    earlier = [s for s in cfg.eval_steps() if s < run.step and not any(r["step"] == s for r in rows)]
+    if earlier:  # new fractions before the resumed save: replay the members from step 0 to them
+        rows = sorted(rows + _replay(cfg, dataset, new_run(), run, earlier, data, log), key=lambda r: r["step"])
+        _save_state(folder, run, rows)
     for step in cfg.eval_steps():
         if any(r["step"] == step for r in rows):
-            continue
-        if step < run.step:  # an extended study's new fraction of its new budget, before the resumed save
-            log(f"  {dataset}: step {step} lies before the resumed step {run.step}: not evaluated")
             continue
         t0 = time.perf_counter()
         run.fit(step, progress=cfg.progress)
@@ -183,6 +191,32 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
         _save_state(folder, run, rows)
     _write_losses(folder / "losses.csv", run, members)
     atomic_write_text(folder / "done.json", json.dumps({"step": run.step}) + "\n")
+    return rows
+
+
+def _replay(cfg: StudyConfig, dataset: str, replay, saved, steps: list[int], data: dict,
+            log: Callable[[str], None]) -> list[dict]:
+    """Train the fresh ``replay`` from step 0, evaluating it at ``steps`` (all before ``saved.step``). Its loss
+    log must equal the saved run's where both log the same windows, or nothing it measured is kept."""
+    log(f"  {dataset}: steps {steps} lie before the resumed step {saved.step}: replaying the members from step 0")
+    # log as the saved run did before any extension changed its interval (steps // 200 of the first budget)
+    every = saved.loss_log[0][0] if saved.loss_log else replay.config.log_every
+    replay.config = dataclasses.replace(replay.config, log_every=every)
+    first_budget = []
+    for i, (s, v) in enumerate(saved.loss_log):
+        if s != (i + 1) * every:
+            break
+        first_budget.append((s, list(v)))
+    rows = []
+    for step in steps:
+        t0 = time.perf_counter()
+        replay.fit(step, progress=cfg.progress)
+        log(f"  {dataset}: replayed {len(_members(cfg))} members to step {step} ({time.perf_counter() - t0:.0f} s)")
+        mine = [(s, list(v)) for s, v in replay.loss_log if s <= first_budget[-1][0]] if first_budget else []
+        if mine != [e for e in first_budget if e[0] <= step]:
+            raise ValueError(f"{dataset}: the replay to step {step} did not retrace the saved run (their loss logs "
+                             "differ): replay with the --threads, --device and build the study was trained with")
+        rows += _evaluate(cfg, dataset, replay, step, data, log)
     return rows
 
 
