@@ -60,6 +60,12 @@ class EnsembleAdam(torch.optim.Adam):
         if ema and [tuple(e.shape) for e in ema] != [tuple(p.shape) for p in params]:
             raise ValueError(f"ema must be empty or hold one tensor per parameter of its shape: got "
                              f"{len(ema)} tensors for {len(params)} parameters")
+        # the second kernel's operands, checked before the first kernel writes: a refused step changes nothing
+        for name, tensors in (("params", params), ("ema", ema)):
+            for k, t in enumerate(tensors):
+                if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                    raise ValueError(f"{name}[{k}] must be a contiguous float32 CPU tensor, got {t.dtype} on "
+                                     f"{t.device}{'' if t.is_contiguous() else ' (not contiguous)'}")
         grads, exp_avgs, exp_avg_sqs = [], [], []
         for p in params:
             state = self.state[p]
