@@ -82,3 +82,17 @@ def test_budget_table_names_steps_run_and_the_loss_change(tmp_path, capsys):
     row = next(line for line in capsys.readouterr().out.splitlines()
                if line.startswith("| `authors2025`") and "of 100,000" in line)
     assert "25,000 of 100,000 (25%), loss -5.0%" in row
+
+
+def test_length_table_puts_each_step_in_its_fraction_of_the_steps_run(tmp_path, capsys):
+    rows = []
+    for step, gain in ((25, 0.0), (30, 0.01), (50, 0.02), (100, 0.05)):  # 30: an evaluation at another length
+        rows += [{**r, "step": step, "fraction": step / 100} for r in _rows("moons", gain)]
+    _study(tmp_path / "a", "isofast", "per-sample", rows)
+    assert verdict_grid.main([str(tmp_path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("| `isofast`, one t per sample | moons |"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[2] == "100 (vs test)"
+    assert cells[3].startswith("P +0.000 ") and cells[4].startswith("P +0.020▲") and cells[5].startswith("P +0.050▲")
+    assert cells[6].startswith("30: P +0.010▲")

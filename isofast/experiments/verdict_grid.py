@@ -2,12 +2,16 @@
 
 ``python -m isofast.experiments.verdict_grid results/verdict`` reads every study folder below the given
 directory (each holds ``prdc.csv`` and ``study.json`` as `study.run_study` writes them) and prints two
-Markdown tables for one lambda (``--lam``, default 0.3) at each study's last evaluated step, temperature 1:
+Markdown tables for one lambda (``--lam``, default 0.3) at temperature 1:
 
-1. the paired differences to lambda = 0 of the same seed (precision, density, recall, coverage; mean and
-   95% paired-t interval, marked gain/loss only when the interval excludes 0);
+1. at each study's last evaluated step, the paired differences to lambda = 0 of the same seed (precision,
+   density, recall, coverage; mean and 95% paired-t interval, marked gain/loss only when the interval
+   excludes 0);
 2. lambda against a lower temperature: precision at matched recall and density at matched coverage
    against the lambda = 0 models' temperature curve (`study_report.matched_rows`).
+
+3. the effect against training length: the paired differences at 25%, 50% and 100% of the steps each
+   study ran (and at any other step it was evaluated), one row per study and dataset.
 
 After them, once: each study's training budget and whether its loss has flattened (the lambda = 0 members'
 mean loss over the last 10% of the steps against the 10% before, from ``runs/<dataset>/losses.csv``), for
@@ -30,7 +34,7 @@ from .paired import verdict
 from .protocols import PROTOCOLS
 from .study_report import loss_flatness, matched_rows, paired_rows
 
-__all__ = ["load_study", "grid_markdown", "budget_markdown", "main"]
+__all__ = ["load_study", "grid_markdown", "length_markdown", "budget_markdown", "main"]
 
 _INT_COLUMNS, _STR_COLUMNS = ("seed", "step"), ("dataset", "reference")
 
@@ -64,6 +68,11 @@ def _cell(interval: dict, short: str) -> str:
     return f"{short} {interval['mean']:+.3f}{mark}"
 
 
+def _paired_cell(p: dict) -> str:
+    return " ".join(_cell(p[m], s) for m, s in (("precision", "P"), ("density", "D"), ("recall", "R"),
+                                                 ("coverage", "C")))
+
+
 def _cells(rows: list[dict], lam: float) -> tuple[dict[str, str], dict[str, str]]:
     """Per dataset: the paired-difference cell and the matched-temperature cell, against `_reference`."""
     ref = _reference(rows)
@@ -72,9 +81,7 @@ def _cells(rows: list[dict], lam: float) -> tuple[dict[str, str], dict[str, str]
     paired, matched = {}, {}
     for p in paired_rows([r for r in rows if r["step"] == last]):
         if p["lambda"] == lam:
-            paired[p["dataset"]] = " ".join(_cell(p[m], s) for m, s in
-                                            (("precision", "P"), ("density", "D"), ("recall", "R"), ("coverage", "C")))
-            paired[p["dataset"]] += f" (vs {ref})"
+            paired[p["dataset"]] = _paired_cell(p) + f" (vs {ref})"
     for m in matched_rows(rows):
         if m["lambda"] == lam:
             parts = []
@@ -106,6 +113,31 @@ def grid_markdown(studies: Sequence[tuple[str, list[dict]]], lam: float) -> str:
             "others:\n\n", head]
     out += [f"| {label} | " + " | ".join(cells.get(d, ("–", "–"))[1] for d in datasets) + " |\n"
             for label, cells in labels.items()]
+    return "".join(out)
+
+
+_LENGTHS = (0.25, 0.5, 1.0)
+
+
+def length_markdown(studies: Sequence[tuple[str, list[dict]]], lam: float) -> str:
+    """The effect against training length for ``lam``: per study and dataset, the paired differences at 25%,
+    50% and 100% of the steps it ran, and at its other evaluated steps."""
+    out = [f"lambda = {lam:g} minus lambda = 0 (same seed) against training length: at 25%, 50% and 100% of the "
+           "steps each study ran (its last step), and at its other evaluated steps (step: cell); against held-out "
+           "points where the study has them; ▲/▼: the 95% paired-t interval excludes 0; –: not evaluated.\n\n",
+           "| protocol | dataset | steps | 25% | 50% | 100% | other steps |\n|---|---|---|---|---|---|---|\n"]
+    for label, rows in sorted(studies, key=lambda s: (s[0], s[1][0]["dataset"])):
+        ref = _reference(rows)
+        by_dataset: dict[str, dict[int, str]] = {}
+        for p in paired_rows([r for r in rows if r["reference"] == ref]):
+            if p["lambda"] == lam:
+                by_dataset.setdefault(p["dataset"], {})[p["step"]] = _paired_cell(p)
+        for dataset, cells in by_dataset.items():
+            last = max(cells)
+            at = {round(f * last): f for f in _LENGTHS}
+            fixed = [cells.get(round(f * last), "–") for f in _LENGTHS]
+            other = "; ".join(f"{s:,}: {c}" for s, c in sorted(cells.items()) if s not in at)
+            out.append(f"| {label} | {dataset} | {last:,} (vs {ref}) | " + " | ".join(fixed) + f" | {other or '–'} |\n")
     return "".join(out)
 
 
@@ -144,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no study folders (prdc.csv + study.json) under {args.root}", file=sys.stderr)
         return 2
     studies = [load_study(f) for f in folders]
-    print("\n".join([*(grid_markdown(studies, lam) for lam in args.lam), budget_markdown(folders)]))
+    print("\n".join([*(grid_markdown(studies, lam) for lam in args.lam),
+                     *(length_markdown(studies, lam) for lam in args.lam), budget_markdown(folders)]))
     return 0
 
 
