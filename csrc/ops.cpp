@@ -38,13 +38,11 @@ TORCH_LIBRARY(isofast_C, m) {
   // the vectorised generator of the kernels.
   m.def("philox_bits(Tensor like, int seed, int offset) -> Tensor");
   m.def("philox_randn(Tensor like, int seed, int offset, bool scalar=False) -> Tensor");
-  // CPU: the stacked ensemble's Adam in two passes (cpu/adam.cpp; torch's own sqrt between them).
+  // CPU: the stacked ensemble's Adam in one pass (cpu/adam.cpp; torch's own sqrt on each chunk).
   m.def(
-      "adam_moments_(Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor? scale, "
-      "float beta1, float beta2) -> ()");
-  m.def(
-      "adam_update_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] sqrt_v, Tensor(d!)[] ema, float step_size, "
-      "float bc2_sqrt, float eps, float ema_weight) -> ()");
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] ema, Tensor? scale, float beta1, float beta2, float step_size, float bc2_sqrt, float eps, "
+      "float ema_weight) -> ()");
 }
 
 namespace {

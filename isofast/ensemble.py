@@ -70,7 +70,7 @@ class EnsembleRun:
         self.model = stack_members(members).to(self.device)
         self.ema = stack_members(members).to(self.device).requires_grad_(False) if config.ema_decay > 0 else None
         # The Trainer's optimizer's numbers, so that members compute its run: on a CPU the per-tensor Adam,
-        # bitwise, which EnsembleAdam.fused_step computes in two passes (with the clipping and the EMA).
+        # bitwise, which EnsembleAdam.fused_step computes in one pass (with the clipping and the EMA).
         # (torch's fused CPU Adam rounds differently per memory layout, and Adam amplifies an ulp into
         # visibly different weights within a few hundred steps; see the equality test.)
         self._fused_adam = self.device.type == "cpu" and EnsembleAdam.fused_available()

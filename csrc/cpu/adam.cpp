@@ -1,21 +1,27 @@
-// Adam for the stacked ensemble (isofast/ensemble_adam.py) in two passes over the parameters instead of
-// torch's ~10 per tensor: the ensemble's optimizer step was half its training step on a CPU.
+// Adam for the stacked ensemble (isofast/ensemble_adam.py) in one pass over the parameters instead of
+// torch's ~10 per tensor: the ensemble's optimizer step was half its training step on a CPU, and at the
+// paper's batch of 64 it is memory-bound (every parameter's p, g, m, v and EMA cross memory once).
 //
 // The arithmetic is torch.optim.Adam's (the per-tensor CPU path, weight decay 0, no amsgrad) element by
 // element, in float32 and in the same order, so that a member of the ensemble stays bitwise the single
 // run that torch's Adam trains (tests/test_ensemble_adam.py checks every element against torch):
-//   adam_moments_:  g' = g * scale[member]      (the member's gradient-clipping coefficient, optional)
-//                   m  = lerp(m, g', 1 - beta1)  (ATen's lerp: one fma, by the weight's branch)
-//                   v  = fma((1 - beta2) * g', g', v * beta2)          (mul_ then addcmul_)
-//   (sqrt(v): torch's own sqrt, between the two passes, because torch's float sqrt is not always the
-//    correctly rounded one and a bitwise match needs its values)
-//   adam_update_:   p  = p + (-step_size * m) / (sqrt_v / bc2_sqrt + eps)   (div, add_, addcdiv_)
-//                   e  = lerp(e, p, ema_weight)  (the EMA, optional: torch._foreach_lerp_)
-// Every scalar is rounded to float32 as ATen rounds a Python float for a float32 tensor.
-// Elements are independent: the result does not depend on the number of threads.
+//   g' = g * scale[member]      (the member's gradient-clipping coefficient, optional)
+//   m  = lerp(m, g', 1 - beta1)  (ATen's lerp: one fma, by the weight's branch)
+//   v  = fma((1 - beta2) * g', g', v * beta2)          (mul_ then addcmul_)
+//   s  = sqrt(v)                 (torch's own sqrt, at::sqrt_out on a cache-sized chunk: torch's float
+//                                 sqrt is not always the correctly rounded one, and a bitwise match needs
+//                                 its values)
+//   p  = p + (-step_size * m) / (s / bc2_sqrt + eps)   (div, add_, addcdiv_)
+//   e  = lerp(e, p, ema_weight)  (the EMA, optional: torch._foreach_lerp_)
+// Each chunk of kChunk elements goes through the three steps while it is in cache. Every scalar is
+// rounded to float32 as ATen rounds a Python float for a float32 tensor. Elements are independent: the
+// result does not depend on the number of threads. Every operand is checked before the first write: a
+// refused call changes nothing.
 #include "cpu_common.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/sqrt.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -26,6 +32,9 @@ namespace isofast::cpu {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;
+// Elements per chunk: its sqrt buffer and the just-written v stay in L2; at::sqrt_out's dispatch (a few
+// microseconds) is paid once per chunk.
+constexpr int64_t kChunk = 1 << 13;
 
 // ATen's lerp (aten/src/ATen/native/cpu/Lerp.h): self + w (end - self) for |w| < 0.5, else
 // end - (1 - w)(end - self), each one fused multiply-add. The branch is the weight's, the same for
@@ -84,12 +93,16 @@ void check_list(const at::TensorList& list, const at::TensorList& like, const ch
   }
 }
 
-void adam_moments_cpu(at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                      const std::optional<at::Tensor>& scale, double beta1, double beta2) {
-  constexpr const char* op = "isofast_C::adam_moments_";
-  check_list(grads, grads, "grads", op);
-  check_list(exp_avgs, grads, "exp_avgs", op);
-  check_list(exp_avg_sqs, grads, "exp_avg_sqs", op);
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList ema, const std::optional<at::Tensor>& scale, double beta1, double beta2,
+                   double step_size, double bc2_sqrt, double eps, double ema_weight) {
+  constexpr const char* op = "isofast_C::adam_step_";
+  check_list(params, params, "params", op);
+  check_list(grads, params, "grads", op);
+  check_list(exp_avgs, params, "exp_avgs", op);
+  check_list(exp_avg_sqs, params, "exp_avg_sqs", op);
+  TORCH_CHECK(ema.empty() || ema.size() == params.size(), op, ": ema must be empty or hold one tensor per parameter");
+  if (!ema.empty()) check_list(ema, params, "ema", op);
   const float* sc = nullptr;
   int64_t members = 1;
   if (scale.has_value()) {
@@ -98,53 +111,42 @@ void adam_moments_cpu(at::TensorList grads, at::TensorList exp_avgs, at::TensorL
                 op, ": scale must be a contiguous float32 CPU vector (one value per member)");
     sc = scale->data_ptr<float>();
     members = scale->numel();
+    for (size_t k = 0; k < params.size(); ++k) {
+      TORCH_CHECK(params[k].dim() >= 1 && params[k].size(0) == members, op, ": params[", k,
+                  "] must have the members (", members, ") as its first dimension");
+    }
   }
   const float w1 = static_cast<float>(1.0 - beta1), b2 = static_cast<float>(beta2),
-              c2 = static_cast<float>(1.0 - beta2);
-  for (size_t k = 0; k < grads.size(); ++k) {  // every check before any write: a refused call changes nothing
-    TORCH_CHECK(sc == nullptr || (grads[k].dim() >= 1 && grads[k].size(0) == members), op, ": grads[", k,
-                "] must have the members (", members, ") as its first dimension");
-  }
-  for (size_t k = 0; k < grads.size(); ++k) {
-    const int64_t n = grads[k].numel();
-    if (n == 0) continue;
-    const float* g = grads[k].data_ptr<float>();
-    float* m = exp_avgs[k].data_ptr<float>();
-    float* v = exp_avg_sqs[k].data_ptr<float>();
-    for_each_piece(n, n / members, [&](int64_t i0, int64_t i1, int64_t member) {
-      const float scale_m = sc != nullptr ? sc[member] : 1.0f;
-      if (std::abs(w1) < 0.5f) {
-        moments_kernel<true>(g + i0, m + i0, v + i0, i1 - i0, scale_m, w1, b2, c2);
-      } else {
-        moments_kernel<false>(g + i0, m + i0, v + i0, i1 - i0, scale_m, w1, b2, c2);
-      }
-    });
-  }
-}
-
-void adam_update_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorList sqrt_v, at::TensorList ema,
-                     double step_size, double bc2_sqrt, double eps, double ema_weight) {
-  constexpr const char* op = "isofast_C::adam_update_";
-  check_list(params, params, "params", op);
-  check_list(exp_avgs, params, "exp_avgs", op);
-  check_list(sqrt_v, params, "sqrt_v", op);
-  TORCH_CHECK(ema.empty() || ema.size() == params.size(), op, ": ema must be empty or hold one tensor per parameter");
-  if (!ema.empty()) check_list(ema, params, "ema", op);
-  const float neg_step = static_cast<float>(-step_size), bs = static_cast<float>(bc2_sqrt),
-              ep = static_cast<float>(eps), ew = static_cast<float>(ema_weight);
+              c2 = static_cast<float>(1.0 - beta2), neg_step = static_cast<float>(-step_size),
+              bs = static_cast<float>(bc2_sqrt), ep = static_cast<float>(eps), ew = static_cast<float>(ema_weight);
+  const bool small1 = std::abs(w1) < 0.5f, small_e = std::abs(ew) < 0.5f;
   for (size_t k = 0; k < params.size(); ++k) {
     const int64_t n = params[k].numel();
     if (n == 0) continue;
     float* p = params[k].data_ptr<float>();
-    const float* m = exp_avgs[k].data_ptr<float>();
-    const float* s = sqrt_v[k].data_ptr<float>();
+    const float* g = grads[k].data_ptr<float>();
+    float* m = exp_avgs[k].data_ptr<float>();
+    float* v = exp_avg_sqs[k].data_ptr<float>();
     float* e = ema.empty() ? nullptr : ema[k].data_ptr<float>();
-    at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-      float* ei = e != nullptr ? e + i0 : nullptr;
-      if (std::abs(ew) < 0.5f) {
-        update_kernel<true>(p + i0, m + i0, s + i0, ei, i1 - i0, neg_step, bs, ep, ew);
-      } else {
-        update_kernel<false>(p + i0, m + i0, s + i0, ei, i1 - i0, neg_step, bs, ep, ew);
+    for_each_piece(n, n / members, [&](int64_t i0, int64_t i1, int64_t member) {
+      thread_local std::vector<float> sqrt_buf;  // per thread, kept: no allocation per step
+      sqrt_buf.resize(kChunk);
+      const float scale_m = sc != nullptr ? sc[member] : 1.0f;
+      for (int64_t c = i0; c < i1; c += kChunk) {
+        const int64_t len = std::min(kChunk, i1 - c);
+        if (small1) {
+          moments_kernel<true>(g + c, m + c, v + c, len, scale_m, w1, b2, c2);
+        } else {
+          moments_kernel<false>(g + c, m + c, v + c, len, scale_m, w1, b2, c2);
+        }
+        at::Tensor out = at::from_blob(sqrt_buf.data(), {len}, at::kFloat);
+        at::sqrt_out(out, at::from_blob(v + c, {len}, at::kFloat));
+        float* ec = e != nullptr ? e + c : nullptr;
+        if (small_e) {
+          update_kernel<true>(p + c, m + c, sqrt_buf.data(), ec, len, neg_step, bs, ep, ew);
+        } else {
+          update_kernel<false>(p + c, m + c, sqrt_buf.data(), ec, len, neg_step, bs, ep, ew);
+        }
       }
     });
   }
@@ -153,8 +155,7 @@ void adam_update_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorL
 }  // namespace
 
 TORCH_LIBRARY_IMPL(isofast_C, CPU, m) {
-  m.impl("adam_moments_", &adam_moments_cpu);
-  m.impl("adam_update_", &adam_update_cpu);
+  m.impl("adam_step_", &adam_step_cpu);
 }
 
 }  // namespace isofast::cpu
