@@ -34,7 +34,7 @@ from .sampling import ddpm_timesteps
 from .schedule import NoiseSchedule
 from .train_config import TrainConfig
 
-__all__ = ["EnsembleAuthorsMLP", "EnsembleMLP", "EnsembleRun", "ensemble_ddpm_sample"]
+__all__ = ["EnsembleAuthorsMLP", "EnsembleMLP", "EnsembleRun", "ensemble_ddpm_sample", "kernel_draw"]
 
 _SAMPLE_CHUNK = 256  # rows per member per forward when sampling (measured: 512 is up to 1.7x slower, its buffers page-fault)
 
@@ -98,7 +98,7 @@ class EnsembleRun:
         for gen in self.generators:
             ts.append(draw_timesteps(self.config.T, shape[0], self.config.timesteps, gen))
             key = NoiseKey.draw(shape, torch.float32, self.device, gen)
-            eps.append(_draw(key))
+            eps.append(kernel_draw(key))
         return torch.stack(ts).to(self.device), torch.stack(eps)
 
     def train_step(self) -> torch.Tensor:
@@ -204,7 +204,7 @@ def _stack_data(data, members: int) -> torch.Tensor:
     return stacked.float()
 
 
-def _draw(key: NoiseKey) -> torch.Tensor:
+def kernel_draw(key: NoiseKey) -> torch.Tensor:
     """The draw of ``key`` as the fused kernels generate it (the CPU generator where built)."""
     if key.device.type == "cpu" and extension.available("cpu")[0]:
         like = torch.empty(key.shape, device=key.device)
@@ -256,7 +256,7 @@ def ensemble_ddpm_sample(model: nn.Module, num: int, sched: NoiseSchedule, seeds
         eps = torch.cat([model.forward_shared_t(x[:, r:r + _SAMPLE_CHUNK], t) for r in range(0, num, _SAMPLE_CHUNK)],
                         dim=1)
         # Each member's step noise is its own key's draw (the last step adds none: z is not read).
-        z = torch.stack([_draw(NoiseKey(s, i * calls, (num, d), device=device)) for s in step_seeds]) if t > 0 \
+        z = torch.stack([kernel_draw(NoiseKey(s, i * calls, (num, d), device=device)) for s in step_seeds]) if t > 0 \
             else torch.zeros_like(x)
         if scale:
             z = z * temperature

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..ensemble import _draw  # the draw of a key as the fused step kernels generate it
+from ..ensemble import kernel_draw  # the draw of a key as the fused step kernels generate it
 from ..models.unet import UNet, UNetConfig
 from ..noise import NoiseKey
 from ..ops import backends
@@ -85,7 +85,7 @@ def tempered_ddpm_sample(model: nn.Module, shape: Sequence[int], sched: NoiseSch
                                unit="step")):
         tt = torch.full((shape[0],), t, dtype=torch.int64, device=device)
         eps = model(x, tt)
-        z = _draw(step_key(noise_seed, i, shape, device=device)) if t > 0 else torch.zeros_like(x)
+        z = kernel_draw(step_key(noise_seed, i, shape, device=device)) if t > 0 else torch.zeros_like(x)
         if scale:
             z = z * temperature
         # the step ops take (B, n) rows
