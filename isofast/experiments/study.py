@@ -168,9 +168,12 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
         data["train"][seed] = train
         for ref in p.references:
             data["refs"][(seed, ref)] = reference_points(p, ref, dataset, seed, train, test)
-    new_run = lambda: EnsembleRun([data["train"][s] for _, s in members], [s for _, s in members],  # noqa: E731
-                                  [lam for lam, _ in members], p.train_config(str(folder), cfg.backend),
-                                  pick_device(cfg.device), model=p.model)
+
+    def new_run() -> EnsembleRun:  # the members at step 0 (a replay builds a second one)
+        return EnsembleRun([data["train"][s] for _, s in members], [s for _, s in members],
+                           [lam for lam, _ in members], p.train_config(str(folder), cfg.backend),
+                           pick_device(cfg.device), model=p.model)
+
     run = new_run()
     rows = []
     if resume and (folder / "ensemble.pt").exists():

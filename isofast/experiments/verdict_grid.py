@@ -1,15 +1,14 @@
 """One table across protocol studies: lambda's paired effect per protocol (rows) and dataset (columns).
 
 ``python -m isofast.experiments.verdict_grid results/verdict`` reads every study folder below the given
-directory (each holds ``prdc.csv`` and ``study.json`` as `study.run_study` writes them) and prints two
+directory (each holds ``prdc.csv`` and ``study.json`` as `study.run_study` writes them) and prints three
 Markdown tables for one lambda (``--lam``, default 0.3) at temperature 1:
 
 1. at each study's last evaluated step, the paired differences to lambda = 0 of the same seed (precision,
    density, recall, coverage; mean and 95% paired-t interval, marked gain/loss only when the interval
    excludes 0);
 2. lambda against a lower temperature: precision at matched recall and density at matched coverage
-   against the lambda = 0 models' temperature curve (`study_report.matched_rows`).
-
+   against the lambda = 0 models' temperature curve (`study_report.matched_rows`);
 3. the effect against training length: the paired differences at 25%, 50% and 100% of the steps each
    study ran (and at any other step it was evaluated), one row per study and dataset.
 
@@ -134,8 +133,8 @@ def length_markdown(studies: Sequence[tuple[str, list[dict]]], lam: float) -> st
                 by_dataset.setdefault(p["dataset"], {})[p["step"]] = _paired_cell(p)
         for dataset, cells in by_dataset.items():
             last = max(cells)
-            at = {round(f * last): f for f in _LENGTHS}
-            fixed = [cells.get(round(f * last), "–") for f in _LENGTHS]
+            at = [round(f * last) for f in _LENGTHS]
+            fixed = [cells.get(step, "–") for step in at]
             other = "; ".join(f"{s:,}: {c}" for s, c in sorted(cells.items()) if s not in at)
             out.append(f"| {label} | {dataset} | {last:,} (vs {ref}) | " + " | ".join(fixed) + f" | {other or '–'} |\n")
     return "".join(out)
