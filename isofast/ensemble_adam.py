@@ -7,8 +7,10 @@ step, and at the paper's batch of 64 the step is bound by the optimizer's memory
 of a few thousand elements, the moments (with each member's clipping coefficient applied on the fly),
 torch's own sqrt, the parameters and the EMA, while the chunk is in cache. Every element is computed as
 torch computes it, in the same order and rounding, so a member stays bitwise the single run that
-`torch.optim.Adam` trains (tests/test_ensemble_adam.py). The optimizer's state is torch's: its
-checkpoints load either way.
+`torch.optim.Adam` trains (tests/test_ensemble_adam.py). One exception, for speed: the kernel flushes
+subnormal moments to zero (a dead unit's first moment decays into that range, where x86 arithmetic is
+~100x slower; torch keeps them), which leaves the weights bitwise torch's (see csrc/cpu/adam.cpp). The
+optimizer's state is torch's: its checkpoints load either way.
 """
 from __future__ import annotations
 
