@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,6 +39,9 @@ from ..distributed import pick_device
 from ..io import atomic_write, atomic_write_text, refuse_changed_settings, resumed_record, writable_output_dir
 from .protocols import PROTOCOLS, Protocol, member_data, reference_points
 from .toy2d import METRICS
+
+if TYPE_CHECKING:
+    from ..ensemble import EnsembleRun
 
 __all__ = ["PRDC_COLUMNS", "StudyConfig", "run_study"]
 
@@ -169,10 +173,12 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
         for ref in p.references:
             data["refs"][(seed, ref)] = reference_points(p, ref, dataset, seed, train, test)
 
-    def new_run() -> EnsembleRun:  # the members at step 0 (a replay builds a second one)
+    def new_run(log_every: int | None = None) -> EnsembleRun:  # the members at step 0 (a replay builds a second)
+        config = p.train_config(str(folder), cfg.backend)
+        if log_every is not None:
+            config = dataclasses.replace(config, log_every=log_every)
         return EnsembleRun([data["train"][s] for _, s in members], [s for _, s in members],
-                           [lam for lam, _ in members], p.train_config(str(folder), cfg.backend),
-                           pick_device(cfg.device), model=p.model)
+                           [lam for lam, _ in members], config, pick_device(cfg.device), model=p.model)
 
     run = new_run()
     rows = []
@@ -182,7 +188,7 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
         log(f"  {dataset}: resumed at step {run.step}")
     earlier = [s for s in cfg.eval_steps() if s < run.step and not any(r["step"] == s for r in rows)]
     if earlier:  # new fractions before the resumed save: replay the members from step 0 to them
-        rows = sorted(rows + _replay(cfg, dataset, new_run(), run, earlier, data, log), key=lambda r: r["step"])
+        rows = sorted(rows + _replay(cfg, dataset, new_run, run, earlier, data, log), key=lambda r: r["step"])
         _save_state(folder, run, rows)
     for step in cfg.eval_steps():
         if any(r["step"] == step for r in rows):
@@ -197,25 +203,27 @@ def run_dataset(cfg: StudyConfig, dataset: str, resume: bool, log: Callable[[str
     return rows
 
 
-def _replay(cfg: StudyConfig, dataset: str, replay, saved, steps: list[int], data: dict,
-            log: Callable[[str], None]) -> list[dict]:
-    """Train the fresh ``replay`` from step 0, evaluating it at ``steps`` (all before ``saved.step``). Its loss
-    log must equal the saved run's where both log the same windows, or nothing it measured is kept."""
+def _replay(cfg: StudyConfig, dataset: str, new_run: Callable[[int | None], EnsembleRun], saved: EnsembleRun,
+            steps: list[int], data: dict, log: Callable[[str], None]) -> list[dict]:
+    """Train a fresh run (``new_run(log_every)``) from step 0, evaluating it at ``steps`` (all before
+    ``saved.step``). Its loss log must equal the saved run's where both log the same windows, or nothing it
+    measured is kept."""
     log(f"  {dataset}: steps {steps} lie before the resumed step {saved.step}: replaying the members from step 0")
     # log as the saved run did before any extension changed its interval (steps // 200 of the first budget)
-    every = saved.loss_log[0][0] if saved.loss_log else replay.config.log_every
-    replay.config = dataclasses.replace(replay.config, log_every=every)
+    every = saved.loss_log[0][0] if saved.loss_log else None  # None: the protocol's interval
+    replay = new_run(every)
     first_budget = []
     for i, (s, v) in enumerate(saved.loss_log):
         if s != (i + 1) * every:
             break
         first_budget.append((s, list(v)))
+    checked_until = first_budget[-1][0] if first_budget else 0
     rows = []
     for step in steps:
         t0 = time.perf_counter()
         replay.fit(step, progress=cfg.progress)
         log(f"  {dataset}: replayed {len(_members(cfg))} members to step {step} ({time.perf_counter() - t0:.0f} s)")
-        mine = [(s, list(v)) for s, v in replay.loss_log if s <= first_budget[-1][0]] if first_budget else []
+        mine = [(s, list(v)) for s, v in replay.loss_log if s <= checked_until]
         if mine != [e for e in first_budget if e[0] <= step]:
             raise ValueError(f"{dataset}: the replay to step {step} did not retrace the saved run (their loss logs "
                              "differ): replay with the --threads, --device and build the study was trained with")
