@@ -38,6 +38,8 @@ TORCH_LIBRARY(isofast_C, m) {
   // the vectorised generator of the kernels.
   m.def("philox_bits(Tensor like, int seed, int offset) -> Tensor");
   m.def("philox_randn(Tensor like, int seed, int offset, bool scalar=False) -> Tensor");
+  // CPU: row m is philox_randn's draw (seeds[m], offsets[m]) of n elements (the ensemble's members' noise).
+  m.def("philox_randn_rows(Tensor seeds, Tensor offsets, int n) -> Tensor");
   // CPU: the stacked ensemble's Adam in one pass (cpu/adam.cpp; torch's own sqrt on each chunk).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

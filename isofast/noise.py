@@ -225,6 +225,11 @@ class NoiseKey:
         63-bit seed per draw makes streams independent without tracking offsets.
         """
         check_generator(generator)
+        return cls(seed=cls.draw_seed(generator), offset=0, shape=tuple(shape), dtype=dtype, device=torch.device(device))
+
+    @staticmethod
+    def draw_seed(generator: torch.Generator | None = None) -> int:
+        """The seed `draw` takes from ``generator`` (drawing it advances the generator as `draw` does); for
+        loops that draw one key per member and need only its seed."""
         gen_device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64, device=gen_device).item())
-        return cls(seed=seed, offset=0, shape=tuple(shape), dtype=dtype, device=torch.device(device))
+        return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64, device=gen_device).item())

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from isofast.data.toy2d import make_dataset
-from isofast.ensemble import EnsembleMLP, EnsembleRun, ensemble_ddpm_sample
+from isofast.ensemble import EnsembleMLP, EnsembleRun, ensemble_ddpm_sample, kernel_draw, kernel_draws
 from isofast.models.mlp import TimeMLP
+from isofast.noise import NoiseKey
+from isofast.ops import extension
 from isofast.sampling import ddpm_sample
 from isofast.schedule import NoiseSchedule
 from isofast.train import Trainer
@@ -62,6 +64,24 @@ def test_ensemble_sampling_equals_single_sampling():
     for m, seed in enumerate((5, 6)):
         want = ddpm_sample(members[m], (50, 2), sched, generator=torch.Generator().manual_seed(seed))
         torch.testing.assert_close(got[m], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not extension.available("cpu")[0], reason="isofast._C (CPU kernels) not built")
+def test_members_draws_in_one_call_equal_each_members_draw():
+    # large unsigned seeds and offsets (their int64 bit patterns are negative), and a draw of several
+    # parallel chunks (4096 Philox calls each) whose length is not a multiple of 4
+    seeds, offset, shape = [3, 2**63 + 11, 2**64 - 1], 2**40 + 7, (9001, 3)
+    got = kernel_draws(seeds, offset, shape, torch.device("cpu"))
+    want = torch.stack([kernel_draw(NoiseKey(s, offset, shape)) for s in seeds])
+    assert got.shape == (3, *shape) and torch.equal(got, want)
+    assert torch.equal(kernel_draws(seeds, offset, shape, torch.device("cpu")), got)  # repeatable
+    rows = torch.ops.isofast_C.philox_randn_rows
+    with pytest.raises(RuntimeError, match="offsets must be an int64 CPU vector of the seeds' length"):
+        rows(torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), 10)
+    with pytest.raises(RuntimeError, match="seeds must be an int64 CPU vector"):
+        rows(torch.zeros(3), torch.zeros(3, dtype=torch.int64), 10)
+    with pytest.raises(RuntimeError, match="n must be >= 0"):
+        rows(torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), -1)
 
 
 def test_bad_members_are_refused(tmp_path):

@@ -11,8 +11,13 @@ pytestmark = pytest.mark.skipif(not EnsembleAdam.fused_available(), reason="isof
 
 
 def _grads(shapes, gen):
-    # magnitudes over eight decades: Adam's sqrt and eps matter at the small end, the clipping at the large
-    return [torch.randn(s, generator=gen) * 10.0 ** torch.randint(-6, 2, s, generator=gen).float() for s in shapes]
+    # magnitudes over eight decades: Adam's sqrt and eps matter at the small end, the clipping at the large;
+    # every fifth element 0 at every step, a dead unit's: its second moment stays exactly 0 (the kernel
+    # keeps zeros away from torch's sqrt, which is slow on them)
+    grads = [torch.randn(s, generator=gen) * 10.0 ** torch.randint(-6, 2, s, generator=gen).float() for s in shapes]
+    for g in grads:
+        g.view(-1)[::5] = 0
+    return grads
 
 
 @pytest.mark.parametrize("clip", [False, True])
@@ -48,6 +53,7 @@ def test_fused_step_is_torch_adam_bitwise(clip, ema_weight, threads):
                 assert torch.equal(p.grad, g)  # the gradients are left as they were
     finally:
         torch.set_num_threads(before)
+    assert any((torch_adam.state[a]["exp_avg_sq"] == 0).any() for a in ref)  # the dead units' moments
     for a, b in zip(ref, got, strict=True):
         assert torch.equal(a, b)
         for key in ("step", "exp_avg", "exp_avg_sq"):

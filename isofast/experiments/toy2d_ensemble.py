@@ -23,6 +23,7 @@ import torch
 
 from ..distributed import pick_device
 from ..io import atomic_write, atomic_write_text
+from ..malloc_policy import retain_freed_memory
 from ..train_config import TrainConfig
 from .toy2d import METRICS, REAL_SEED_OFFSET, RunResult, SweepConfig, _save_run, run_dir
 
@@ -49,6 +50,7 @@ def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]],
     from ..ensemble import EnsembleRun, ensemble_ddpm_sample
     from ..metrics.prdc import prdc
 
+    retain_freed_memory()  # the step's buffers would otherwise be page-faulted back every step
     seeds = [seed for _, _, seed in runs]
     data = [make_dataset(dataset, cfg.n_train, seed=seed) for dataset, _, seed in runs]
     train_cfg = TrainConfig(out_dir=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, T=cfg.T,
