@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
+from isofast.malloc_policy import set_malloc_thresholds
+
 _CPU_PIN_BYTES = 64 * 1024
 
 
@@ -137,10 +138,7 @@ def _one_sample(fn: Callable[[int], object], number: int, first: int, n_inputs: 
 # ----- memory -------------------------------------------------------------------------------------------
 def pin_mmap_threshold() -> bool:
     """Pin glibc's mmap threshold (see module docstring); False where glibc is not there."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _CPU_PIN_BYTES))
-    except (OSError, AttributeError):
-        return False
+    return set_malloc_thresholds(mmap_threshold=_CPU_PIN_BYTES)
 
 
 def _malloc_trim() -> None:

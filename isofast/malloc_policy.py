@@ -14,14 +14,15 @@ import ctypes
 import ctypes.util
 import platform
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["retain_freed_memory", "set_malloc_thresholds"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
-def retain_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 << 30) -> bool:
-    """Serve allocations below ``mmap_threshold`` bytes from the heap and keep up to ``trim_threshold``
-    bytes of freed heap; returns whether it applied (False where the C library is not glibc)."""
+def set_malloc_thresholds(mmap_threshold: int | None = None, trim_threshold: int | None = None) -> bool:
+    """Fix glibc's mmap and/or trim threshold (bytes; None leaves one as it is; a fixed value also turns off
+    glibc's adaptive adjustment of both); returns whether every given one applied (False where the C library
+    is not glibc)."""
     if platform.system() != "Linux":
         return False
     try:
@@ -29,5 +30,11 @@ def retain_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 
         libc.gnu_get_libc_version  # noqa: B018 (only glibc has it; musl's mallopt is a no-op)
     except (OSError, AttributeError):
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and \
-        bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    settings = [(_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)]
+    return all(bool(libc.mallopt(param, int(value))) for param, value in settings if value is not None)
+
+
+def retain_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Serve allocations below ``mmap_threshold`` bytes from the heap and keep up to ``trim_threshold``
+    bytes of freed heap; returns whether it applied (False where the C library is not glibc)."""
+    return set_malloc_thresholds(mmap_threshold, trim_threshold)
