@@ -40,6 +40,17 @@ TORCH_LIBRARY(isofast_C, m) {
   m.def("philox_randn(Tensor like, int seed, int offset, bool scalar=False) -> Tensor");
   // CPU: row m is philox_randn's draw (seeds[m], offsets[m]) of n elements (the ensemble's members' noise).
   m.def("philox_randn_rows(Tensor seeds, Tensor offsets, int n) -> Tensor");
+  // CPU: the stacked ensemble's forward with one timestep per member, its time terms folded into the biases:
+  // h <- relu(h weights[l] + biases[l]), no ReLU after the last layer (cpu/ensemble_mlp.cpp; sampling).
+  m.def("ensemble_mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor");
+  // CPU: the stacked TimeMLP's training forward (hidden layer l: relu(h weights[l] + biases[l] + emb projs[l]);
+  // returns the output and the hidden activations) and its parameters' gradients, one task per member.
+  m.def(
+      "ensemble_mlp_train_forward(Tensor x, Tensor emb, Tensor[] weights, Tensor[] projs, Tensor[] biases, "
+      "Tensor out_weight, Tensor out_bias) -> (Tensor, Tensor[])");
+  m.def(
+      "ensemble_mlp_train_backward(Tensor grad, Tensor x, Tensor emb, Tensor[] hidden, Tensor[] weights, "
+      "Tensor[] projs, Tensor[] biases, Tensor out_weight) -> (Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
   // CPU: the stacked ensemble's Adam in one pass (cpu/adam.cpp; torch's own sqrt on each chunk).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

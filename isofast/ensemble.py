@@ -14,7 +14,7 @@ Members may train on different datasets of one shape.
 
 Sampling (`ensemble_ddpm_sample`) runs every member's DDPM chain in one loop of fused steps; all
 rows of a step share one t, so each member's time-embedding projections are computed once per step,
-not once per row (`EnsembleMLP.forward_shared_t`).
+not once per row (`EnsembleMLP.predict_shared_t`: one fused CPU kernel per step where isofast._C is built).
 """
 from __future__ import annotations
 
@@ -36,8 +36,6 @@ from .schedule import NoiseSchedule
 from .train_config import TrainConfig
 
 __all__ = ["EnsembleAuthorsMLP", "EnsembleMLP", "EnsembleRun", "ensemble_ddpm_sample", "kernel_draw", "kernel_draws"]
-
-_SAMPLE_CHUNK = 256  # rows per member per forward when sampling (measured: 512 is up to 1.7x slower, its buffers page-fault)
 
 
 class EnsembleRun:
@@ -266,9 +264,7 @@ def ensemble_ddpm_sample(model: nn.Module, num: int, sched: NoiseSchedule, seeds
     name = backends.resolve(backend, device, torch.float32)
     t_seq, _ = ddpm_timesteps(sched.T)
     for i, t in enumerate(tqdm(t_seq, desc=f"sample {M} members", disable=not progress, unit="step")):
-        # In row chunks: (M, chunk, hidden) activations stay in cache (all rows at once are memory-bound).
-        eps = torch.cat([model.forward_shared_t(x[:, r:r + _SAMPLE_CHUNK], t) for r in range(0, num, _SAMPLE_CHUNK)],
-                        dim=1)
+        eps = model.predict_shared_t(x, t)
         # Each member's step noise is its own key's draw (the last step adds none: z is not read).
         z = kernel_draws(step_seeds, i * calls, (num, d), device) if t > 0 else torch.zeros_like(x)
         if scale:

@@ -6,7 +6,9 @@ either computes exactly what its own model computes (`member(m)` gives it back).
     forward(x (M, B, d), t (M, B))           one timestep per row (training)
     forward_shared_t(x (M, B, d), t)         every row of member m at timestep t[m] (or one int t):
                                              the time terms are (M, 1, width), computed once and
-                                             folded into the biases (sampling; per-batch training)
+                                             folded into the biases (per-batch training)
+    predict_shared_t(x (M, B, d), t)         forward_shared_t without autograd, for sampling: one fused
+                                             CPU kernel where isofast._C is built
     subset(members)                          the sub-ensemble of the given member indices (a copy)
 
 `stack_members` picks the class for a list of models.
@@ -22,8 +24,13 @@ from torch import nn
 from .models.authors_mlp import AuthorsMLP, sinusoidal_encoding
 from .models.embedding import timestep_embedding
 from .models.mlp import TimeMLP
+from .ops import extension
 
 __all__ = ["EnsembleAuthorsMLP", "EnsembleMLP", "stack_members"]
+
+# Rows per member per forward of predict_shared_t without the fused kernel: (M, chunk, hidden) activations stay
+# in cache (all rows at once are memory-bound; measured: 512 is up to 1.7x slower, its buffers page-fault).
+_SAMPLE_CHUNK = 256
 
 
 def _check_members(members: Sequence[nn.Module], kind: type, fields: tuple[str, ...]) -> list:
@@ -49,6 +56,50 @@ def _per_member_t(t: int | torch.Tensor, members: int, device: torch.device) -> 
     return t.expand(members) if t.dim() == 0 else t
 
 
+def _fused_kernels_apply(x: torch.Tensor) -> bool:
+    """True where the fused CPU kernels of csrc/cpu/ensemble_mlp.cpp run: float32 on a CPU with isofast._C."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and extension.available("cpu")[0]
+
+
+class _FusedTimeMLP(torch.autograd.Function):
+    """EnsembleMLP's training forward and its parameters' gradients as two kernels, one task per member
+    (csrc/cpu/ensemble_mlp.cpp): each member's activations stay in cache and the ~40 ops of the batched
+    matmuls' graph are two calls. x and emb get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, emb: torch.Tensor, n_layers: int, *params: torch.Tensor) -> torch.Tensor:
+        n = n_layers
+        weights, projs, biases = list(params[:n]), list(params[n:2 * n]), list(params[2 * n:3 * n])
+        out_weight, out_bias = params[3 * n], params[3 * n + 1]
+        out, hidden = torch.ops.isofast_C.ensemble_mlp_train_forward(x, emb, weights, projs, biases, out_weight,
+                                                                     out_bias)
+        ctx.n_layers = n
+        ctx.save_for_backward(x, emb, *hidden, *params[:3 * n], out_weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n, saved = ctx.n_layers, ctx.saved_tensors
+        x, emb, hidden = saved[0], saved[1], list(saved[2:2 + n])
+        weights, projs, biases = (list(saved[2 + n + i * n:2 + n + (i + 1) * n]) for i in range(3))
+        gw, gp, gb, g_out_w, g_out_b = torch.ops.isofast_C.ensemble_mlp_train_backward(
+            grad.contiguous(), x, emb, hidden, weights, projs, biases, saved[-1])
+        return (None, None, None, *gw, *gp, *gb, g_out_w, g_out_b)
+
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # (weight (M, in, out), bias (M, 1, out)) per layer
+
+
+def _run_layers(x: torch.Tensor, layers: Layers) -> torch.Tensor:
+    """h <- relu(h w + b) through the layers, no ReLU after the last."""
+    h, last = x, len(layers) - 1
+    for i, (w, b) in enumerate(layers):
+        h = torch.baddbmm(b, h, w)
+        if i < last:
+            h = h.relu_()
+    return h
+
+
 class _Stacked(nn.Module):
     members: int
     data_dim: int
@@ -68,6 +119,27 @@ class _Stacked(nn.Module):
                 p.data = p.data[index.to(p.device)].clone()
         out.members = index.numel()
         return out
+
+    def _shared_t_layers(self, t: torch.Tensor, dtype: torch.dtype) -> Layers:
+        """The layers when every row of member m has timestep t[m] (M,): the time terms folded into the biases."""
+        raise NotImplementedError
+
+    def forward_shared_t(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """eps_pred (M, B, d) when every row of member m has timestep t[m] (or the one int t)."""
+        return _run_layers(x, self._shared_t_layers(_per_member_t(t, self.members, x.device), x.dtype))
+
+    @torch.no_grad()
+    def predict_shared_t(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """`forward_shared_t` without autograd (sampling). On a CPU where isofast._C is built, one fused kernel
+        takes each block of a member's rows through every layer while it is in cache (csrc/cpu/ensemble_mlp.cpp);
+        elsewhere the batched matmuls run in row chunks."""
+        layers = self._shared_t_layers(_per_member_t(t, self.members, x.device), x.dtype)
+        if _fused_kernels_apply(x):
+            weights, biases = zip(*layers, strict=True)
+            return torch.ops.isofast_C.ensemble_mlp_forward(x, list(weights), list(biases))
+        rows = x.shape[1]
+        return torch.cat([_run_layers(x[:, r:r + _SAMPLE_CHUNK], layers) for r in range(0, rows, _SAMPLE_CHUNK)],
+                         dim=1)
 
 
 class EnsembleMLP(_Stacked):
@@ -95,20 +167,19 @@ class EnsembleMLP(_Stacked):
         """eps_pred (M, B, d) for x (M, B, d) and timesteps t (M, B)."""
         M, B, _ = x.shape
         emb = timestep_embedding(t.reshape(-1), self.emb_dim, self.max_period).to(x.dtype).view(M, B, -1)
+        if _fused_kernels_apply(x) and not x.requires_grad:
+            return _FusedTimeMLP.apply(x, emb, self.n_layers, *self.weight, *self.proj, *self.bias, self.out_weight,
+                                       self.out_bias)
         h = x
         for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
             # accumulated in place into one (M, B, hidden) buffer: no broadcast copy of the bias, no sum buffer
             h = torch.bmm(h, w).baddbmm_(emb, p).add_(b).relu_()
         return torch.bmm(h, self.out_weight).add_(self.out_bias)
 
-    def forward_shared_t(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """eps_pred (M, B, d) when every row of member m has timestep t[m] (or the one int t)."""
-        t = _per_member_t(t, self.members, x.device)
-        emb = timestep_embedding(t, self.emb_dim, self.max_period).to(x.dtype)[:, None]  # (M, 1, emb)
-        h = x
-        for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
-            h = torch.bmm(h, w).add_(b + torch.matmul(emb, p)).relu_()
-        return torch.bmm(h, self.out_weight).add_(self.out_bias)
+    def _shared_t_layers(self, t: torch.Tensor, dtype: torch.dtype) -> Layers:
+        emb = timestep_embedding(t, self.emb_dim, self.max_period).to(dtype)[:, None]  # (M, 1, emb)
+        return [*((w, torch.baddbmm(b, emb, p)) for w, b, p in zip(self.weight, self.bias, self.proj, strict=True)),
+                (self.out_weight, self.out_bias)]
 
     def member(self, m: int) -> TimeMLP:
         """Member m as an ordinary TimeMLP (a copy of its weights)."""
@@ -165,10 +236,9 @@ class EnsembleAuthorsMLP(_Stacked):
         """eps_pred (M, B, d) for x (M, B, d) and 0-based timesteps t (M, B)."""
         return self._run(x, self._time_terms(t, x.dtype))
 
-    def forward_shared_t(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """eps_pred (M, B, d) when every row of member m has timestep t[m] (or the one int t)."""
-        t = _per_member_t(t, self.members, x.device)
-        return self._run(x, self._time_terms(t[:, None], x.dtype))
+    def _shared_t_layers(self, t: torch.Tensor, dtype: torch.dtype) -> Layers:
+        terms = self._time_terms(t[:, None], dtype)  # (M, 1, width) each
+        return [(w, b + term) for w, b, term in zip(self.weight, self.bias, terms, strict=True)]
 
     def member(self, m: int) -> AuthorsMLP:
         """Member m as an ordinary AuthorsMLP (a copy of its weights)."""

@@ -1,0 +1,140 @@
+"""The fused CPU forward of the stacked ensemble with one timestep per member (sampling): `predict_shared_t`
+equals `forward_shared_t` (the batched matmuls) and each member's own model, for random shapes; bad input to
+the op is refused with the argument named."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from isofast import ensemble_models
+from isofast.ensemble_models import stack_members
+from isofast.models.authors_mlp import AuthorsMLP
+from isofast.models.mlp import TimeMLP
+from isofast.ops import extension
+
+needs_cpu_kernels = pytest.mark.skipif(not extension.available("cpu")[0], reason="isofast._C (CPU kernels) not built")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("kind", [TimeMLP, AuthorsMLP])
+@pytest.mark.parametrize("case", range(4))
+def test_fused_forward_equals_batched_matmuls_and_each_member(kind, case):
+    gen = torch.Generator().manual_seed(case)
+    members = int(torch.randint(1, 5, (1,), generator=gen))
+    rows = [1, 255, 256, 257, 700][int(torch.randint(0, 5, (1,), generator=gen))]  # around the kernel's block
+    hidden, layers = [(128, 3), (16, 1), (40, 2), (64, 4)][case]
+    torch.manual_seed(case)
+    models = [kind(hidden=hidden, n_layers=layers) for _ in range(members)]
+    ens = stack_members(models)
+    x = torch.randn(members, rows, 2, generator=gen)
+    t = torch.randint(0, 1000, (members,), generator=gen)
+    got = ens.predict_shared_t(x, t)
+    assert got.shape == (members, rows, 2) and not got.requires_grad
+    torch.testing.assert_close(got, ens.forward_shared_t(x, t), rtol=1e-5, atol=1e-6)
+    for m, model in enumerate(models):
+        torch.testing.assert_close(got[m], model(x[m], torch.full((rows,), int(t[m]))), rtol=1e-5, atol=1e-6)
+
+
+def test_unfused_path_equals_forward(monkeypatch):
+    """Without the compiled kernel (or off the CPU) predict_shared_t runs the batched matmuls in row chunks."""
+    torch.manual_seed(0)
+    ens = stack_members([TimeMLP() for _ in range(2)])
+    x, t = torch.randn(2, 600, 2), torch.tensor([3, 500])
+    monkeypatch.setattr(extension, "available", lambda name: (False, "disabled for the test"))
+    torch.testing.assert_close(ens.predict_shared_t(x, t), ens.forward_shared_t(x, t), rtol=1e-5, atol=1e-6)
+    assert ensemble_models._SAMPLE_CHUNK < 600  # the chunked path was taken more than once
+
+
+@needs_cpu_kernels
+def test_fused_forward_refuses_bad_input():
+    op = torch.ops.isofast_C.ensemble_mlp_forward
+    x = torch.randn(3, 10, 2)
+    w0, b0 = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    w1, b1 = torch.randn(3, 8, 2), torch.randn(3, 1, 2)
+    assert op(x, [w0, w1], [b0, b1]).shape == (3, 10, 2)
+    with pytest.raises(RuntimeError, match=r"weights\[1\] must be a float32 CPU tensor \(3, 8, out\)"):
+        op(x, [w0, torch.randn(3, 7, 2)], [b0, b1])
+    with pytest.raises(RuntimeError, match=r"weights\[0\] must be a float32 CPU tensor \(3, 2, out\)"):
+        op(x, [torch.randn(2, 2, 8), w1], [b0, b1])  # another member count
+    with pytest.raises(RuntimeError, match=r"biases\[0\] must be a float32 CPU tensor \(3, 1, 8\)"):
+        op(x, [w0, w1], [torch.randn(3, 10, 8), b1])  # per-row terms are not this op's
+    with pytest.raises(RuntimeError, match="one tensor per layer"):
+        op(x, [w0, w1], [b0])
+    with pytest.raises(RuntimeError, match=r"x must be a float32 CPU tensor \(M, N, d\)"):
+        op(x.double(), [w0, w1], [b0, b1])
+    with pytest.raises(RuntimeError, match=r"weights\[0\] must be a float32"):
+        op(x, [w0.double(), w1], [b0, b1])
+
+
+def _grads_of_each_member(models, x, t, g):
+    out = []
+    for m, model in enumerate(models):
+        model.zero_grad()
+        model(x[m], t[m]).backward(g[m])
+        grads = {}
+        for i, (layer, proj) in enumerate(zip(model.layers, model.time_proj, strict=True)):
+            grads[f"weight.{i}"], grads[f"bias.{i}"] = layer.weight.grad.t(), layer.bias.grad[None]
+            grads[f"proj.{i}"] = proj.weight.grad.t()
+        grads["out_weight"], grads["out_bias"] = model.out.weight.grad.t(), model.out.bias.grad[None]
+        out.append(grads)
+    return out
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("case", range(4))
+def test_fused_training_forward_and_backward_equal_each_member(case, monkeypatch):
+    """The fused training kernels against each member's own TimeMLP and against the batched matmuls' graph, for
+    random shapes; at the paper's shape (batch 64, width 128) bit for bit, as their sums are in the same order."""
+    gen = torch.Generator().manual_seed(10 + case)
+    members, batch = int(torch.randint(1, 5, (1,), generator=gen)), [64, 64, 1, 37][case]
+    hidden, layers = [(128, 3), (128, 3), (16, 1), (40, 2)][case]
+    torch.manual_seed(case)
+    models = [TimeMLP(hidden=hidden, n_layers=layers) for _ in range(members)]
+    ens = stack_members(models)
+    x, t = torch.randn(members, batch, 2, generator=gen), torch.randint(0, 1000, (members, batch), generator=gen)
+    out = ens(x, t)
+    g = torch.randn(out.shape, generator=gen)
+    out.backward(g)
+    fused = {name: p.grad.clone() for name, p in ens.named_parameters()}
+    exact = batch == 64 and hidden == 128
+    for m, (model, want) in enumerate(zip(models, _grads_of_each_member(models, x, t, g), strict=True)):
+        own = model(x[m], t[m])
+        assert torch.equal(out[m], own) if exact else torch.allclose(out[m], own, rtol=1e-5, atol=1e-6)
+        for name, grad in want.items():
+            if exact:
+                assert torch.equal(fused[name][m], grad), (m, name)
+            else:
+                torch.testing.assert_close(fused[name][m], grad, rtol=1e-5, atol=1e-6)
+    # the batched matmuls' graph (the path without the kernels) computes the same, to rounding
+    ens.zero_grad()
+    monkeypatch.setattr(extension, "available", lambda name: (False, "disabled for the test"))
+    unfused = ens(x, t)
+    unfused.backward(g)
+    torch.testing.assert_close(out, unfused, rtol=1e-5, atol=1e-6)
+    for name, p in ens.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu_kernels
+def test_fused_training_kernels_refuse_bad_input():
+    fwd, bwd = torch.ops.isofast_C.ensemble_mlp_train_forward, torch.ops.isofast_C.ensemble_mlp_train_backward
+    M, B, E, H = 2, 5, 6, 8
+    x, emb = torch.randn(M, B, 2), torch.randn(M, B, E)
+    w, p, b = [torch.randn(M, 2, H)], [torch.randn(M, E, H)], [torch.randn(M, 1, H)]
+    ow, ob = torch.randn(M, H, 2), torch.randn(M, 1, 2)
+    out, hidden = fwd(x, emb, w, p, b, ow, ob)
+    assert out.shape == (M, B, 2) and [h.shape for h in hidden] == [(M, B, H)]
+    grads = bwd(torch.ones_like(out), x, emb, hidden, w, p, b, ow)
+    assert [g.shape for g in grads[0] + grads[1] + grads[2]] == [(M, 2, H), (M, E, H), (M, 1, H)]
+    with pytest.raises(RuntimeError, match=r"emb must be a float32 CPU tensor \(2, 5, width\)"):
+        fwd(x, emb[:, :4], w, p, b, ow, ob)  # another batch
+    with pytest.raises(RuntimeError, match=r"projs\[0\] must be a float32 CPU tensor \(2, 6, 8\)"):
+        fwd(x, emb, w, [torch.randn(M, E + 1, H)], b, ow, ob)
+    with pytest.raises(RuntimeError, match=r"out_weight must be a float32 CPU tensor \(2, 8, 2\)"):
+        fwd(x, emb, w, p, b, torch.randn(M, H, 3), ob)
+    with pytest.raises(RuntimeError, match="one tensor per hidden layer"):
+        fwd(x, emb, w, p, [], ow, ob)
+    with pytest.raises(RuntimeError, match=r"grad must be a float32 CPU tensor \(2, 5, 2\)"):
+        bwd(torch.ones(M, B, 3), x, emb, hidden, w, p, b, ow)
+    with pytest.raises(RuntimeError, match=r"hidden must be a float32 CPU tensor \(2, 5, 8\)"):
+        bwd(torch.ones_like(out), x, emb, [torch.randn(M, B, H + 1)], w, p, b, ow)
