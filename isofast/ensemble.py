@@ -202,13 +202,13 @@ def _stack_data(data, members: int) -> torch.Tensor:
     return stacked.float()
 
 
-def _cpu_generator_built(device: torch.device) -> bool:
+def _cpu_kernels_built(device: torch.device) -> bool:
     return device.type == "cpu" and extension.available("cpu")[0]
 
 
 def kernel_draw(key: NoiseKey) -> torch.Tensor:
     """The draw of ``key`` as the fused kernels generate it (the CPU generator where built)."""
-    if _cpu_generator_built(key.device):
+    if _cpu_kernels_built(key.device):
         like = torch.empty(key.shape, device=key.device)
         return extension.draw(like, to_signed(key.seed), to_signed(key.offset))
     return key.materialize(torch.float32)
@@ -217,7 +217,7 @@ def kernel_draw(key: NoiseKey) -> torch.Tensor:
 def kernel_draws(seeds: Sequence[int], offset: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(M, *shape): row m is ``kernel_draw(NoiseKey(seeds[m], offset, shape, device=device))``, in one call
     of the CPU generator where it is built (the members' Python-side draws were ~10% of a training step)."""
-    if _cpu_generator_built(device):
+    if _cpu_kernels_built(device):
         numel = math.prod(shape)
         keys = torch.tensor([[to_signed(s), to_signed(offset)] for s in seeds], dtype=torch.int64)
         return torch.ops.isofast_C.philox_randn_rows(keys[:, 0], keys[:, 1], numel).view(len(seeds), *shape)

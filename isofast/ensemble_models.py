@@ -166,7 +166,7 @@ class EnsembleMLP(_Stacked):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_pred (M, B, d) for x (M, B, d) and timesteps t (M, B)."""
         M, B, _ = x.shape
-        emb = timestep_embedding(t.reshape(-1), self.emb_dim, self.max_period).to(x.dtype).view(M, B, -1)
+        emb = self._embedding(t.reshape(-1)).to(x.dtype).view(M, B, -1)
         if _fused_kernels_apply(x) and not x.requires_grad:
             return _FusedTimeMLP.apply(x, emb, self.n_layers, *self.weight, *self.proj, *self.bias, self.out_weight,
                                        self.out_bias)
@@ -175,6 +175,20 @@ class EnsembleMLP(_Stacked):
             # accumulated in place into one (M, B, hidden) buffer: no broadcast copy of the bias, no sum buffer
             h = torch.bmm(h, w).baddbmm_(emb, p).add_(b).relu_()
         return torch.bmm(h, self.out_weight).add_(self.out_bias)
+
+    def _embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """timestep_embedding(t) for timesteps t (R,): integer timesteps are rows of a cached table, the same
+        numbers (the embedding is elementwise in t); a gather instead of ~R x emb_dim sines and cosines."""
+        if t.numel() == 0 or t.is_floating_point():
+            return timestep_embedding(t, self.emb_dim, self.max_period)
+        low, high = (int(v) for v in torch.aminmax(t))
+        table = getattr(self, "_embedding_table", None)
+        if low < 0 or high >= 1 << 20:  # not a timestep table's row; timestep_embedding computes it as it is
+            return timestep_embedding(t, self.emb_dim, self.max_period)
+        if table is None or table.device != t.device or table.shape[0] <= high:
+            rows = torch.arange(max(1024, high + 1), device=t.device)
+            table = self._embedding_table = timestep_embedding(rows, self.emb_dim, self.max_period)
+        return table.index_select(0, t)
 
     def _shared_t_layers(self, t: torch.Tensor, dtype: torch.dtype) -> Layers:
         emb = timestep_embedding(t, self.emb_dim, self.max_period).to(dtype)[:, None]  # (M, 1, emb)

@@ -138,3 +138,19 @@ def test_fused_training_kernels_refuse_bad_input():
         bwd(torch.ones(M, B, 3), x, emb, hidden, w, p, b, ow)
     with pytest.raises(RuntimeError, match=r"hidden must be a float32 CPU tensor \(2, 5, 8\)"):
         bwd(torch.ones_like(out), x, emb, [torch.randn(M, B, H + 1)], w, p, b, ow)
+
+
+def test_embedding_table_is_the_direct_embedding():
+    """EnsembleMLP gathers integer timesteps' embeddings from a cached table: the same numbers, bit for bit."""
+    from isofast.models.embedding import timestep_embedding
+
+    ens = stack_members([TimeMLP() for _ in range(2)])
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 64, 1000):
+        t = torch.randint(0, 1000, (n,), generator=gen)
+        assert torch.equal(ens._embedding(t), timestep_embedding(t, ens.emb_dim, ens.max_period))
+    big = torch.tensor([5, 3000])  # beyond the table: it grows
+    assert torch.equal(ens._embedding(big), timestep_embedding(big, ens.emb_dim, ens.max_period))
+    frac = torch.tensor([0.5, 2.25])  # fractional timesteps are computed directly
+    assert torch.equal(ens._embedding(frac), timestep_embedding(frac, ens.emb_dim, ens.max_period))
+
