@@ -177,9 +177,10 @@ class EnsembleMLP(_Stacked):
         return torch.bmm(h, self.out_weight).add_(self.out_bias)
 
     def _embedding(self, t: torch.Tensor) -> torch.Tensor:
-        """timestep_embedding(t) for timesteps t (R,): integer timesteps are rows of a cached table, the same
-        numbers (the embedding is elementwise in t); a gather instead of ~R x emb_dim sines and cosines."""
-        if t.numel() == 0 or t.is_floating_point():
+        """timestep_embedding(t) for timesteps t (R,): on a CPU, integer timesteps are rows of a cached table, the
+        same numbers (the embedding is elementwise in t); a gather instead of ~R x emb_dim sines and cosines.
+        (On a GPU the table's range check would synchronise every step.)"""
+        if t.numel() == 0 or t.is_floating_point() or t.device.type != "cpu":
             return timestep_embedding(t, self.emb_dim, self.max_period)
         low, high = (int(v) for v in torch.aminmax(t))
         table = getattr(self, "_embedding_table", None)

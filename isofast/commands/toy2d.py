@@ -86,7 +86,7 @@ def add_parser(subparsers) -> None:
                              "(2-core VM, 2026-12-01: 2.8 min wall with --threads 2 on an idle machine in its fast "
                              "period; 5.9 min in its slow one with earlier code); about 25 CPU-minutes with --engine single; see the "
                              "README); paper: the paper's protocol (batch 64, 1000 epochs, 3 seeds, 72 runs; with "
-                             "--threads 2 on a 2-core VM 70 min wall measured in the machine's fast period, up to "
+                             "--threads 2 on a 2-core VM 70 min wall measured in the machine's fast period, estimated "
                              "~2 h in its slow one, see results/toy2d_paper)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2 datasets, 2 lambdas, 1 seed, 20 steps, 500 points, T = 50 with the "
