@@ -216,3 +216,29 @@ def test_cuda_matches_cpu():
     got = prdc(torch.from_numpy(real).cuda(), torch.from_numpy(fake).cuda(), k=3)
     for key in KEYS:
         assert abs(got[key] - expected[key]) <= 1e-6
+
+
+def test_reference_scores_every_fake_set_as_prdc_with_the_real_radii_once(monkeypatch):
+    """PRDCReference(real).score(fake) equals prdc(real, fake) exactly; the real set's k-NN radii are computed once."""
+    from isofast.metrics import PRDCReference
+
+    prdc_module = importlib.import_module("isofast.metrics.prdc")
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 2, generator=gen)
+    fakes = [torch.randn(250, 2, generator=gen) * s for s in (0.5, 1.0, 2.0)]
+    want = [prdc(real, f, k=4, chunk_size=64) for f in fakes]
+    calls = []
+    knn = prdc_module._knn_radii
+    monkeypatch.setattr(prdc_module, "_knn_radii", lambda x, *a: calls.append(x.shape[0]) or knn(x, *a))
+    ref = PRDCReference(real, k=4, chunk_size=64)
+    assert [ref.score(f) for f in fakes] == want
+    assert calls == [300, 250, 250, 250]  # the real set's radii once, each fake set's once
+    assert ref.score(fakes[0].numpy()) == want[0]  # numpy fakes follow the real set's device
+    with pytest.raises(ValueError, match="same dim"):
+        ref.score(torch.randn(50, 3))
+    with pytest.raises(ValueError, match="fake contains NaN or inf"):
+        ref.score(torch.full((50, 2), float("nan")))
+    with pytest.raises(ValueError, match="real needs at least k"):
+        PRDCReference(real[:4], k=4)
+    with pytest.raises(ValueError, match="real contains NaN or inf"):
+        PRDCReference(torch.full((50, 2), float("inf")), k=4).score(fakes[0])

@@ -123,11 +123,12 @@ def _members(cfg: StudyConfig) -> list[tuple[float, int]]:
 def _evaluate(cfg: StudyConfig, dataset: str, run, step: int, data: dict, log: Callable[[str], None]) -> list[dict]:
     """PRDC rows of every member at this step (and the temperature baseline at the last step)."""
     from ..ensemble import ensemble_ddpm_sample
-    from ..metrics.prdc import prdc
+    from ..metrics.prdc import PRDCReference
 
     p, members = cfg.protocol, _members(cfg)
     last = step == cfg.eval_steps()[-1]
     rows = []
+    references: dict[tuple, PRDCReference] = {}  # per (seed, reference) set: its radii once for every lambda, tau
     for tau in cfg.temperatures if last else (1.0,):
         idx = list(range(len(members))) if tau == 1.0 else [i for i, (lam, _) in enumerate(members) if lam == 0]
         model = run.ema_model if len(idx) == len(members) else run.ema_model.subset(idx)
@@ -138,8 +139,9 @@ def _evaluate(cfg: StudyConfig, dataset: str, run, step: int, data: dict, log: C
             lam, seed = members[i]
             finite = bool(torch.isfinite(samples[j]).all())
             for ref in p.references:
-                real = data["refs"][(seed, ref)]
-                metrics = prdc(real, samples[j], k=p.k) if finite else dict.fromkeys(METRICS, math.nan)
+                if (seed, ref) not in references:
+                    references[seed, ref] = PRDCReference(data["refs"][(seed, ref)], k=p.k)
+                metrics = references[seed, ref].score(samples[j]) if finite else dict.fromkeys(METRICS, math.nan)
                 rows.append({"dataset": dataset, "lambda": lam, "temperature": tau, "seed": seed, "step": step,
                              "fraction": step / p.steps, "reference": ref, **{m: float(metrics[m]) for m in METRICS}})
         log(f"  {dataset} step {step}: sampled {len(idx)} members at tau={tau:g} "

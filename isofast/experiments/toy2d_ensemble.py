@@ -48,7 +48,7 @@ def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]],
     """Train every (dataset, lambda, seed) of ``runs`` as one ensemble; the results in that order."""
     from ..data.toy2d import make_dataset
     from ..ensemble import EnsembleRun, ensemble_ddpm_sample
-    from ..metrics.prdc import prdc
+    from ..metrics.prdc import PRDCReference
 
     retain_freed_memory()  # the step's buffers would otherwise be page-faulted back every step
     seeds = [seed for _, _, seed in runs]
@@ -66,10 +66,13 @@ def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]],
     sample_wall, sample_cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     M, results = len(runs), []
+    references: dict[tuple[str, int], PRDCReference] = {}  # the lambdas of a (dataset, seed) share its real set
     for m, (dataset, lam, seed) in enumerate(runs):
-        real = make_dataset(dataset, cfg.n_eval, seed=REAL_SEED_OFFSET + seed)
+        if (dataset, seed) not in references:
+            real = make_dataset(dataset, cfg.n_eval, seed=REAL_SEED_OFFSET + seed)
+            references[dataset, seed] = PRDCReference(real, k=cfg.k)
         if torch.isfinite(samples[m]).all():
-            metrics = prdc(real, samples[m], k=cfg.k)
+            metrics = references[dataset, seed].score(samples[m])
         else:  # a diverged member: record it in the table rather than stop the whole sweep
             print(f"isofast toy2d: warning: {dataset} lambda={lam:g} seed={seed} produced non-finite samples; "
                   "its metrics are NaN", file=sys.stderr)

@@ -5,6 +5,6 @@ Note: the function ``prdc`` re-exported here shadows the submodule as the attrib
 """
 
 from isofast.metrics.isotropy import forward_isotropy_curve, plot_isotropy_curve
-from isofast.metrics.prdc import prdc
+from isofast.metrics.prdc import PRDCReference, prdc
 
-__all__ = ["prdc", "forward_isotropy_curve", "plot_isotropy_curve"]
+__all__ = ["PRDCReference", "prdc", "forward_isotropy_curve", "plot_isotropy_curve"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["prdc"]
+__all__ = ["PRDCReference", "prdc"]
 
 DEFAULT_CHUNK_SIZE = 2048
 _DIRECT_MAX_DIM = 32
@@ -101,6 +101,7 @@ def prdc(
     """Precision, recall, density and coverage of ``fake`` against ``real`` (Naeem et al., 2020).
 
     See the module docstring for the formulas; they equal ``prdc.compute_prdc(real, fake, k)``.
+    To score several fake sets against one real set, `PRDCReference` computes the real set's radii once.
 
     Args:
         real: (N, D) real samples (or features), torch tensor on any device, or numpy array.
@@ -117,51 +118,76 @@ def prdc(
         ValueError: wrong shapes, different D, too few points for ``k``, NaN/inf (naming the set),
             bad ``k`` or ``chunk_size``, tensors on two different devices.
     """
-    real, real_from_numpy = _as_samples(real, "real")
-    fake, fake_from_numpy = _as_samples(fake, "fake")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    k, chunk_size = int(k), int(chunk_size)
-    if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"real and fake must have the same dim, got {real.shape[1]} and {fake.shape[1]}")
-    for x, name in ((real, "real"), (fake, "fake")):
-        if x.shape[0] < k + 1:
-            raise ValueError(f"{name} needs at least k + 1 = {k + 1} points, got {x.shape[0]}")
-    if real.device != fake.device:
-        if real_from_numpy:
-            real = real.to(fake.device)
-        elif fake_from_numpy:
-            fake = fake.to(real.device)
-        else:
-            raise ValueError(f"real and fake are on different devices: {real.device} and {fake.device}")
-    _check_finite(real, "real", chunk_size)
-    _check_finite(fake, "fake", chunk_size)
+    return PRDCReference(real, k, chunk_size, dtype).score(fake)
 
-    with torch.no_grad():
-        real_radii = _knn_radii(real, k, chunk_size, dtype)
-        fake_radii = _knn_radii(fake, k, chunk_size, dtype)
 
-        n, m, device = real.shape[0], fake.shape[0], real.device
-        balls_holding = torch.zeros(m, dtype=torch.int64, device=device)  # per fake: #real balls holding it
-        covered = torch.zeros(n, dtype=torch.bool, device=device)  # real whose ball holds some fake
-        recalled = torch.zeros(n, dtype=torch.bool, device=device)  # real inside some fake ball
-        for rows in _blocks(n, chunk_size):
-            xr = real[rows].to(dtype)
-            for cols in _blocks(m, chunk_size):
-                d = _pairwise_distances(xr, fake[cols].to(dtype))
-                inside_real_ball = d < real_radii[rows, None]
-                # int32 partial sums are exact (a block has <= chunk_size rows) and much faster than int64.
-                balls_holding[cols] += inside_real_ball.sum(0, dtype=torch.int32)
-                covered[rows] |= inside_real_ball.any(1)
-                recalled[rows] |= (d < fake_radii[None, cols]).any(1)
+class PRDCReference:
+    """One real set against which fake sets are scored: ``score(fake)`` equals ``prdc(real, fake, k, chunk_size,
+    dtype)``, and the real set's k-NN radii (a third of the work) are computed once, at the first score, for all.
+    The arguments and errors are `prdc`'s."""
 
-        return {
-            "precision": (balls_holding > 0).sum().item() / m,
-            "recall": recalled.sum().item() / n,
-            "density": balls_holding.sum().item() / (k * m),
-            "coverage": covered.sum().item() / n,
-        }
+    def __init__(self, real: torch.Tensor | np.ndarray, k: int = 5, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 dtype: torch.dtype = torch.float64) -> None:
+        self.real, self._real_from_numpy = _as_samples(real, "real")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.k, self.chunk_size, self.dtype = int(k), int(chunk_size), dtype
+        if self.real.shape[0] < self.k + 1:
+            raise ValueError(f"real needs at least k + 1 = {self.k + 1} points, got {self.real.shape[0]}")
+        self._radii: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (real there, radii)
+
+    def _real_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real set on ``device`` and its radii (checked finite and computed once per device)."""
+        if device not in self._radii:
+            real = self.real.to(device)
+            _check_finite(real, "real", self.chunk_size)
+            with torch.no_grad():
+                self._radii[device] = (real, _knn_radii(real, self.k, self.chunk_size, self.dtype))
+        return self._radii[device]
+
+    def score(self, fake: torch.Tensor | np.ndarray) -> dict[str, float]:
+        """`prdc` of ``fake`` against this real set."""
+        fake, fake_from_numpy = _as_samples(fake, "fake")
+        k, chunk_size, dtype = self.k, self.chunk_size, self.dtype
+        if self.real.shape[1] != fake.shape[1]:
+            raise ValueError(f"real and fake must have the same dim, got {self.real.shape[1]} and {fake.shape[1]}")
+        if fake.shape[0] < k + 1:
+            raise ValueError(f"fake needs at least k + 1 = {k + 1} points, got {fake.shape[0]}")
+        device = self.real.device
+        if fake.device != device:
+            if self._real_from_numpy:
+                device = fake.device
+            elif fake_from_numpy:
+                fake = fake.to(device)
+            else:
+                raise ValueError(f"real and fake are on different devices: {device} and {fake.device}")
+        real, real_radii = self._real_on(device)
+        _check_finite(fake, "fake", chunk_size)
+
+        with torch.no_grad():
+            fake_radii = _knn_radii(fake, k, chunk_size, dtype)
+
+            n, m, device = real.shape[0], fake.shape[0], real.device
+            balls_holding = torch.zeros(m, dtype=torch.int64, device=device)  # per fake: #real balls holding it
+            covered = torch.zeros(n, dtype=torch.bool, device=device)  # real whose ball holds some fake
+            recalled = torch.zeros(n, dtype=torch.bool, device=device)  # real inside some fake ball
+            for rows in _blocks(n, chunk_size):
+                xr = real[rows].to(dtype)
+                for cols in _blocks(m, chunk_size):
+                    d = _pairwise_distances(xr, fake[cols].to(dtype))
+                    inside_real_ball = d < real_radii[rows, None]
+                    # int32 partial sums are exact (a block has <= chunk_size rows) and much faster than int64.
+                    balls_holding[cols] += inside_real_ball.sum(0, dtype=torch.int32)
+                    covered[rows] |= inside_real_ball.any(1)
+                    recalled[rows] |= (d < fake_radii[None, cols]).any(1)
+
+            return {
+                "precision": (balls_holding > 0).sum().item() / m,
+                "recall": recalled.sum().item() / n,
+                "density": balls_holding.sum().item() / (k * m),
+                "coverage": covered.sum().item() / n,
+            }
