@@ -83,7 +83,7 @@ def add_parser(subparsers) -> None:
         formatter_class=HelpFormatter)
     parser.add_argument("--preset", choices=("default", "paper"), default="default",
                         help="default (the default): the four-dataset sweep, 24 runs, about 6 CPU-minutes on the ensemble engine "
-                             "(2-core VM, 2026-12-01: 2.8 min wall with --threads 2 on an idle machine in its fast "
+                             "(2-core VM, 2026-12-01: 2.7 min wall with --threads 2 on an idle machine in its fast "
                              "period; 5.9 min in its slow one with earlier code); about 25 CPU-minutes with --engine single; see the "
                              "README); paper: the paper's protocol (batch 64, 1000 epochs, 3 seeds, 72 runs; with "
                              "--threads 2 on a 2-core VM 70 min wall measured in the machine's fast period, estimated "
