@@ -26,7 +26,7 @@ from torch import nn
 
 from .data.order import EpochOrder, draw_timesteps, make_noise_generator
 from .ensemble_adam import EnsembleAdam
-from .ensemble_models import EnsembleAuthorsMLP, EnsembleMLP, stack_members
+from .ensemble_models import EnsembleAuthorsMLP, EnsembleMLP, _cpu_kernels_built, stack_members
 from .models.registry import build_model_2d
 from .noise import NoiseKey, calls_for, to_signed
 from .ops import backends, extension, iso_ddpm_loss, q_sample
@@ -200,10 +200,6 @@ def _stack_data(data, members: int) -> torch.Tensor:
         raise ValueError(f"data must be a float tensor (M, N, d) with M = {members} members (one per seed), "
                          f"got {stacked.dtype} of shape {tuple(stacked.shape)}")
     return stacked.float()
-
-
-def _cpu_kernels_built(device: torch.device) -> bool:
-    return device.type == "cpu" and extension.available("cpu")[0]
 
 
 def kernel_draw(key: NoiseKey) -> torch.Tensor:

@@ -56,9 +56,14 @@ def _per_member_t(t: int | torch.Tensor, members: int, device: torch.device) -> 
     return t.expand(members) if t.dim() == 0 else t
 
 
+def _cpu_kernels_built(device: torch.device) -> bool:
+    """True on a CPU where isofast._C (its CPU kernels) is built."""
+    return device.type == "cpu" and extension.available("cpu")[0]
+
+
 def _fused_kernels_apply(x: torch.Tensor) -> bool:
     """True where the fused CPU kernels of csrc/cpu/ensemble_mlp.cpp run: float32 on a CPU with isofast._C."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and extension.available("cpu")[0]
+    return x.dtype == torch.float32 and _cpu_kernels_built(x.device)
 
 
 class _FusedTimeMLP(torch.autograd.Function):

@@ -148,20 +148,16 @@ void sum_rows(const float* g, int64_t rows, int64_t n, float* out) {
   at::sum_out(o, at::from_blob(const_cast<float*>(g), {rows, n}, f32), 0);
 }
 
+// A stacked parameter (d0, d1, d2) (d2 < 0: any width), named name[index] (index < 0: name alone).
 void check_stack(const at::Tensor& t, const char* op, const char* name, int64_t index, int64_t d0, int64_t d1,
                  int64_t d2) {
-  const bool ok = t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 3 && t.size(0) == d0 &&
-                  t.size(1) == d1 && (d2 < 0 || t.size(2) == d2);
-  if (index < 0) {
-    TORCH_CHECK(ok, op, ": ", name, " must be a float32 CPU tensor (", d0, ", ", d1, ", ",
-                d2 < 0 ? std::string("out") : std::to_string(d2), "), got ", t.scalar_type(), " of shape ", t.sizes(),
-                " on ", t.device());
-  } else {
-    TORCH_CHECK(ok, op, ": ", name, "[", index, "] must be a float32 CPU tensor (", d0, ", ", d1, ", ",
-                d2 < 0 ? std::string("out") : std::to_string(d2), "), got ", t.scalar_type(), " of shape ", t.sizes(),
-                " on ", t.device());
-  }
-  TORCH_CHECK(t.size(2) > 0 && t.size(1) <= INT32_MAX && t.size(2) <= INT32_MAX, op, ": ", name,
+  const std::string label = index < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(index) + "]";
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 3 && t.size(0) == d0 &&
+                  t.size(1) == d1 && (d2 < 0 || t.size(2) == d2),
+              op, ": ", label, " must be a float32 CPU tensor (", d0, ", ", d1, ", ",
+              d2 < 0 ? std::string("out") : std::to_string(d2), "), got ", t.scalar_type(), " of shape ", t.sizes(),
+              " on ", t.device());
+  TORCH_CHECK(t.size(2) > 0 && t.size(1) <= INT32_MAX && t.size(2) <= INT32_MAX, op, ": ", label,
               " has a width of 0 or one too large for a 32-bit BLAS: ", t.sizes());
 }
 
@@ -229,11 +225,11 @@ at::Tensor ensemble_mlp_forward_cpu(const at::Tensor& x, at::TensorList weights,
 struct StackedMLP {
   std::vector<at::Tensor> weights, projs, biases;
   at::Tensor out_weight;
-  int64_t members, data_dim, emb_dim, widest;
+  int64_t data_dim, emb_dim, widest;
 
   StackedMLP(const char* op, int64_t M, int64_t d, int64_t E, at::TensorList w, at::TensorList p,
              at::TensorList b, const at::Tensor& ow)
-      : members(M), data_dim(d), emb_dim(E), widest(d) {
+      : data_dim(d), emb_dim(E), widest(d) {
     TORCH_CHECK(!w.empty() && w.size() == p.size() && w.size() == b.size(), op,
                 ": weights, projs and biases must hold one tensor per hidden layer (at least one), got ", w.size(),
                 ", ", p.size(), " and ", b.size());
@@ -263,6 +259,13 @@ struct StackedMLP {
   const float* p(int64_t l, int64_t m) const { return projs[l].data_ptr<float>() + m * emb_dim * out_width(l); }
 };
 
+// The training ops' points x (M, B, d).
+void check_points(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(2) > 0, op,
+              ": x must be a float32 CPU tensor (M, B, d), got ", x.scalar_type(), " of shape ", x.sizes(), " on ",
+              x.device());
+}
+
 void check_rows(const at::Tensor& t, const char* op, const char* name, int64_t M, int64_t B, int64_t width) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 3 && t.size(0) == M &&
                   (B < 0 || t.size(1) == B) && (width < 0 || t.size(2) == width),
@@ -278,9 +281,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> ensemble_mlp_train_forward_cpu(
     const at::Tensor& x, const at::Tensor& emb, at::TensorList weights, at::TensorList projs, at::TensorList biases,
     const at::Tensor& out_weight, const at::Tensor& out_bias) {
   constexpr const char* op = "isofast_C::ensemble_mlp_train_forward";
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(2) > 0, op,
-              ": x must be a float32 CPU tensor (M, B, d), got ", x.scalar_type(), " of shape ", x.sizes(), " on ",
-              x.device());
+  check_points(x, op);
   const int64_t M = x.size(0), B = x.size(1), d = x.size(2);
   check_rows(emb, op, "emb", M, B, -1);
   const StackedMLP net(op, M, d, emb.size(2), weights, projs, biases, out_weight);
@@ -319,9 +320,7 @@ ensemble_mlp_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, con
                                 at::TensorList hidden, at::TensorList weights, at::TensorList projs,
                                 at::TensorList biases, const at::Tensor& out_weight) {
   constexpr const char* op = "isofast_C::ensemble_mlp_train_backward";
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(2) > 0, op,
-              ": x must be a float32 CPU tensor (M, B, d), got ", x.scalar_type(), " of shape ", x.sizes(), " on ",
-              x.device());
+  check_points(x, op);
   const int64_t M = x.size(0), B = x.size(1), d = x.size(2);
   check_rows(grad, op, "grad", M, B, d);
   check_rows(emb, op, "emb", M, B, -1);
@@ -344,11 +343,11 @@ ensemble_mlp_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, con
     for (int64_t m = begin; m < end; ++m) {
       const float* g = gc.data_ptr<float>() + m * B * d;
       const float* e = ec.data_ptr<float>() + m * B * E;
-      auto h_of = [&](int64_t l) {  // the input of hidden layer l
+      auto h_of = [&](int64_t l) {  // the input of layer l (l = L: the output layer)
         return l == 0 ? xc.data_ptr<float>() + m * B * d : h_saved[l - 1].data_ptr<float>() + m * B * net.out_width(l - 1);
       };
       const int64_t top = net.out_width(L - 1);
-      const float* h_top = h_saved[L - 1].data_ptr<float>() + m * B * top;
+      const float* h_top = h_of(L);  // the last hidden layer's output: the output layer's input
       // output layer: y = b + h W
       gemm(true, false, top, d, B, h_top, top, g, d, 0.0f, g_out_w.data_ptr<float>() + m * top * d);
       sum_rows(g, B, d, g_out_b.data_ptr<float>() + m * d);
