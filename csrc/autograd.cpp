@@ -13,7 +13,8 @@
 //                                                          de = 2 g_sse (-coef0) r + 2 g_ssq coef3 h;
 //                   x0 and coef are constants (the ops layer sends a differentiable x0 to the reference)
 //   iso_loss_tail:  the loss from the sums                 ->  dsse = k1 g / 2, dssq = k2 g / 2, dw = d_w g
-//                   (k1 = (2/n) dL/dmse_b, k2 = (2/n) dL/ds_b, d_w = dL/dw_b are its own outputs)
+//                   (k1 = (2/n) dL/dmse_b, k2 = (2/n) dL/ds_b, d_w = dL/dw_b are its own outputs; with G groups
+//                   g (G,) is each row's group's upstream gradient)
 // The sampler steps and the Philox ops have no autograd: isofast.ops sends differentiable step
 // inputs to the reference.
 #include <ATen/ATen.h>
@@ -155,16 +156,17 @@ class IsoSums : public torch::autograd::Function<IsoSums> {
 
 using TailSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, int64_t, const std::optional<at::Tensor>&, double, std::string_view,
-    std::string_view);
+    std::string_view, const std::optional<at::Tensor>&);
 
 class IsoLossTail : public torch::autograd::Function<IsoLossTail> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& sse, const at::Tensor& ssq, int64_t n,
                                const std::optional<at::Tensor>& weights, double iso_lambda, std::string_view iso_mode,
-                               std::string_view reduction) {
+                               std::string_view reduction, const std::optional<at::Tensor>& lambdas) {
     at::AutoDispatchBelowADInplaceOrView below;
     static auto op = kernel<TailSig>("isofast_C::iso_loss_tail");
-    auto [loss, mse, iso, isotropy, k1, k2, d_w] = op.call(sse, ssq, n, weights, iso_lambda, iso_mode, reduction);
+    auto [loss, mse, iso, isotropy, k1, k2, d_w] =
+        op.call(sse, ssq, n, weights, iso_lambda, iso_mode, reduction, lambdas);
     ctx->save_for_backward({k1, k2, d_w});
     ctx->saved_data["has_weights"] = weights.has_value();
     ctx->mark_non_differentiable({mse, iso, isotropy, k1, k2, d_w});
@@ -173,13 +175,17 @@ class IsoLossTail : public torch::autograd::Function<IsoLossTail> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& g = grads[0];  // 0-dim, or (B,) for reduction "none"
+    // 0-dim, (B,) for reduction "none", or (G,) with G groups: each row takes its group's
+    at::Tensor g = grads[0];
+    if (g.dim() == 1 && g.size(0) != saved[0].size(0)) {
+      g = g.view({g.size(0), 1}).expand({g.size(0), saved[0].size(0) / g.size(0)}).reshape({-1});
+    }
     // Halved: mse_b = sse_b / n, and k1, k2 carry the factor 2/n of d(sse)/dp, d(ssq)/dp.
     at::Tensor dsse = ctx->needs_input_grad(0) ? saved[0] * 0.5 * g : at::Tensor();
     at::Tensor dssq = ctx->needs_input_grad(1) ? saved[1] * 0.5 * g : at::Tensor();
     at::Tensor dw;
     if (ctx->saved_data["has_weights"].toBool() && ctx->needs_input_grad(2)) dw = saved[2] * g;
-    return {dsse, dssq, at::Tensor(), dw, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dsse, dssq, at::Tensor(), dw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -209,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor> iso_sums_autograd(const at::Tensor& p, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> iso_loss_tail_autograd(
     const at::Tensor& sse, const at::Tensor& ssq, int64_t n, const std::optional<at::Tensor>& weights,
-    double iso_lambda, std::string_view iso_mode, std::string_view reduction) {
-  auto out = IsoLossTail::apply(sse, ssq, n, weights, iso_lambda, iso_mode, reduction);
+    double iso_lambda, std::string_view iso_mode, std::string_view reduction, const std::optional<at::Tensor>& lambdas) {
+  auto out = IsoLossTail::apply(sse, ssq, n, weights, iso_lambda, iso_mode, reduction, lambdas);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
 }
 

@@ -24,9 +24,11 @@ TORCH_LIBRARY(isofast_C, m) {
   m.def(
       "iso_grad(Tensor p, Tensor? e, int seed, int offset, Tensor c1, Tensor c2, Tensor? x0=None, Tensor? coef=None) "
       "-> Tensor");
-  // CPU: the loss's O(B) tail from the sums, (loss, mse, iso, isotropy, k1, k2, d_w) (cpu/iso_loss_tail.cpp).
+  // CPU: the loss's O(B) tail from the sums, (loss, mse, iso, isotropy, k1, k2, d_w) (cpu/iso_loss_tail.cpp);
+  // lambdas (G,): G groups of sums (an ensemble's members), one penalty weight each.
   m.def(
-      "iso_loss_tail(Tensor sse, Tensor ssq, int n, Tensor? weights, float iso_lambda, str iso_mode, str reduction) "
+      "iso_loss_tail(Tensor sse, Tensor ssq, int n, Tensor? weights, float iso_lambda, str iso_mode, str reduction, "
+      "Tensor? lambdas=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ddpm_step(Tensor x, Tensor eps_pred, Tensor t, Tensor table, Tensor? e, Tensor? key, bool clip_x0) -> Tensor");
   m.def(
@@ -41,9 +43,10 @@ TORCH_LIBRARY(isofast_C, m) {
   // CPU: row m is philox_randn's draw (seeds[m], offsets[m]) of n elements (the ensemble's members' noise).
   m.def("philox_randn_rows(Tensor seeds, Tensor offsets, int n) -> Tensor");
   // CPU: the stacked ensemble's forward with one timestep per member, its time terms folded into the biases:
-  // h <- relu(h weights[l] + biases[l]), no ReLU after the last layer (cpu/ensemble_mlp.cpp; sampling).
+  // h <- relu(h weights[l]^T + biases[l]), no ReLU after the last layer (cpu/ensemble_mlp.cpp; sampling); weights
+  // as nn.Linear's, (M, out, in).
   m.def("ensemble_mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor");
-  // CPU: the stacked TimeMLP's training forward (hidden layer l: relu(h weights[l] + biases[l] + emb projs[l]);
+  // CPU: the stacked TimeMLP's training forward (hidden layer l: relu(h weights[l]^T + biases[l] + emb projs[l]^T);
   // returns the output and the hidden activations) and its parameters' gradients, one task per member.
   m.def(
       "ensemble_mlp_train_forward(Tensor x, Tensor emb, Tensor[] weights, Tensor[] projs, Tensor[] biases, "

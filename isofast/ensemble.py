@@ -37,6 +37,10 @@ from .train_config import TrainConfig
 
 __all__ = ["EnsembleAuthorsMLP", "EnsembleMLP", "EnsembleRun", "ensemble_ddpm_sample", "kernel_draw", "kernel_draws"]
 
+# The layout of the saved stacked weights: "member" = each member's nn.Linear weight, (M, out, in). Saves
+# without the key are of isofast before it, which stacked the weights transposed, (M, in, out).
+_LAYOUT = "member"
+
 
 class EnsembleRun:
     """Train M members at once; member m is the single run of ``config`` with ``seed=seeds[m]``,
@@ -82,7 +86,8 @@ class EnsembleRun:
         self.schedule = NoiseSchedule.from_name(config.schedule, config.T).to(self.device)
         self.orders = [EpochOrder(N, config.batch_size, s) for s in self.seeds]
         self.generators = [make_noise_generator(s) for s in self.seeds]
-        self.lambda_tensor = torch.tensor(self.lambdas, device=self.device)
+        # float64: each member's lambda exactly as its single run's float (the loss's tail computes in float64)
+        self.lambda_tensor = torch.tensor(self.lambdas, dtype=torch.float64, device=self.device)
         self.step = 0
         self.loss_log: list[tuple[int, list[float]]] = []  # (step, each member's mean loss of the window)
         self._window: torch.Tensor | None = None  # the losses summed since the last log entry
@@ -116,7 +121,7 @@ class EnsembleRun:
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # member m's parameters get member m's loss's gradient, nothing else
         params = list(self.model.parameters())
-        scale = _clip_coefficients(params, cfg.grad_clip) if cfg.grad_clip else None
+        scale = _clip_coefficients(self.model.member_parameters(), cfg.grad_clip) if cfg.grad_clip else None
         ema = [] if self.ema is None else list(self.ema.parameters())
         decay = min(cfg.ema_decay, (1.0 + self.step) / (10.0 + self.step)) if cfg.ema_warmup else cfg.ema_decay
         if self._fused_adam:
@@ -155,16 +160,21 @@ class EnsembleRun:
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue bit for bit (the data order needs no state)."""
-        return {"step": self.step, "seeds": self.seeds, "lambdas": self.lambdas,
+        return {"step": self.step, "seeds": self.seeds, "lambdas": self.lambdas, "layout": _LAYOUT,
                 "model": self.model.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "generators": [g.get_state() for g in self.generators],
                 "loss_log": self.loss_log, "loss_window": self._window}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict`'s snapshot; refuses one of other members."""
+        """Restore `state_dict`'s snapshot (also one saved before the member layout); refuses one of other
+        members."""
         if state["seeds"] != self.seeds or state["lambdas"] != self.lambdas:
             raise ValueError(f"state is of members seeds={state['seeds']} lambdas={state['lambdas']}, this run "
                              f"has seeds={self.seeds} lambdas={self.lambdas}")
+        if state.get("layout") is None:
+            state = _from_transposed_layout(state, self.model)
+        elif state["layout"] != _LAYOUT:
+            raise ValueError(f"state has the weight layout {state['layout']!r}; this isofast reads {_LAYOUT!r}")
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -174,6 +184,22 @@ class EnsembleRun:
         self.step = int(state["step"])
         self.loss_log = [(int(s), list(v)) for s, v in state["loss_log"]]
         self._window = state.get("loss_window")  # absent in saves made before it was kept
+
+
+def _from_transposed_layout(state: dict, model: nn.Module) -> dict:
+    """A state of isofast before the member layout (stacked nn.Linear weights as (M, in, out)) in the member
+    layout: those weights, their EMA and their Adam moments transposed; nothing else changes."""
+    names = set(model.linear_weight_names())
+    index = {i for i, (name, _) in enumerate(model.named_parameters()) if name in names}
+
+    def flip(tensors: dict) -> dict:
+        return {k: v.transpose(1, 2).contiguous() if k in names else v for k, v in tensors.items()}
+
+    optimizer = dict(state["optimizer"])
+    optimizer["state"] = {i: {k: v.transpose(1, 2).contiguous() if i in index and k.startswith("exp_avg") else v
+                              for k, v in entry.items()} for i, entry in optimizer["state"].items()}
+    return {**state, "model": flip(state["model"]), "ema": None if state["ema"] is None else flip(state["ema"]),
+            "optimizer": optimizer, "layout": _LAYOUT}
 
 
 def _check_config(config: TrainConfig) -> None:
@@ -221,10 +247,15 @@ def kernel_draws(seeds: Sequence[int], offset: int, shape: tuple[int, ...], devi
 
 
 def _clip_coefficients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """(M,) each member's gradient coefficient of `torch.nn.utils.clip_grad_norm_` on its own: the norm
-    over member m's slices."""
+    """(M,) each member's gradient coefficient of `torch.nn.utils.clip_grad_norm_` on its own model, bit for bit.
+
+    params: the stacked parameters in the member model's order (`member_parameters`). A float sum depends on
+    the order of its terms, and Adam amplifies a last-bit difference of the coefficient into visibly different
+    weights within a few hundred steps: each gradient norm is over member m's contiguous slice, laid out as its
+    model's gradient (the member layout), and the norm of the norms over a contiguous row (M, k) in the model's
+    order, as clip_grad_norm_'s 1-D stack (a column of a (k, M) stack reduces in another order)."""
     grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)  # (M,)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)  # (M,)
     return (max_norm / (norms + 1e-6)).clamp(max=1.0)
 
 

@@ -1,7 +1,9 @@
-"""Stacked ensembles of the 2-D noise predictors: M members' weights as (M, in, out) tensors, run as bmm.
+"""Stacked ensembles of the 2-D noise predictors: M members' parameters stacked as (M, *shape), run as bmm.
 
 `EnsembleMLP` stacks `TimeMLP` members, `EnsembleAuthorsMLP` stacks `AuthorsMLP` members; member m of
-either computes exactly what its own model computes (`member(m)` gives it back). Both offer
+either computes exactly what its own model computes (`member(m)` gives it back). Every weight is stacked
+as its member's nn.Linear weight, (M, out, in), and a bias as (M, 1, out): member m's gradients are laid
+out as its own model's, so a sum over them (the clipping norm) adds in its model's order. Both offer
 
     forward(x (M, B, d), t (M, B))           one timestep per row (training)
     forward_shared_t(x (M, B, d), t)         every row of member m at timestep t[m] (or one int t):
@@ -92,14 +94,19 @@ class _FusedTimeMLP(torch.autograd.Function):
         return (None, None, None, *gw, *gp, *gb, g_out_w, g_out_b)
 
 
-Layers = list[tuple[torch.Tensor, torch.Tensor]]  # (weight (M, in, out), bias (M, 1, out)) per layer
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # (weight (M, out, in), bias (M, 1, out)) per layer
+
+
+def _t(w: torch.Tensor) -> torch.Tensor:
+    """A stacked nn.Linear weight (M, out, in) as the right factor of h (M, B, in) @ w^T."""
+    return w.transpose(1, 2)
 
 
 def _run_layers(x: torch.Tensor, layers: Layers) -> torch.Tensor:
-    """h <- relu(h w + b) through the layers, no ReLU after the last."""
+    """h <- relu(h w^T + b) through the layers, no ReLU after the last."""
     h, last = x, len(layers) - 1
     for i, (w, b) in enumerate(layers):
-        h = torch.baddbmm(b, h, w)
+        h = torch.baddbmm(b, h, _t(w))
         if i < last:
             h = h.relu_()
     return h
@@ -129,6 +136,22 @@ class _Stacked(nn.Module):
         """The layers when every row of member m has timestep t[m] (M,): the time terms folded into the biases."""
         raise NotImplementedError
 
+    def _member_layout(self) -> dict[str, torch.Tensor]:
+        """{a member model's parameter name: this ensemble's stack of it}."""
+        raise NotImplementedError
+
+    def member_parameters(self) -> list[torch.Tensor]:
+        """The stacked parameters in the order of a member model's ``parameters()``: a sum over a member's
+        parameters (its gradient norm) then adds in its own model's order."""
+        layout = self._member_layout()
+        return [layout[name] for name in self._member_names]
+
+    def linear_weight_names(self) -> list[str]:
+        """The names (in ``state_dict``) of the stacked nn.Linear weights: the parameters that saves of isofast
+        before the member layout held transposed, (M, in, out)."""
+        weights = {id(p) for name, p in self._member_layout().items() if name.endswith("weight")}
+        return [name for name, p in self.named_parameters() if id(p) in weights]
+
     def forward_shared_t(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """eps_pred (M, B, d) when every row of member m has timestep t[m] (or the one int t)."""
         return _run_layers(x, self._shared_t_layers(_per_member_t(t, self.members, x.device), x.dtype))
@@ -151,8 +174,8 @@ class EnsembleMLP(_Stacked):
     """M `TimeMLP` members with stacked parameters; member m computes exactly what its TimeMLP does.
 
     Parameters (for layer l of n_layers, ``in_l`` = data_dim for l = 0, else hidden):
-    ``weight_l`` (M, in_l, hidden), ``bias_l`` (M, 1, hidden), ``proj_l`` (M, emb_dim, hidden),
-    ``out_weight`` (M, hidden, data_dim), ``out_bias`` (M, 1, data_dim): the TimeMLP's weights transposed.
+    ``weight_l`` (M, hidden, in_l), ``bias_l`` (M, 1, hidden), ``proj_l`` (M, hidden, emb_dim),
+    ``out_weight`` (M, data_dim, hidden), ``out_bias`` (M, 1, data_dim): the TimeMLP's tensors stacked.
     """
 
     def __init__(self, members: Sequence[TimeMLP]) -> None:
@@ -162,11 +185,19 @@ class EnsembleMLP(_Stacked):
         self.data_dim, self.hidden, self.n_layers = first.data_dim, first.hidden, first.n_layers
         self.emb_dim, self.max_period, self.members = first.emb_dim, first.max_period, len(members)
         stack = _stacker(members)
-        self.weight = nn.ParameterList(stack(lambda m, i=i: m.layers[i].weight.t()) for i in range(self.n_layers))
+        self.weight = nn.ParameterList(stack(lambda m, i=i: m.layers[i].weight) for i in range(self.n_layers))
         self.bias = nn.ParameterList(stack(lambda m, i=i: m.layers[i].bias[None]) for i in range(self.n_layers))
-        self.proj = nn.ParameterList(stack(lambda m, i=i: m.time_proj[i].weight.t()) for i in range(self.n_layers))
-        self.out_weight = stack(lambda m: m.out.weight.t())
+        self.proj = nn.ParameterList(stack(lambda m, i=i: m.time_proj[i].weight) for i in range(self.n_layers))
+        self.out_weight = stack(lambda m: m.out.weight)
         self.out_bias = stack(lambda m: m.out.bias[None])
+        self._member_names = [name for name, _ in first.named_parameters()]
+
+    def _member_layout(self) -> dict[str, torch.Tensor]:
+        layout = {"out.weight": self.out_weight, "out.bias": self.out_bias}
+        for i in range(self.n_layers):
+            layout |= {f"layers.{i}.weight": self.weight[i], f"layers.{i}.bias": self.bias[i],
+                       f"time_proj.{i}.weight": self.proj[i]}
+        return layout
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_pred (M, B, d) for x (M, B, d) and timesteps t (M, B)."""
@@ -178,8 +209,8 @@ class EnsembleMLP(_Stacked):
         h = x
         for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
             # accumulated in place into one (M, B, hidden) buffer: no broadcast copy of the bias, no sum buffer
-            h = torch.bmm(h, w).baddbmm_(emb, p).add_(b).relu_()
-        return torch.bmm(h, self.out_weight).add_(self.out_bias)
+            h = torch.bmm(h, _t(w)).baddbmm_(emb, _t(p)).add_(b).relu_()
+        return torch.bmm(h, _t(self.out_weight)).add_(self.out_bias)
 
     def _embedding(self, t: torch.Tensor) -> torch.Tensor:
         """timestep_embedding(t) for timesteps t (R,): on a CPU, integer timesteps are rows of a cached table, the
@@ -198,7 +229,7 @@ class EnsembleMLP(_Stacked):
 
     def _shared_t_layers(self, t: torch.Tensor, dtype: torch.dtype) -> Layers:
         emb = timestep_embedding(t, self.emb_dim, self.max_period).to(dtype)[:, None]  # (M, 1, emb)
-        return [*((w, torch.baddbmm(b, emb, p)) for w, b, p in zip(self.weight, self.bias, self.proj, strict=True)),
+        return [*((w, torch.baddbmm(b, emb, _t(p))) for w, b, p in zip(self.weight, self.bias, self.proj, strict=True)),
                 (self.out_weight, self.out_bias)]
 
     def member(self, m: int) -> TimeMLP:
@@ -206,16 +237,16 @@ class EnsembleMLP(_Stacked):
         model = TimeMLP(self.data_dim, self.hidden, self.n_layers, self.emb_dim, self.max_period)
         with torch.no_grad():
             for i in range(self.n_layers):
-                model.layers[i].weight.copy_(self.weight[i][m].t())
+                model.layers[i].weight.copy_(self.weight[i][m])
                 model.layers[i].bias.copy_(self.bias[i][m, 0])
-                model.time_proj[i].weight.copy_(self.proj[i][m].t())
-            model.out.weight.copy_(self.out_weight[m].t())
+                model.time_proj[i].weight.copy_(self.proj[i][m])
+            model.out.weight.copy_(self.out_weight[m])
             model.out.bias.copy_(self.out_bias[m, 0])
         return model.to(self.device)
 
 
 class EnsembleAuthorsMLP(_Stacked):
-    """M `AuthorsMLP` members with stacked parameters (each nn.Linear's weight transposed, bias (M, 1, out)):
+    """M `AuthorsMLP` members with stacked parameters (each nn.Linear's weight (M, out, in), bias (M, 1, out)):
     ``weight``/``bias`` of the main layers, ``time_in_w``/``time_in_b`` and ``time_out_w``/``time_out_b`` of
     each layer's learned time embedding."""
 
@@ -229,25 +260,34 @@ class EnsembleAuthorsMLP(_Stacked):
         stack, n = _stacker(members), len(first.layers)
 
         def linear(group: str):
-            return (nn.ParameterList(stack(lambda m, i=i: getattr(m, group)[i].weight.t()) for i in range(n)),
+            return (nn.ParameterList(stack(lambda m, i=i: getattr(m, group)[i].weight) for i in range(n)),
                     nn.ParameterList(stack(lambda m, i=i: getattr(m, group)[i].bias[None]) for i in range(n)))
 
         self.weight, self.bias = linear("layers")
         self.time_in_w, self.time_in_b = linear("time_in")
         self.time_out_w, self.time_out_b = linear("time_out")
+        self._member_names = [name for name, _ in first.named_parameters()]
+
+    def _member_layout(self) -> dict[str, torch.Tensor]:
+        layout = {}
+        for group, ws, bs in (("layers", self.weight, self.bias), ("time_in", self.time_in_w, self.time_in_b),
+                              ("time_out", self.time_out_w, self.time_out_b)):
+            for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+                layout |= {f"{group}.{i}.weight": w, f"{group}.{i}.bias": b}
+        return layout
 
     def _time_terms(self, t: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         """Each layer's learned time embedding for timesteps t (M, R): a list of (M, R, width_l)."""
         M, R = t.shape
         e = sinusoidal_encoding(t.reshape(-1).to(torch.float32) + 1.0, self.emb_dim).to(dtype).view(M, R, -1)
-        return [torch.baddbmm(cb, torch.baddbmm(ab, e, aw).relu_(), cw)
+        return [torch.baddbmm(cb, torch.baddbmm(ab, e, _t(aw)).relu_(), _t(cw))
                 for aw, ab, cw, cb in zip(self.time_in_w, self.time_in_b, self.time_out_w, self.time_out_b,
                                           strict=True)]
 
     def _run(self, x: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
         h, last = x, len(self.weight) - 1
         for i, (w, b, term) in enumerate(zip(self.weight, self.bias, terms, strict=True)):
-            h = torch.baddbmm(b, h, w).add_(term)
+            h = torch.baddbmm(b, h, _t(w)).add_(term)
             if i < last:
                 h = h.relu_()
         return h
@@ -268,7 +308,7 @@ class EnsembleAuthorsMLP(_Stacked):
                                     ("time_in", (self.time_in_w, self.time_in_b)),
                                     ("time_out", (self.time_out_w, self.time_out_b))):
                 for lin, w, b in zip(getattr(model, group), ws, bs, strict=True):
-                    lin.weight.copy_(w[m].t())
+                    lin.weight.copy_(w[m])
                     lin.bias.copy_(b[m, 0])
         return model.to(self.device)
 

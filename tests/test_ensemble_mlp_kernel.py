@@ -49,13 +49,13 @@ def test_unfused_path_equals_forward(monkeypatch):
 def test_fused_forward_refuses_bad_input():
     op = torch.ops.isofast_C.ensemble_mlp_forward
     x = torch.randn(3, 10, 2)
-    w0, b0 = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
-    w1, b1 = torch.randn(3, 8, 2), torch.randn(3, 1, 2)
+    w0, b0 = torch.randn(3, 8, 2), torch.randn(3, 1, 8)  # weights as nn.Linear's, (M, out, in)
+    w1, b1 = torch.randn(3, 2, 8), torch.randn(3, 1, 2)
     assert op(x, [w0, w1], [b0, b1]).shape == (3, 10, 2)
-    with pytest.raises(RuntimeError, match=r"weights\[1\] must be a float32 CPU tensor \(3, 8, out\)"):
-        op(x, [w0, torch.randn(3, 7, 2)], [b0, b1])
-    with pytest.raises(RuntimeError, match=r"weights\[0\] must be a float32 CPU tensor \(3, 2, out\)"):
-        op(x, [torch.randn(2, 2, 8), w1], [b0, b1])  # another member count
+    with pytest.raises(RuntimeError, match=r"weights\[1\] must be a float32 CPU tensor \(3, out, 8\)"):
+        op(x, [w0, torch.randn(3, 2, 7)], [b0, b1])
+    with pytest.raises(RuntimeError, match=r"weights\[0\] must be a float32 CPU tensor \(3, out, 2\)"):
+        op(x, [torch.randn(2, 8, 2), w1], [b0, b1])  # another member count
     with pytest.raises(RuntimeError, match=r"biases\[0\] must be a float32 CPU tensor \(3, 1, 8\)"):
         op(x, [w0, w1], [torch.randn(3, 10, 8), b1])  # per-row terms are not this op's
     with pytest.raises(RuntimeError, match="one tensor per layer"):
@@ -73,9 +73,9 @@ def _grads_of_each_member(models, x, t, g):
         model(x[m], t[m]).backward(g[m])
         grads = {}
         for i, (layer, proj) in enumerate(zip(model.layers, model.time_proj, strict=True)):
-            grads[f"weight.{i}"], grads[f"bias.{i}"] = layer.weight.grad.t(), layer.bias.grad[None]
-            grads[f"proj.{i}"] = proj.weight.grad.t()
-        grads["out_weight"], grads["out_bias"] = model.out.weight.grad.t(), model.out.bias.grad[None]
+            grads[f"weight.{i}"], grads[f"bias.{i}"] = layer.weight.grad, layer.bias.grad[None]
+            grads[f"proj.{i}"] = proj.weight.grad
+        grads["out_weight"], grads["out_bias"] = model.out.weight.grad, model.out.bias.grad[None]
         out.append(grads)
     return out
 
@@ -120,18 +120,18 @@ def test_fused_training_kernels_refuse_bad_input():
     fwd, bwd = torch.ops.isofast_C.ensemble_mlp_train_forward, torch.ops.isofast_C.ensemble_mlp_train_backward
     M, B, E, H = 2, 5, 6, 8
     x, emb = torch.randn(M, B, 2), torch.randn(M, B, E)
-    w, p, b = [torch.randn(M, 2, H)], [torch.randn(M, E, H)], [torch.randn(M, 1, H)]
-    ow, ob = torch.randn(M, H, 2), torch.randn(M, 1, 2)
+    w, p, b = [torch.randn(M, H, 2)], [torch.randn(M, H, E)], [torch.randn(M, 1, H)]
+    ow, ob = torch.randn(M, 2, H), torch.randn(M, 1, 2)
     out, hidden = fwd(x, emb, w, p, b, ow, ob)
     assert out.shape == (M, B, 2) and [h.shape for h in hidden] == [(M, B, H)]
     grads = bwd(torch.ones_like(out), x, emb, hidden, w, p, b, ow)
-    assert [g.shape for g in grads[0] + grads[1] + grads[2]] == [(M, 2, H), (M, E, H), (M, 1, H)]
+    assert [g.shape for g in grads[0] + grads[1] + grads[2]] == [(M, H, 2), (M, H, E), (M, 1, H)]
     with pytest.raises(RuntimeError, match=r"emb must be a float32 CPU tensor \(2, 5, width\)"):
         fwd(x, emb[:, :4], w, p, b, ow, ob)  # another batch
-    with pytest.raises(RuntimeError, match=r"projs\[0\] must be a float32 CPU tensor \(2, 6, 8\)"):
-        fwd(x, emb, w, [torch.randn(M, E + 1, H)], b, ow, ob)
-    with pytest.raises(RuntimeError, match=r"out_weight must be a float32 CPU tensor \(2, 8, 2\)"):
-        fwd(x, emb, w, p, b, torch.randn(M, H, 3), ob)
+    with pytest.raises(RuntimeError, match=r"projs\[0\] must be a float32 CPU tensor \(2, 8, 6\)"):
+        fwd(x, emb, w, [torch.randn(M, H, E + 1)], b, ow, ob)
+    with pytest.raises(RuntimeError, match=r"out_weight must be a float32 CPU tensor \(2, 2, 8\)"):
+        fwd(x, emb, w, p, b, torch.randn(M, 3, H), ob)
     with pytest.raises(RuntimeError, match="one tensor per hidden layer"):
         fwd(x, emb, w, p, [], ow, ob)
     with pytest.raises(RuntimeError, match=r"grad must be a float32 CPU tensor \(2, 5, 2\)"):

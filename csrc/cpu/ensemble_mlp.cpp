@@ -1,8 +1,12 @@
 // The stacked 2-D ensemble's TimeMLP forward and backward (isofast/ensemble_models.py) as fused CPU kernels.
 //
+// Every weight is stacked as its member's nn.Linear weight, (M, out, in): a layer computes b + h W^T with the
+// sgemm call torch makes for nn.Linear, and a member's gradient is laid out (and reduced, in its norm) as its
+// own model's.
+//
 // Sampling (ensemble_mlp_forward, predict_shared_t): every row of member m has one timestep, so each layer's
 // time term is a per-member constant, folded by the caller into the layer's bias, and the network is
-// h <- relu(h W_l[m] + b_l[m]) for every layer but the last (no ReLU). Torch runs that as batched matmuls
+// h <- relu(h W_l[m]^T + b_l[m]) for every layer but the last (no ReLU). Torch runs that as batched matmuls
 // over (M, rows, width) activations: at the sampler's 10,000 rows per member every layer's output is written
 // to memory and read back twice (the bias, the ReLU), and the sampler was memory-bound at a third of the
 // machine's matmul rate. Here a block of kRows rows of one member goes through every layer while its
@@ -11,7 +15,8 @@
 // Training (ensemble_mlp_train_forward / _backward, the autograd function _FusedTimeMLP): one task per
 // member runs its batch through every layer and back, instead of ~40 batched ops and their autograd graph
 // per step (at the paper's batch of 64 the step's time was mostly dispatch). Each sum is in the order of the
-// member's own TimeMLP (nn.Linear's b + h W^T, then + the time projection; at::sum for the bias gradients),
+// member's own TimeMLP (nn.Linear's b + h W^T, then + the time projection; its backward's grad W and grad^T h;
+// at::sum for the bias gradients),
 // so that a member's output and gradients are its own model's bit for bit (tests/test_ensemble_mlp_kernel.py).
 //
 // The matmuls are single-threaded sgemm calls (the BLAS torch links; MKL on x86 builds) inside the parallel
@@ -68,9 +73,9 @@ void gemm(bool trans_a, bool trans_b, int64_t rows, int64_t cols, int64_t k, con
   }
 }
 
-// Row-major C (rows x cols) += A (rows x k) B (k x cols), all dense.
-inline void gemm_accumulate(int64_t rows, int64_t k, int64_t cols, const float* A, const float* B, float* C) {
-  gemm(false, false, rows, cols, k, A, k, B, cols, 1.0f, C);
+// Row-major C (rows x out) (+)= A (rows x in) W^T, W an nn.Linear weight (out x in): the layer's matmul.
+inline void linear(int64_t rows, int64_t in, int64_t out, const float* A, const float* W, float beta, float* C) {
+  gemm(false, true, rows, out, in, A, in, W, in, beta, C);
 }
 
 // Every row of dst (rows x n) = bias (n).
@@ -96,7 +101,7 @@ void narrow_in_accumulate(int64_t rows, int64_t k, int64_t n, const float* __res
   }
 }
 
-// C (rows x n) += A (rows x k) Bt^T for small n, Bt (n x k) the weight transposed: k-long dot products, each
+// C (rows x n) += A (rows x k) Bt^T for small n, Bt (n x k) the nn.Linear weight: k-long dot products, each
 // in kLanes partial sums (independent lanes vectorise; one running sum would not).
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void narrow_out_accumulate(int64_t rows, int64_t k, int64_t n, const float* __restrict A, const float* __restrict Bt,
@@ -148,16 +153,16 @@ void sum_rows(const float* g, int64_t rows, int64_t n, float* out) {
   at::sum_out(o, at::from_blob(const_cast<float*>(g), {rows, n}, f32), 0);
 }
 
-// A stacked parameter (d0, d1, d2) (d2 < 0: any width), named name[index] (index < 0: name alone).
+// A stacked parameter (d0, d1, d2) (d1 < 0: any width, "out"), named name[index] (index < 0: name alone).
 void check_stack(const at::Tensor& t, const char* op, const char* name, int64_t index, int64_t d0, int64_t d1,
                  int64_t d2) {
   const std::string label = index < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(index) + "]";
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 3 && t.size(0) == d0 &&
-                  t.size(1) == d1 && (d2 < 0 || t.size(2) == d2),
-              op, ": ", label, " must be a float32 CPU tensor (", d0, ", ", d1, ", ",
-              d2 < 0 ? std::string("out") : std::to_string(d2), "), got ", t.scalar_type(), " of shape ", t.sizes(),
-              " on ", t.device());
-  TORCH_CHECK(t.size(2) > 0 && t.size(1) <= INT32_MAX && t.size(2) <= INT32_MAX, op, ": ", label,
+                  (d1 < 0 || t.size(1) == d1) && t.size(2) == d2,
+              op, ": ", label, " must be a float32 CPU tensor (", d0, ", ",
+              d1 < 0 ? std::string("out") : std::to_string(d1), ", ", d2, "), got ", t.scalar_type(), " of shape ",
+              t.sizes(), " on ", t.device());
+  TORCH_CHECK(t.size(1) > 0 && t.size(2) > 0 && t.size(1) <= INT32_MAX && t.size(2) <= INT32_MAX, op, ": ", label,
               " has a width of 0 or one too large for a 32-bit BLAS: ", t.sizes());
 }
 
@@ -174,8 +179,8 @@ at::Tensor ensemble_mlp_forward_cpu(const at::Tensor& x, at::TensorList weights,
   std::vector<at::Tensor> w, b;
   for (size_t l = 0; l < weights.size(); ++l) {
     const auto i = static_cast<int64_t>(l);
-    check_stack(weights[l], op, "weights", i, M, width, -1);
-    const int64_t out = weights[l].size(2);
+    check_stack(weights[l], op, "weights", i, M, -1, width);
+    const int64_t out = weights[l].size(1);
     check_stack(biases[l], op, "biases", i, M, 1, out);
     w.push_back(weights[l].contiguous());
     b.push_back(biases[l].contiguous());
@@ -190,26 +195,26 @@ at::Tensor ensemble_mlp_forward_cpu(const at::Tensor& x, at::TensorList weights,
   float* outp = result.data_ptr<float>();
   at::parallel_for(0, M * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(2 * kRows * widest);  // per task range: the block's activations, ping-pong
-    std::vector<float> transposed(kNarrow * widest);  // a narrow-output layer's weight, transposed
+    std::vector<float> transposed(kNarrow * widest);  // a narrow-input layer's weight, transposed (in x out)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m = task / blocks, r0 = (task % blocks) * kRows, rows = std::min(kRows, N - r0);
       const float* h = xp + (m * N + r0) * d;
       int64_t in = d;
       for (int64_t l = 0; l < layers; ++l) {
-        const int64_t out = w[l].size(2);
+        const int64_t out = w[l].size(1);
         const bool last = l == layers - 1;
         float* dst = last ? outp + (m * N + r0) * width : buf.data() + (l % 2) * kRows * widest;
         fill_rows(dst, b[l].data_ptr<float>() + m * out, rows, out);
         const float* wm = w[l].data_ptr<float>() + m * in * out;
         if (in <= kNarrow) {
-          narrow_in_accumulate(rows, in, out, h, wm, dst);
-        } else if (out <= kNarrow) {
           for (int64_t i = 0; i < in; ++i) {
-            for (int64_t j = 0; j < out; ++j) transposed[j * in + i] = wm[i * out + j];
+            for (int64_t j = 0; j < out; ++j) transposed[i * out + j] = wm[j * in + i];
           }
-          narrow_out_accumulate(rows, in, out, h, transposed.data(), dst);
+          narrow_in_accumulate(rows, in, out, h, transposed.data(), dst);
+        } else if (out <= kNarrow) {
+          narrow_out_accumulate(rows, in, out, h, wm, dst);
         } else {
-          gemm_accumulate(rows, in, out, h, wm, dst);
+          linear(rows, in, out, h, wm, 1.0f, dst);
         }
         if (!last) relu_inplace(dst, rows * out);
         h = dst;
@@ -220,8 +225,9 @@ at::Tensor ensemble_mlp_forward_cpu(const at::Tensor& x, at::TensorList weights,
   return result;
 }
 
-// The TimeMLP's layers as the ensemble stacks them (isofast/ensemble_models.py, EnsembleMLP): hidden layer l
-// is relu(h weights[l] + biases[l] + emb projs[l]), the output layer h out_weight + out_bias.
+// The TimeMLP's layers as the ensemble stacks them (isofast/ensemble_models.py, EnsembleMLP), each weight its
+// member's nn.Linear's (out x in): hidden layer l is relu(h weights[l]^T + biases[l] + emb projs[l]^T), the
+// output layer h out_weight^T + out_bias.
 struct StackedMLP {
   std::vector<at::Tensor> weights, projs, biases;
   at::Tensor out_weight;
@@ -236,9 +242,9 @@ struct StackedMLP {
     int64_t in = d;
     for (size_t l = 0; l < w.size(); ++l) {
       const auto i = static_cast<int64_t>(l);
-      check_stack(w[l], op, "weights", i, M, in, -1);
-      const int64_t out = w[l].size(2);
-      check_stack(p[l], op, "projs", i, M, E, out);
+      check_stack(w[l], op, "weights", i, M, -1, in);
+      const int64_t out = w[l].size(1);
+      check_stack(p[l], op, "projs", i, M, out, E);
       check_stack(b[l], op, "biases", i, M, 1, out);
       weights.push_back(w[l].contiguous());
       projs.push_back(p[l].contiguous());
@@ -246,17 +252,17 @@ struct StackedMLP {
       widest = std::max(widest, out);
       in = out;
     }
-    check_stack(ow, op, "out_weight", -1, M, in, d);
+    check_stack(ow, op, "out_weight", -1, M, d, in);
     out_weight = ow.contiguous();
   }
 
   int64_t layers() const { return static_cast<int64_t>(weights.size()); }
-  int64_t in_width(int64_t l) const { return l == 0 ? data_dim : weights[l - 1].size(2); }
-  int64_t out_width(int64_t l) const { return weights[l].size(2); }
+  int64_t in_width(int64_t l) const { return l == 0 ? data_dim : weights[l - 1].size(1); }
+  int64_t out_width(int64_t l) const { return weights[l].size(1); }
   const float* w(int64_t l, int64_t m) const {
     return weights[l].data_ptr<float>() + m * in_width(l) * out_width(l);
   }
-  const float* p(int64_t l, int64_t m) const { return projs[l].data_ptr<float>() + m * emb_dim * out_width(l); }
+  const float* p(int64_t l, int64_t m) const { return projs[l].data_ptr<float>() + m * out_width(l) * emb_dim; }
 };
 
 // The training ops' points x (M, B, d).
@@ -276,7 +282,7 @@ void check_rows(const at::Tensor& t, const char* op, const char* name, int64_t M
 
 // Training forward: every member's rows through every layer in one task per member (its activations in
 // L2), the hidden activations kept for the backward. Each layer adds in the single TimeMLP's order,
-// relu((b + h W) + emb P), so that a member computes what its own model's nn.Linear layers compute.
+// relu((b + h W^T) + emb P^T), so that a member computes what its own model's nn.Linear layers compute.
 std::tuple<at::Tensor, std::vector<at::Tensor>> ensemble_mlp_train_forward_cpu(
     const at::Tensor& x, const at::Tensor& emb, at::TensorList weights, at::TensorList projs, at::TensorList biases,
     const at::Tensor& out_weight, const at::Tensor& out_bias) {
@@ -300,21 +306,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> ensemble_mlp_train_forward_cpu(
         const int64_t in = net.in_width(l), out = net.out_width(l);
         float* z = hidden[l].data_ptr<float>() + m * B * out;
         fill_rows(z, net.biases[l].data_ptr<float>() + m * out, B, out);
-        gemm_accumulate(B, in, out, h, net.w(l, m), z);
-        gemm(false, false, B, out, E, e, E, net.p(l, m), out, 0.0f, proj.data());
+        linear(B, in, out, h, net.w(l, m), 1.0f, z);
+        linear(B, E, out, e, net.p(l, m), 0.0f, proj.data());
         add_relu(z, proj.data(), B * out);
         h = z;
       }
       const int64_t in = net.out_width(net.layers() - 1);
       float* y = result.data_ptr<float>() + m * B * d;
       fill_rows(y, ob.data_ptr<float>() + m * d, B, d);
-      gemm_accumulate(B, in, d, h, net.out_weight.data_ptr<float>() + m * in * d, y);
+      linear(B, in, d, h, net.out_weight.data_ptr<float>() + m * d * in, 1.0f, y);
     }
   });
   return {result, hidden};
 }
 
-// Its backward: the parameters' gradients (x and emb need none), one task per member.
+// Its backward: the parameters' gradients (x and emb need none), one task per member, as nn.Linear's backward
+// computes them: grad_W = delta^T h (out x in), grad_h = delta W.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>
 ensemble_mlp_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& emb,
                                 at::TensorList hidden, at::TensorList weights, at::TensorList projs,
@@ -348,19 +355,19 @@ ensemble_mlp_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, con
       };
       const int64_t top = net.out_width(L - 1);
       const float* h_top = h_of(L);  // the last hidden layer's output: the output layer's input
-      // output layer: y = b + h W
-      gemm(true, false, top, d, B, h_top, top, g, d, 0.0f, g_out_w.data_ptr<float>() + m * top * d);
+      // output layer: y = b + h W^T
+      gemm(true, false, d, top, B, g, d, h_top, top, 0.0f, g_out_w.data_ptr<float>() + m * d * top);
       sum_rows(g, B, d, g_out_b.data_ptr<float>() + m * d);
-      gemm(false, true, B, top, d, g, d, net.out_weight.data_ptr<float>() + m * top * d, d, 0.0f, delta.data());
+      gemm(false, false, B, top, d, g, d, net.out_weight.data_ptr<float>() + m * d * top, top, 0.0f, delta.data());
       relu_backward(delta.data(), h_top, B * top);
       for (int64_t l = L - 1; l >= 0; --l) {
         const int64_t in = net.in_width(l), out = net.out_width(l);
         const float* h = h_of(l);
-        gemm(true, false, in, out, B, h, in, delta.data(), out, 0.0f, gw[l].data_ptr<float>() + m * in * out);
-        gemm(true, false, E, out, B, e, E, delta.data(), out, 0.0f, gp[l].data_ptr<float>() + m * E * out);
+        gemm(true, false, out, in, B, delta.data(), out, h, in, 0.0f, gw[l].data_ptr<float>() + m * out * in);
+        gemm(true, false, out, E, B, delta.data(), out, e, E, 0.0f, gp[l].data_ptr<float>() + m * out * E);
         sum_rows(delta.data(), B, out, gb[l].data_ptr<float>() + m * out);
         if (l > 0) {
-          gemm(false, true, B, in, out, delta.data(), out, net.w(l, m), out, 0.0f, next.data());
+          gemm(false, false, B, in, out, delta.data(), out, net.w(l, m), in, 0.0f, next.data());
           relu_backward(next.data(), h, B * in);
           std::swap(delta, next);
         }

@@ -26,49 +26,47 @@ struct Reader {
   double operator[](int64_t b) const { return static_cast<double>(p[b]); }
 };
 
-// Writes the double values of f(b), b < count, into a new tensor of the sums' dtype (0-dim if scalar).
-template <typename A, typename F>
-at::Tensor make(int64_t count, bool scalar, const at::TensorOptions& opts, F&& f) {
-  at::Tensor out = scalar ? at::empty({}, opts) : at::empty({count}, opts);
-  A* o = out.data_ptr<A>();
-  for (int64_t b = 0; b < count; ++b) o[b] = static_cast<A>(f(b));
-  return out;
-}
+// One group's rows [b0, b0 + B) of the tail, with its lambda. Per-row outputs (k1, k2, d_w; loss, mse, iso
+// for reduction "none") are written at b0 + b; per-group ones (loss, mse, iso, isotropy) at index group.
+template <typename A>
+struct Out {
+  A *loss, *mse, *iso, *isotropy, *k1, *k2, *d_w;
+};
 
 template <typename A>
-Outputs tail(const at::Tensor& sse, const at::Tensor& ssq, int64_t n, const std::optional<at::Tensor>& weights,
-             double lambda, bool sample, bool none, bool mean) {
-  const int64_t B = sse.size(0);
-  const Reader<A> se{sse.data_ptr<A>()}, sq{ssq.data_ptr<A>()};
-  const A* wp = weights.has_value() ? weights->data_ptr<A>() : nullptr;
-  auto w = [&](int64_t b) { return wp != nullptr ? static_cast<double>(wp[b]) : 1.0; };
+void tail_group(const Reader<A>& se, const Reader<A>& sq, const A* wp, int64_t b0, int64_t B, int64_t group,
+                int64_t n, double lambda, bool sample, bool none, bool mean, const Out<A>& out) {
+  auto w = [&](int64_t b) { return wp != nullptr ? static_cast<double>(wp[b0 + b]) : 1.0; };
   const double r = mean ? 1.0 / static_cast<double>(B) : 1.0, inv_n = 1.0 / static_cast<double>(n);
-  auto mse_b = [&](int64_t b) { return se[b] * inv_n; };
-  auto s_b = [&](int64_t b) { return sq[b] * inv_n; };
+  auto mse_b = [&](int64_t b) { return se[b0 + b] * inv_n; };
+  auto s_b = [&](int64_t b) { return sq[b0 + b] * inv_n; };
   auto pen_b = [&](int64_t b) { return (s_b(b) - 1.0) * (s_b(b) - 1.0); };
+  auto put = [](A* dst, double v) { *dst = static_cast<A>(v); };
   double isotropy = 0;
   for (int64_t b = 0; b < B; ++b) isotropy += s_b(b);
   isotropy /= static_cast<double>(B);
-  const auto opts = sse.options();
 
-  at::Tensor loss, mse, iso, k2, d_w;
   if (!sample) {
     double m = 0;
     for (int64_t b = 0; b < B; ++b) m += w(b) * mse_b(b);
     m *= r;
     const double pen = (isotropy - 1.0) * (isotropy - 1.0);
     const double slope_s = 2.0 * lambda * (isotropy - 1.0) / static_cast<double>(B);
-    loss = make<A>(1, true, opts, [&](int64_t) { return m + lambda * pen; });
-    mse = make<A>(1, true, opts, [&](int64_t) { return m; });
-    iso = make<A>(1, true, opts, [&](int64_t) { return pen; });
-    k2 = make<A>(B, false, opts, [&](int64_t) { return 2.0 * inv_n * slope_s; });
-    d_w = make<A>(B, false, opts, [&](int64_t b) { return r * mse_b(b); });
+    put(out.loss + group, m + lambda * pen);
+    put(out.mse + group, m);
+    put(out.iso + group, pen);
+    for (int64_t b = 0; b < B; ++b) {
+      put(out.k2 + b0 + b, 2.0 * inv_n * slope_s);
+      put(out.d_w + b0 + b, r * mse_b(b));
+    }
   } else {
     auto per = [&](int64_t b) { return w(b) * (mse_b(b) + lambda * pen_b(b)); };
     if (none) {
-      loss = make<A>(B, false, opts, per);
-      mse = make<A>(B, false, opts, [&](int64_t b) { return w(b) * mse_b(b); });
-      iso = make<A>(B, false, opts, pen_b);
+      for (int64_t b = 0; b < B; ++b) {
+        put(out.loss + b0 + b, per(b));
+        put(out.mse + b0 + b, w(b) * mse_b(b));
+        put(out.iso + b0 + b, pen_b(b));
+      }
     } else {
       double l = 0, m = 0, p = 0;
       for (int64_t b = 0; b < B; ++b) {
@@ -76,25 +74,52 @@ Outputs tail(const at::Tensor& sse, const at::Tensor& ssq, int64_t n, const std:
         m += w(b) * mse_b(b);
         p += w(b) * pen_b(b);
       }
-      loss = make<A>(1, true, opts, [&](int64_t) { return r * l; });
-      mse = make<A>(1, true, opts, [&](int64_t) { return r * m; });
-      iso = make<A>(1, true, opts, [&](int64_t) { return r * p; });
+      put(out.loss + group, r * l);
+      put(out.mse + group, r * m);
+      put(out.iso + group, r * p);
     }
-    k2 = make<A>(B, false, opts, [&](int64_t b) { return 2.0 * inv_n * 2.0 * lambda * r * w(b) * (s_b(b) - 1.0); });
-    d_w = make<A>(B, false, opts, [&](int64_t b) { return r * (mse_b(b) + lambda * pen_b(b)); });
+    for (int64_t b = 0; b < B; ++b) {
+      put(out.k2 + b0 + b, 2.0 * inv_n * 2.0 * lambda * r * w(b) * (s_b(b) - 1.0));
+      put(out.d_w + b0 + b, r * (mse_b(b) + lambda * pen_b(b)));
+    }
   }
-  at::Tensor k1 = make<A>(B, false, opts, [&](int64_t b) { return 2.0 * inv_n * r * w(b); });
-  at::Tensor iso_out = make<A>(1, true, opts, [&](int64_t) { return isotropy; });
-  return {loss, mse, iso, iso_out, k1, k2, d_w};
+  for (int64_t b = 0; b < B; ++b) put(out.k1 + b0 + b, 2.0 * inv_n * r * w(b));
+  put(out.isotropy + group, isotropy);
+}
+
+// lambdas: one value per group (nullptr: one group, lambda).
+template <typename A>
+Outputs tail(const at::Tensor& sse, const at::Tensor& ssq, int64_t n, const std::optional<at::Tensor>& weights,
+             double lambda, const double* lambdas, int64_t groups, bool sample, bool none, bool mean) {
+  const int64_t B = sse.size(0), per_group = B / groups;
+  const auto opts = sse.options();
+  // one group without a lambdas tensor: 0-dim results (reduction "none": (B,)); else one per group
+  auto sized = [&](bool per_row) {
+    if (per_row) return at::empty({B}, opts);
+    return lambdas == nullptr ? at::empty({}, opts) : at::empty({groups}, opts);
+  };
+  at::Tensor loss = sized(none), mse = sized(none), iso = sized(none), isotropy = sized(false);
+  at::Tensor k1 = at::empty({B}, opts), k2 = at::empty({B}, opts), d_w = at::empty({B}, opts);
+  const Out<A> out{loss.data_ptr<A>(), mse.data_ptr<A>(), iso.data_ptr<A>(), isotropy.data_ptr<A>(),
+                   k1.data_ptr<A>(), k2.data_ptr<A>(), d_w.data_ptr<A>()};
+  const Reader<A> se{sse.data_ptr<A>()}, sq{ssq.data_ptr<A>()};
+  const A* wp = weights.has_value() ? weights->data_ptr<A>() : nullptr;
+  for (int64_t g = 0; g < groups; ++g) {
+    tail_group<A>(se, sq, wp, g * per_group, per_group, g, n, lambdas == nullptr ? lambda : lambdas[g], sample, none,
+                  mean, out);
+  }
+  return {loss, mse, iso, isotropy, k1, k2, d_w};
 }
 
 // Returns (loss, mse, iso, isotropy, k1, k2, d_w):
 //   loss, mse, iso: 0-dim, or (B,) for reduction "none" (mode "sample" only); isotropy: 0-dim;
+//   with lambdas (G,): the B sums are G consecutive groups of B/G (an ensemble's members), group g with the
+//   penalty weight lambdas[g] (iso_lambda unused), and loss, mse, iso, isotropy are (G,) (reduction "none": (B,));
 //   k1, k2: the iso_grad coefficients for a unit upstream gradient, (2/n) dL/dmse_b and (2/n) dL/ds_b;
 //   d_w: dL/dw_b (the weights' gradient for a unit upstream gradient).
 Outputs iso_loss_tail_cpu(const at::Tensor& sse, const at::Tensor& ssq, int64_t n,
                           const std::optional<at::Tensor>& weights, double lambda, std::string_view iso_mode,
-                          std::string_view reduction) {
+                          std::string_view reduction, const std::optional<at::Tensor>& lambdas) {
   constexpr const char* op = "isofast_C::iso_loss_tail";
   TORCH_CHECK(sse.scalar_type() == at::kFloat || sse.scalar_type() == at::kDouble, op,
               ": sse must be float32 or float64, got ", sse.scalar_type());
@@ -117,9 +142,20 @@ Outputs iso_loss_tail_cpu(const at::Tensor& sse, const at::Tensor& ssq, int64_t 
                 op, ": weights must be a contiguous (", B, ",) tensor of dtype ", sse.scalar_type(), " on ",
                 sse.device(), ", got ", weights->scalar_type(), " ", weights->sizes());
   }
+  at::Tensor lam;  // float64: a float32 lambda converts exactly, as the torch-ops tail's .to(float64)
+  if (lambdas.has_value()) {
+    TORCH_CHECK(lambdas->dim() == 1 && lambdas->size(0) > 0 && B % lambdas->size(0) == 0 &&
+                    lambdas->device() == sse.device() && lambdas->is_floating_point(),
+                op, ": lambdas must be a float (G,) tensor on ", sse.device(), " with G dividing the ", B,
+                " sums (one penalty weight per group), got ", lambdas->scalar_type(), " ", lambdas->sizes(), " on ",
+                lambdas->device());
+    lam = lambdas->to(at::kDouble).contiguous();
+  }
+  const double* lp = lam.defined() ? lam.data_ptr<double>() : nullptr;
+  const int64_t groups = lam.defined() ? lam.size(0) : 1;
   const bool mean = reduction == "mean";
-  if (sse.scalar_type() == at::kDouble) return tail<double>(sse, ssq, n, weights, lambda, sample, none, mean);
-  return tail<float>(sse, ssq, n, weights, lambda, sample, none, mean);
+  if (sse.scalar_type() == at::kDouble) return tail<double>(sse, ssq, n, weights, lambda, lp, groups, sample, none, mean);
+  return tail<float>(sse, ssq, n, weights, lambda, lp, groups, sample, none, mean);
 }
 
 }  // namespace

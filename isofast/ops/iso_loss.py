@@ -5,8 +5,9 @@ each sample to sse_b = sum_i (p - eps)^2 and ssq_b = sum_i p^2, and its autograd
 ``iso_grad``, which writes g = c1_b (p - eps) + c2_b p with c1 = 2 dL/dsse_b, c2 = 2 dL/dssq_b.
 Between them is the loss's O(B) tail (`_tail`): the oracle's formula (`reference.loss_from_terms`)
 and its closed-form slopes, so the backward is one ``iso_grad`` pass and no autograd graph over
-~20 tiny ops. On the CPU the tail is one compiled op (``isofast_C::iso_loss_tail``: in torch ops it
-costs more than both kernels at training sizes); elsewhere `_LossTail` below, in torch ops.
+~20 tiny ops. On the CPU the tail is one compiled op (``isofast_C::iso_loss_tail``, for one group or an
+ensemble's G: in torch ops it costs more than both kernels at training sizes); elsewhere `_LossTail`
+below, in torch ops.
 
 Prediction types: for v- and x0-prediction the same two primitives take two more operands, x0 and
 per-row coefficients coef (5, B) (`operands.PREDICTION_COEFFICIENTS`), since the residual against the
@@ -128,12 +129,17 @@ def _tail(sse, ssq, n, weights, iso_lambda, iso_mode, reduction, groups=1):
 
     k1 = (2/n) dL/dmse_b, k2 = (2/n) dL/ds_b and d_w = dL/dw_b are the slopes for a unit upstream
     gradient (``iso_grad``'s coefficients are k1 g and k2 g). On the CPU one compiled op with its
-    autograd in C++; elsewhere, and for groups, `_LossTail` (a GPU launches its small ops
-    asynchronously, no host sync). Both compute in float64 and return the sums' dtype.
+    autograd in C++ (groups: one lambda per group, float64 as `_LossTail` converts it); elsewhere
+    `_LossTail` (a GPU launches its small ops asynchronously, no host sync). Both compute in float64
+    and return the sums' dtype.
     """
     w = None if weights is None else weights.to(sse.dtype).contiguous()
-    if groups == 1 and sse.device.type == "cpu" and backends.usable("cpu"):
-        return torch.ops.isofast_C.iso_loss_tail(sse, ssq, n, w, iso_lambda, iso_mode, reduction)
+    if sse.device.type == "cpu" and backends.usable("cpu"):
+        if groups == 1:
+            return torch.ops.isofast_C.iso_loss_tail(sse, ssq, n, w, iso_lambda, iso_mode, reduction)
+        lambdas = (iso_lambda if isinstance(iso_lambda, torch.Tensor)
+                   else torch.full((groups,), float(iso_lambda), dtype=torch.float64))
+        return torch.ops.isofast_C.iso_loss_tail(sse, ssq, n, w, 0.0, iso_mode, reduction, lambdas)
     return _LossTail.apply(sse, ssq, n, w, iso_lambda, iso_mode, reduction, groups)
 
 
@@ -208,10 +214,11 @@ def _(p, e, seed, offset, c1, c2, x0=None, coef=None):
 
 
 @backends.register_fake("iso_loss_tail")
-def _(sse, ssq, n, weights, iso_lambda, iso_mode, reduction):
-    per = (sse.shape[0],) if reduction == "none" else ()
+def _(sse, ssq, n, weights, iso_lambda, iso_mode, reduction, lambdas=None):
+    per_group = () if lambdas is None else (lambdas.shape[0],)
+    per = (sse.shape[0],) if reduction == "none" else per_group
     loss, mse, iso = (sse.new_empty(per) for _ in range(3))
-    return loss, mse, iso, sse.new_empty(()), torch.empty_like(sse), torch.empty_like(sse), torch.empty_like(sse)
+    return loss, mse, iso, sse.new_empty(per_group), torch.empty_like(sse), torch.empty_like(sse), torch.empty_like(sse)
 
 
 def _setup_context(ctx, inputs, output):

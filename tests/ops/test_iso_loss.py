@@ -440,13 +440,55 @@ def test_compiled_tail_equals_torch_tail(backend, monkeypatch, mode, reduction, 
     sse, ssq, w = _sums(B, n, dtype, B)
     got = loss_mod._tail(sse, ssq, n, w if weighted else None, lam, mode, reduction)
     monkeypatch.setattr(backends, "usable", lambda name: False)
-    want = loss_mod._tail(sse, ssq, n, w if weighted else None, lam, mode, reduction)
-    # float32: the torch ops round (S - 1) in float32 (the compiled op works in float64), so the
-    # small batch penalty (S - 1)^2 agrees to an absolute, not a relative, tolerance.
+    _assert_tails_close(got, loss_mod._tail(sse, ssq, n, w if weighted else None, lam, mode, reduction), dtype)
+
+
+def _assert_tails_close(got, want, dtype):
+    """The compiled tail's outputs against the torch-ops tail's. float32: the torch ops round (S - 1) in float32
+    (the compiled op works in float64), so the small batch penalty (S - 1)^2 agrees to an absolute, not a
+    relative, tolerance."""
     rtol, atol = (1e-12, 1e-15) if dtype == torch.float64 else (2e-6, 1e-7)
     for name, g, e in zip(("loss", "mse", "iso", "isotropy", "k1", "k2", "d_w"), got, want, strict=True):
         assert g.dtype == dtype and g.shape == e.shape, name
         torch.testing.assert_close(g, e, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@on("cpu")
+@pytest.mark.parametrize("mode,reduction", CASES)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_compiled_tail_with_groups_equals_torch_tail_and_each_group(backend, monkeypatch, mode, reduction, weighted,
+                                                                     dtype):
+    # an ensemble's G groups, one lambda each: the compiled op against `_LossTail` and against G one-group calls
+    G, per, n = 4, 16, 3072
+    lambdas = torch.tensor([0.0, 0.3, 0.05, 1.5], dtype=torch.float64)
+    sse, ssq, w = _sums(G * per, n, dtype, 7)
+    w = w if weighted else None
+    got = loss_mod._tail(sse, ssq, n, w, lambdas, mode, reduction, G)
+    for g in range(G):
+        rows = slice(g * per, (g + 1) * per)
+        alone = loss_mod._tail(sse[rows].contiguous(), ssq[rows].contiguous(), n,
+                               None if w is None else w[rows].contiguous(), float(lambdas[g]), mode, reduction)
+        for name, a, b in zip(("loss", "mse", "iso", "isotropy", "k1", "k2", "d_w"), got, alone, strict=True):
+            part = a[rows] if a.numel() == G * per else a[g]
+            assert torch.equal(part, b), (g, name)  # the same formulas on the same sums: bit for bit
+    monkeypatch.setattr(backends, "usable", lambda name: False)
+    _assert_tails_close(got, loss_mod._tail(sse, ssq, n, w, lambdas, mode, reduction, G), dtype)
+
+
+@on("cpu")
+@pytest.mark.parametrize("mode,reduction", CASES)
+def test_compiled_tail_with_groups_gradcheck(backend, mode, reduction):
+    # each group's loss differentiates into its own rows only (the upstream gradient is one value per group)
+    B, n, lambdas = 6, 5, torch.tensor([0.7, 0.0, 2.0], dtype=torch.float64)
+    sse, ssq, w = _sums(B, n, torch.float64, 11)
+    inputs = (sse.requires_grad_(), ssq.requires_grad_(), w.requires_grad_())
+    tail = torch.ops.isofast_C.iso_loss_tail
+
+    def loss(a, b, ws):
+        return tail(a, b, n, ws, 0.0, mode, reduction, lambdas)[0]
+
+    assert torch.autograd.gradcheck(loss, inputs)
 
 
 @on("cpu")
@@ -469,6 +511,10 @@ def test_compiled_tail_rejects_bad_arguments(backend):
         tail(sse, ssq, 8, torch.ones(4, dtype=torch.float64), 0.3, "batch", "mean")
     with pytest.raises(RuntimeError, match="n must be positive"):
         tail(sse, ssq, 0, None, 0.3, "batch", "mean")
+    with pytest.raises(RuntimeError, match=r"lambdas must be a float \(G,\) tensor .* with G dividing the 4 sums"):
+        tail(sse, ssq, 8, None, 0.0, "batch", "mean", torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"lambdas must be a float \(G,\) tensor"):
+        tail(sse, ssq, 8, None, 0.0, "batch", "mean", torch.ones(2, dtype=torch.int64))
 
 
 # ---------------------------------------------------------------- the public loss against the reference

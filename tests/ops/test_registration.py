@@ -110,5 +110,7 @@ def test_opcheck_cpu_only_ops(backend):
     for w in (None, (torch.rand(3) + 0.5).requires_grad_()):
         for mode, reduction in (("batch", "mean"), ("sample", "sum"), ("sample", "none")):
             torch.library.opcheck(ops.iso_loss_tail.default, (sse, ssq, 7, w, 0.3, mode, reduction))
+            torch.library.opcheck(ops.iso_loss_tail.default, (sse, ssq, 7, w, 0.0, mode, reduction,
+                                                              torch.tensor([0.3, 1.0, 0.0])))
     torch.library.opcheck(ops.philox_bits.default, (torch.empty(9), 1, 2))
     torch.library.opcheck(ops.philox_randn.default, (torch.empty(9), 1, 2))
