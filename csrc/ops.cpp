@@ -54,6 +54,13 @@ TORCH_LIBRARY(isofast_C, m) {
   m.def(
       "ensemble_mlp_train_backward(Tensor grad, Tensor x, Tensor emb, Tensor[] hidden, Tensor[] weights, "
       "Tensor[] projs, Tensor[] biases, Tensor out_weight) -> (Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
+  // CPU: the stacked TimeMLP's whole training forward and backward, one task per member: q_sample, the network,
+  // the Iso-Diffusion loss (mode "batch", mean, lambdas[m]) and the gradients of the members' summed losses;
+  // returns (loss (M,), the gradients as the backward above).
+  m.def(
+      "ensemble_mlp_train_step(Tensor x0, Tensor eps, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor emb_table, "
+      "Tensor lambdas, Tensor[] weights, Tensor[] projs, Tensor[] biases, Tensor out_weight, Tensor out_bias) "
+      "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
   // CPU: the stacked ensemble's Adam in one pass (cpu/adam.cpp; torch's own sqrt on each chunk).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

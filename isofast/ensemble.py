@@ -10,7 +10,9 @@ named model of `isofast.models.registry.MODELS_2D`; stacked by `isofast.ensemble
 order (`EpochOrder`), timesteps and noise keys (`make_noise_generator`), Adam state, gradient-norm
 clipping, EMA and loss, with its own lambda. Members never share gradients: the loss is the sum of
 the members' losses (`iso_ddpm_loss` with ``groups=M``), so member m's gradient is its own loss's.
-Members may train on different datasets of one shape.
+Members may train on different datasets of one shape. On a CPU with the compiled kernels a member is its
+single run bit for bit: every sum it takes (its layers, loss, clipping norm, Adam) is in that run's order,
+and a TimeMLP ensemble's q_sample, forward, loss and backward are one call (``ensemble_mlp_train_step``).
 
 Sampling (`ensemble_ddpm_sample`) runs every member's DDPM chain in one loop of fused steps; all
 rows of a step share one t, so each member's time-embedding projections are computed once per step,
@@ -29,7 +31,7 @@ from .ensemble_adam import EnsembleAdam
 from .ensemble_models import EnsembleAuthorsMLP, EnsembleMLP, _cpu_kernels_built, stack_members
 from .models.registry import build_model_2d
 from .noise import NoiseKey, calls_for, to_signed
-from .ops import backends, extension, iso_ddpm_loss, q_sample
+from .ops import backends, extension, iso_ddpm_loss, operands, q_sample
 from .ops.steps import ddpm_step_keyed
 from .sampling import ddpm_timesteps
 from .schedule import NoiseSchedule
@@ -88,6 +90,10 @@ class EnsembleRun:
         self.generators = [make_noise_generator(s) for s in self.seeds]
         # float64: each member's lambda exactly as its single run's float (the loss's tail computes in float64)
         self.lambda_tensor = torch.tensor(self.lambdas, dtype=torch.float64, device=self.device)
+        # On a CPU with the compiled kernels a TimeMLP ensemble's forward, loss and backward are one call
+        # (ensemble_mlp_train_step): the same arithmetic as the separate ops, without their dispatch and graph.
+        self._fused_step = (isinstance(self.model, EnsembleMLP) and _cpu_kernels_built(self.device)
+                            and backends.resolve(config.backend, self.device) == "cpu")
         self.step = 0
         self.loss_log: list[tuple[int, list[float]]] = []  # (step, each member's mean loss of the window)
         self._window: torch.Tensor | None = None  # the losses summed since the last log entry
@@ -110,16 +116,19 @@ class EnsembleRun:
         idx = torch.stack([order.indices(self.step) for order in self.orders]).to(self.device)  # (M, B)
         x0 = torch.gather(self.data, 1, idx.unsqueeze(-1).expand(-1, -1, self.data.shape[2]))
         t, eps = self._noise(tuple(x0.shape[1:]))
-        rows = M * B
-        x_t, _ = q_sample(x0.reshape(rows, -1), t.reshape(-1), self.schedule, eps.reshape(rows, -1),
-                          backend=cfg.backend)
-        eps_pred = self.model(x_t.view_as(x0), t)
-        # one member is the ordinary loss: a float lambda (a tensor is one value per group, groups > 1 only)
-        lam = self.lambda_tensor if M > 1 else float(self.lambdas[0])
-        loss = iso_ddpm_loss(eps_pred.reshape(rows, -1), eps.reshape(rows, -1), lam, "batch",
-                             backend=cfg.backend, groups=M).reshape(M)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()  # member m's parameters get member m's loss's gradient, nothing else
+        if self._fused_step:
+            loss = self._fused_loss_and_grads(x0, t, eps)
+        else:
+            rows = M * B
+            x_t, _ = q_sample(x0.reshape(rows, -1), t.reshape(-1), self.schedule, eps.reshape(rows, -1),
+                              backend=cfg.backend)
+            eps_pred = self.model(x_t.view_as(x0), t)
+            # one member is the ordinary loss: a float lambda (a tensor is one value per group, groups > 1 only)
+            lam = self.lambda_tensor if M > 1 else float(self.lambdas[0])
+            loss = iso_ddpm_loss(eps_pred.reshape(rows, -1), eps.reshape(rows, -1), lam, "batch",
+                                 backend=cfg.backend, groups=M).reshape(M)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()  # member m's parameters get member m's loss's gradient, nothing else
         params = list(self.model.parameters())
         scale = _clip_coefficients(self.model.member_parameters(), cfg.grad_clip) if cfg.grad_clip else None
         ema = [] if self.ema is None else list(self.ema.parameters())
@@ -136,6 +145,20 @@ class EnsembleRun:
                     torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
         self.step += 1
         return loss.detach()
+
+    def _fused_loss_and_grads(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The members' losses (M,); every parameter's .grad set to its members' gradients (one compiled call)."""
+        model = self.model
+        sqrt_ab, sqrt_1mab = operands.table(self.schedule, "q_sample", x0)
+        weights, projs, biases = list(model.weight), list(model.proj), list(model.bias)
+        loss, *grads = torch.ops.isofast_C.ensemble_mlp_train_step(
+            x0, eps, t, sqrt_ab, sqrt_1mab, model.embedding_table(self.config.T, self.device), self.lambda_tensor,
+            weights, projs, biases, model.out_weight, model.out_bias)
+        gw, gp, gb, g_out_w, g_out_b = grads
+        for p, g in zip([*weights, *projs, *biases, model.out_weight, model.out_bias], [*gw, *gp, *gb, g_out_w, g_out_b],
+                        strict=True):
+            p.grad = g
+        return loss
 
     def fit(self, steps: int | None = None, progress: bool = False) -> EnsembleRun:
         """Train until ``steps`` (default: the config's) optimizer steps are done (one bar for all members)."""

@@ -219,13 +219,17 @@ class EnsembleMLP(_Stacked):
         if t.numel() == 0 or t.is_floating_point() or t.device.type != "cpu":
             return timestep_embedding(t, self.emb_dim, self.max_period)
         low, high = (int(v) for v in torch.aminmax(t))
-        table = getattr(self, "_embedding_table", None)
         if low < 0 or high >= 1 << 20:  # not a timestep table's row; timestep_embedding computes it as it is
             return timestep_embedding(t, self.emb_dim, self.max_period)
-        if table is None or table.device != t.device or table.shape[0] <= high:
-            rows = torch.arange(max(1024, high + 1), device=t.device)
-            table = self._embedding_table = timestep_embedding(rows, self.emb_dim, self.max_period)
-        return table.index_select(0, t)
+        return self.embedding_table(high + 1, t.device).index_select(0, t)
+
+    def embedding_table(self, rows: int, device: torch.device) -> torch.Tensor:
+        """(>= rows, emb_dim): row t is timestep_embedding(t) (cached; grown when more rows are asked for)."""
+        table = getattr(self, "_embedding_table", None)
+        if table is None or table.device != device or table.shape[0] < rows:
+            steps = torch.arange(max(1024, rows), device=device)
+            table = self._embedding_table = timestep_embedding(steps, self.emb_dim, self.max_period)
+        return table
 
     def _shared_t_layers(self, t: torch.Tensor, dtype: torch.dtype) -> Layers:
         emb = timestep_embedding(t, self.emb_dim, self.max_period).to(dtype)[:, None]  # (M, 1, emb)

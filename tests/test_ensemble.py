@@ -31,21 +31,25 @@ def test_stacked_forward_equals_each_member():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("members", [3, 1], ids=["three", "one"])
-def test_ensemble_equals_single_runs(tmp_path, members):
+@pytest.mark.parametrize("members,fused", [(3, True), (1, True), (3, False)], ids=["three", "one", "three-ops"])
+def test_ensemble_equals_single_runs(tmp_path, members, fused):
     """Weights and EMA after 200 steps equal the single runs', each member with its own seed, lambda and data;
     one member is the ordinary single run (it used to crash: a lambda tensor with groups = 1). Where the fused
     CPU kernels run (isofast._C built), bit for bit: every sum of a member (its layers, loss, clipping norm,
     Adam) is in its single run's order. Adam amplifies a last-bit difference chaotically (a clipping norm
     summed in another order reached 4e-3 relative at step 200 on one of these trajectories), so anything
     short of bit for bit is a matter of luck here. Elsewhere (the batched matmuls round differently): within
-    1e-5 relative per tensor."""
+    1e-5 relative per tensor. "three-ops": the separate ops (q_sample, the model's autograd function, the loss) in
+    place of the one-call training step."""
     steps = 200
     seeds, lambdas = [0, 1, 2][:members], ([0.0, 0.3, 0.1] if members == 3 else [0.3])
     names = ["swiss_roll", "moon_scatter", "swiss_roll"][:members]
     data = [make_dataset(name, 1000, seed=s) for name, s in zip(names, seeds, strict=True)]
     cfg = TrainConfig(out_dir=str(tmp_path / "ensemble"), steps=steps, batch_size=64, T=100)
-    ens = EnsembleRun(data, seeds, lambdas, cfg).fit()
+    ens = EnsembleRun(data, seeds, lambdas, cfg)
+    assert ens._fused_step == extension.available("cpu")[0]
+    ens._fused_step = ens._fused_step and fused
+    ens.fit()
     for m, (seed, lam) in enumerate(zip(seeds, lambdas, strict=True)):
         torch.manual_seed(seed)
         single = Trainer(TimeMLP(), data[m], TrainConfig(

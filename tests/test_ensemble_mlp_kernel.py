@@ -154,3 +154,73 @@ def test_embedding_table_is_the_direct_embedding():
     frac = torch.tensor([0.5, 2.25])  # fractional timesteps are computed directly
     assert torch.equal(ens._embedding(frac), timestep_embedding(frac, ens.emb_dim, ens.max_period))
 
+
+
+def _step_operands(members, batch, data_dim, T, gen):
+    x0, eps = torch.randn(members, batch, data_dim, generator=gen), torch.randn(members, batch, data_dim, generator=gen)
+    t = torch.randint(0, T, (members, batch), generator=gen)
+    lambdas = torch.rand(members, generator=gen, dtype=torch.float64)
+    return x0, eps, t, lambdas
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("case", range(4))
+def test_fused_train_step_equals_the_separate_ops(case):
+    """ensemble_mlp_train_step (q_sample, the network, the loss and every gradient in one call) against the ops it
+    fuses: q_sample, the training forward and backward through autograd and iso_ddpm_loss with groups, bit for bit
+    (the same arithmetic in the same order), for random shapes."""
+    from isofast.ops import iso_ddpm_loss, operands, q_sample
+    from isofast.schedule import NoiseSchedule
+
+    gen = torch.Generator().manual_seed(20 + case)
+    members, batch, data_dim = [(3, 64, 2), (1, 64, 2), (2, 37, 3), (4, 1, 2)][case]
+    hidden, layers = [(128, 3), (128, 3), (40, 2), (16, 1)][case]
+    torch.manual_seed(case)
+    ens = stack_members([TimeMLP(data_dim=data_dim, hidden=hidden, n_layers=layers) for _ in range(members)])
+    sched = NoiseSchedule.linear(T=100)
+    x0, eps, t, lambdas = _step_operands(members, batch, data_dim, 100, gen)
+    sa, sb = operands.table(sched, "q_sample", x0)
+    loss, gw, gp, gb, g_out_w, g_out_b = torch.ops.isofast_C.ensemble_mlp_train_step(
+        x0, eps, t, sa, sb, ens.embedding_table(100, x0.device), lambdas, list(ens.weight), list(ens.proj),
+        list(ens.bias), ens.out_weight, ens.out_bias)
+
+    rows = members * batch
+    x_t, _ = q_sample(x0.reshape(rows, -1), t.reshape(-1), sched, eps.reshape(rows, -1), backend="cpu")
+    pred = ens(x_t.view_as(x0), t)
+    lam = lambdas if members > 1 else float(lambdas[0])
+    want = iso_ddpm_loss(pred.reshape(rows, -1), eps.reshape(rows, -1), lam, "batch", backend="cpu",
+                         groups=members).reshape(members)
+    want.sum().backward()
+    assert torch.equal(loss, want.detach())
+    for got, p in zip([*gw, *gp, *gb, g_out_w, g_out_b], [*ens.weight, *ens.proj, *ens.bias, ens.out_weight,
+                                                         ens.out_bias], strict=True):
+        assert got.shape == p.shape and torch.equal(got, p.grad)
+
+
+@needs_cpu_kernels
+def test_fused_train_step_refuses_bad_input():
+    from isofast.ops import operands
+    from isofast.schedule import NoiseSchedule
+
+    step = torch.ops.isofast_C.ensemble_mlp_train_step
+    ens = stack_members([TimeMLP(hidden=8, n_layers=1, emb_dim=4) for _ in range(2)])
+    x0, eps, t, lambdas = _step_operands(2, 5, 2, 10, torch.Generator().manual_seed(0))
+    sa, sb = operands.table(NoiseSchedule.linear(T=10), "q_sample", x0)
+    table = ens.embedding_table(10, x0.device)
+    params = (list(ens.weight), list(ens.proj), list(ens.bias), ens.out_weight, ens.out_bias)
+    assert step(x0, eps, t, sa, sb, table, lambdas, *params)[0].shape == (2,)
+    with pytest.raises(RuntimeError, match=r"eps must be a float32 CPU tensor \(2, 5, 2\)"):
+        step(x0, eps[:, :4], t, sa, sb, table, lambdas, *params)
+    with pytest.raises(RuntimeError, match=r"t must be an int64 CPU tensor \(2, 5\)"):
+        step(x0, eps, t.int(), sa, sb, table, lambdas, *params)
+    with pytest.raises(RuntimeError, match=r"t\[3\] = 10 is outside \[0, 10\)"):
+        step(x0, eps, t.index_put((torch.tensor(0), torch.tensor(3)), torch.tensor(10)), sa, sb, table, lambdas,
+             *params)
+    with pytest.raises(RuntimeError, match=r"lambdas must be a float64 CPU vector \(2,\), one per member"):
+        step(x0, eps, t, sa, sb, table, lambdas.float(), *params)
+    with pytest.raises(RuntimeError, match=r"lambdas must be a float64 CPU vector \(2,\)"):
+        step(x0, eps, t, sa, sb, table, lambdas[:1], *params)
+    with pytest.raises(RuntimeError, match="sqrt_1mab must be a float32 CPU vector"):
+        step(x0, eps, t, sa, sb[:5], table, lambdas, *params)
+    with pytest.raises(RuntimeError, match=r"projs\[0\] must be a float32 CPU tensor \(2, 8, 5\)"):
+        step(x0, eps, t, sa, sb, torch.randn(10, 5), lambdas, *params)  # the table's width is not the model's

@@ -23,6 +23,8 @@
 // loop over tasks; where torch exports no sgemm_ they are at::mm / addmm_ on views. A task's result does not
 // depend on the thread that computes it.
 #include "cpu_common.h"
+#include "iso_rows.h"
+#include "iso_tail.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -280,9 +282,72 @@ void check_rows(const at::Tensor& t, const char* op, const char* name, int64_t M
               " of shape ", t.sizes(), " on ", t.device());
 }
 
+// Member m's training forward of its B rows x (B x d) with embeddings e (B x E): hidden layer l's activations
+// into h_out[l] (B x out_l), the output into y (B x d); proj: a B x widest scratch. Each layer adds in the
+// single TimeMLP's order, relu((b + h W^T) + emb P^T), so that a member computes what its own model's
+// nn.Linear layers compute.
+void member_forward(const StackedMLP& net, int64_t m, int64_t B, const float* x, const float* e,
+                    const std::vector<float*>& h_out, const float* out_bias, float* y, float* proj) {
+  const float* h = x;
+  for (int64_t l = 0; l < net.layers(); ++l) {
+    const int64_t in = net.in_width(l), out = net.out_width(l);
+    float* z = h_out[l];
+    fill_rows(z, net.biases[l].data_ptr<float>() + m * out, B, out);
+    linear(B, in, out, h, net.w(l, m), 1.0f, z);
+    linear(B, net.emb_dim, out, e, net.p(l, m), 0.0f, proj);
+    add_relu(z, proj, B * out);
+    h = z;
+  }
+  const int64_t in = net.out_width(net.layers() - 1), d = net.data_dim;
+  fill_rows(y, out_bias + m * d, B, d);
+  linear(B, in, d, h, net.out_weight.data_ptr<float>() + m * d * in, 1.0f, y);
+}
+
+// Where member m's gradients go: the stacked gradient tensors of the parameters.
+struct Grads {
+  std::vector<at::Tensor> w, p, b;
+  at::Tensor out_w, out_b;
+
+  Grads(const StackedMLP& net, int64_t M) {
+    for (int64_t l = 0; l < net.layers(); ++l) {
+      w.push_back(at::empty_like(net.weights[l]));
+      p.push_back(at::empty_like(net.projs[l]));
+      b.push_back(at::empty_like(net.biases[l]));
+    }
+    out_w = at::empty_like(net.out_weight);
+    out_b = at::empty({M, 1, net.data_dim}, net.out_weight.options());
+  }
+};
+
+// Member m's backward from the output's gradient g (B x d), as nn.Linear's backward computes it: grad_W =
+// delta^T h (out x in), grad_h = delta W; h_in[l] is hidden layer l's input (h_in[0] = x, h_in[L] the last
+// hidden layer's output). delta, next: B x widest scratch.
+void member_backward(const StackedMLP& net, int64_t m, int64_t B, const float* g, const float* e,
+                     const std::vector<const float*>& h_in, Grads& grads, std::vector<float>& delta,
+                     std::vector<float>& next) {
+  const int64_t d = net.data_dim, E = net.emb_dim, L = net.layers(), top = net.out_width(L - 1);
+  const float* h_top = h_in[L];  // the last hidden layer's output: the output layer's input
+  // output layer: y = b + h W^T
+  gemm(true, false, d, top, B, g, d, h_top, top, 0.0f, grads.out_w.data_ptr<float>() + m * d * top);
+  sum_rows(g, B, d, grads.out_b.data_ptr<float>() + m * d);
+  gemm(false, false, B, top, d, g, d, net.out_weight.data_ptr<float>() + m * d * top, top, 0.0f, delta.data());
+  relu_backward(delta.data(), h_top, B * top);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t in = net.in_width(l), out = net.out_width(l);
+    const float* h = h_in[l];
+    gemm(true, false, out, in, B, delta.data(), out, h, in, 0.0f, grads.w[l].data_ptr<float>() + m * out * in);
+    gemm(true, false, out, E, B, delta.data(), out, e, E, 0.0f, grads.p[l].data_ptr<float>() + m * out * E);
+    sum_rows(delta.data(), B, out, grads.b[l].data_ptr<float>() + m * out);
+    if (l > 0) {
+      gemm(false, false, B, in, out, delta.data(), out, net.w(l, m), in, 0.0f, next.data());
+      relu_backward(next.data(), h, B * in);
+      std::swap(delta, next);
+    }
+  }
+}
+
 // Training forward: every member's rows through every layer in one task per member (its activations in
-// L2), the hidden activations kept for the backward. Each layer adds in the single TimeMLP's order,
-// relu((b + h W^T) + emb P^T), so that a member computes what its own model's nn.Linear layers compute.
+// L2), the hidden activations kept for the backward.
 std::tuple<at::Tensor, std::vector<at::Tensor>> ensemble_mlp_train_forward_cpu(
     const at::Tensor& x, const at::Tensor& emb, at::TensorList weights, at::TensorList projs, at::TensorList biases,
     const at::Tensor& out_weight, const at::Tensor& out_bias) {
@@ -298,30 +363,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> ensemble_mlp_train_forward_cpu(
   at::Tensor result = at::empty({M, B, d}, x.options());
   const int64_t E = net.emb_dim;
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> proj(B * net.widest);  // the time projection of one layer
+    std::vector<float> proj(B * net.widest);
+    std::vector<float*> h_out(net.layers());
     for (int64_t m = begin; m < end; ++m) {
-      const float* h = xc.data_ptr<float>() + m * B * d;
-      const float* e = ec.data_ptr<float>() + m * B * E;
-      for (int64_t l = 0; l < net.layers(); ++l) {
-        const int64_t in = net.in_width(l), out = net.out_width(l);
-        float* z = hidden[l].data_ptr<float>() + m * B * out;
-        fill_rows(z, net.biases[l].data_ptr<float>() + m * out, B, out);
-        linear(B, in, out, h, net.w(l, m), 1.0f, z);
-        linear(B, E, out, e, net.p(l, m), 0.0f, proj.data());
-        add_relu(z, proj.data(), B * out);
-        h = z;
-      }
-      const int64_t in = net.out_width(net.layers() - 1);
-      float* y = result.data_ptr<float>() + m * B * d;
-      fill_rows(y, ob.data_ptr<float>() + m * d, B, d);
-      linear(B, in, d, h, net.out_weight.data_ptr<float>() + m * d * in, 1.0f, y);
+      for (int64_t l = 0; l < net.layers(); ++l) h_out[l] = hidden[l].data_ptr<float>() + m * B * net.out_width(l);
+      member_forward(net, m, B, xc.data_ptr<float>() + m * B * d, ec.data_ptr<float>() + m * B * E, h_out,
+                     ob.data_ptr<float>(), result.data_ptr<float>() + m * B * d, proj.data());
     }
   });
   return {result, hidden};
 }
 
-// Its backward: the parameters' gradients (x and emb need none), one task per member, as nn.Linear's backward
-// computes them: grad_W = delta^T h (out x in), grad_h = delta W.
+// Its backward: the parameters' gradients (x and emb need none), one task per member.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>
 ensemble_mlp_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& emb,
                                 at::TensorList hidden, at::TensorList weights, at::TensorList projs,
@@ -334,47 +387,133 @@ ensemble_mlp_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, con
   const StackedMLP net(op, M, d, emb.size(2), weights, projs, biases, out_weight);
   TORCH_CHECK(static_cast<int64_t>(hidden.size()) == net.layers(), op, ": hidden must hold one tensor per hidden layer (",
               net.layers(), "), got ", hidden.size());
-  std::vector<at::Tensor> h_saved, gw, gp, gb;
+  std::vector<at::Tensor> h_saved;
   for (int64_t l = 0; l < net.layers(); ++l) {
     check_rows(hidden[l], op, "hidden", M, B, net.out_width(l));
     h_saved.push_back(hidden[l].contiguous());
-    gw.push_back(at::empty_like(net.weights[l]));
-    gp.push_back(at::empty_like(net.projs[l]));
-    gb.push_back(at::empty_like(net.biases[l]));
   }
   const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), ec = emb.contiguous();
-  at::Tensor g_out_w = at::empty_like(net.out_weight), g_out_b = at::empty({M, 1, d}, x.options());
+  Grads grads(net, M);
   const int64_t E = net.emb_dim, L = net.layers();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> delta(B * net.widest), next(B * net.widest);
+    std::vector<const float*> h_in(L + 1);
     for (int64_t m = begin; m < end; ++m) {
-      const float* g = gc.data_ptr<float>() + m * B * d;
-      const float* e = ec.data_ptr<float>() + m * B * E;
-      auto h_of = [&](int64_t l) {  // the input of layer l (l = L: the output layer)
-        return l == 0 ? xc.data_ptr<float>() + m * B * d : h_saved[l - 1].data_ptr<float>() + m * B * net.out_width(l - 1);
-      };
-      const int64_t top = net.out_width(L - 1);
-      const float* h_top = h_of(L);  // the last hidden layer's output: the output layer's input
-      // output layer: y = b + h W^T
-      gemm(true, false, d, top, B, g, d, h_top, top, 0.0f, g_out_w.data_ptr<float>() + m * d * top);
-      sum_rows(g, B, d, g_out_b.data_ptr<float>() + m * d);
-      gemm(false, false, B, top, d, g, d, net.out_weight.data_ptr<float>() + m * d * top, top, 0.0f, delta.data());
-      relu_backward(delta.data(), h_top, B * top);
-      for (int64_t l = L - 1; l >= 0; --l) {
-        const int64_t in = net.in_width(l), out = net.out_width(l);
-        const float* h = h_of(l);
-        gemm(true, false, out, in, B, delta.data(), out, h, in, 0.0f, gw[l].data_ptr<float>() + m * out * in);
-        gemm(true, false, out, E, B, delta.data(), out, e, E, 0.0f, gp[l].data_ptr<float>() + m * out * E);
-        sum_rows(delta.data(), B, out, gb[l].data_ptr<float>() + m * out);
-        if (l > 0) {
-          gemm(false, false, B, in, out, delta.data(), out, net.w(l, m), in, 0.0f, next.data());
-          relu_backward(next.data(), h, B * in);
-          std::swap(delta, next);
-        }
-      }
+      h_in[0] = xc.data_ptr<float>() + m * B * d;
+      for (int64_t l = 0; l < L; ++l) h_in[l + 1] = h_saved[l].data_ptr<float>() + m * B * net.out_width(l);
+      member_backward(net, m, B, gc.data_ptr<float>() + m * B * d, ec.data_ptr<float>() + m * B * E, h_in, grads,
+                      delta, next);
     }
   });
-  return {gw, gp, gb, g_out_w, g_out_b};
+  return {grads.w, grads.p, grads.b, grads.out_w, grads.out_b};
+}
+
+// x_t = sqrt_ab[t] x0 + sqrt_1mab[t] eps for one member's B rows of d, as the q_sample op computes it
+// (cpu/q_sample.cpp: float arithmetic, a multiply and an add, no fused multiply-add in this baseline build).
+void q_sample_rows(const float* x0, const float* eps, const int64_t* t, const float* sa, const float* sb, int64_t B,
+                   int64_t d, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float a = sa[t[b]], c = sb[t[b]];
+    for (int64_t j = 0; j < d; ++j) out[b * d + j] = a * x0[b * d + j] + c * eps[b * d + j];
+  }
+}
+
+// sse, ssq of one member's B rows of n (pred against eps) as the iso_sums op computes them: lane sums per
+// tile of the row (the op's tiling), the tiles' partials added in float64.
+void member_sums(const float* pred, const float* eps, int64_t B, int64_t n, float* sse, float* ssq) {
+  const int64_t tile = n < kTile / 2 ? n : kTile;  // short rows are one tile (cpu_common.h: for_each_tile)
+  for (int64_t b = 0; b < B; ++b) {
+    double s_err = 0, s_sq = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += tile) {
+      float e, q;
+      iso_rows::row_sums<float>(pred + b * n + j0, eps + b * n + j0, static_cast<const float*>(nullptr),
+                                std::min(tile, n - j0), iso_rows::EpsilonTerms{}, &e, &q);
+      s_err += e;
+      s_sq += q;
+    }
+    sse[b] = static_cast<float>(s_err);
+    ssq[b] = static_cast<float>(s_sq);
+  }
+}
+
+// The ensemble's whole training forward and backward in one task per member: q_sample, the TimeMLP, the
+// Iso-Diffusion loss (eps-prediction, mode "batch", mean over the member's batch, its own lambda) and every
+// parameter's gradient of the sum of the members' losses; no autograd graph, no tensor but the outputs. Each
+// step is the one the separate ops take (q_sample, the training forward and backward above, iso_sums,
+// iso_loss_tail with a unit upstream gradient, iso_grad), in their arithmetic and order, so that a member is
+// its single run bit for bit (tests/test_ensemble.py). emb_table: the timestep embedding's rows (row t for
+// timestep t); lambdas: (M,) float64.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+           at::Tensor>
+ensemble_mlp_train_step_cpu(const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t,
+                            const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab, const at::Tensor& emb_table,
+                            const at::Tensor& lambdas, at::TensorList weights, at::TensorList projs,
+                            at::TensorList biases, const at::Tensor& out_weight, const at::Tensor& out_bias) {
+  constexpr const char* op = "isofast_C::ensemble_mlp_train_step";
+  check_points(x0, op);
+  const int64_t M = x0.size(0), B = x0.size(1), d = x0.size(2);
+  check_rows(eps, op, "eps", M, B, d);
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == M && t.size(1) == B,
+              op, ": t must be an int64 CPU tensor (", M, ", ", B, "), got ", t.scalar_type(), " of shape ", t.sizes(),
+              " on ", t.device());
+  for (const auto& [name, table] : {std::pair{"sqrt_ab", &sqrt_ab}, std::pair{"sqrt_1mab", &sqrt_1mab}}) {
+    TORCH_CHECK(table->device().is_cpu() && table->scalar_type() == at::kFloat && table->dim() == 1 &&
+                    table->numel() == sqrt_ab.numel(),
+                op, ": ", name, " must be a float32 CPU vector (T,), of sqrt_ab's length, got ", table->scalar_type(),
+                " of shape ", table->sizes());
+  }
+  TORCH_CHECK(emb_table.device().is_cpu() && emb_table.scalar_type() == at::kFloat && emb_table.dim() == 2, op,
+              ": emb_table must be a float32 CPU tensor (rows, E), got ", emb_table.scalar_type(), " of shape ",
+              emb_table.sizes());
+  TORCH_CHECK(lambdas.device().is_cpu() && lambdas.scalar_type() == at::kDouble && lambdas.dim() == 1 &&
+                  lambdas.size(0) == M,
+              op, ": lambdas must be a float64 CPU vector (", M, ",), one per member, got ", lambdas.scalar_type(),
+              " of shape ", lambdas.sizes());
+  const StackedMLP net(op, M, d, emb_table.size(1), weights, projs, biases, out_weight);
+  check_stack(out_bias, op, "out_bias", -1, M, 1, d);
+  const at::Tensor tc = t.contiguous();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  check_steps(tp, M * B, std::min(sqrt_ab.numel(), emb_table.size(0)), false, op, "t");
+  const at::Tensor xc = x0.contiguous(), ec = eps.contiguous(), sa = sqrt_ab.contiguous(),
+                   sb = sqrt_1mab.contiguous(), table = emb_table.contiguous(), lam = lambdas.contiguous(),
+                   ob = out_bias.contiguous();
+  at::Tensor loss = at::empty({M}, x0.options());
+  Grads grads(net, M);
+  const int64_t E = net.emb_dim, L = net.layers();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x_t(B * d), emb(B * E), hidden(L * B * net.widest), y(B * d), g(B * d), proj(B * net.widest),
+        delta(B * net.widest), next(B * net.widest), sse(B), ssq(B), k1(B), k2(B), d_w(B);
+    std::vector<float*> h_out(L);
+    std::vector<const float*> h_in(L + 1);
+    for (int64_t l = 0; l < L; ++l) h_in[l + 1] = h_out[l] = hidden.data() + l * B * net.widest;
+    h_in[0] = x_t.data();
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t* tm = tp + m * B;
+      const float* em = ec.data_ptr<float>() + m * B * d;
+      q_sample_rows(xc.data_ptr<float>() + m * B * d, em, tm, sa.data_ptr<float>(), sb.data_ptr<float>(), B, d,
+                    x_t.data());
+      for (int64_t b = 0; b < B; ++b) {
+        const float* row = table.data_ptr<float>() + tm[b] * E;
+        std::copy(row, row + E, emb.data() + b * E);
+      }
+      member_forward(net, m, B, x_t.data(), emb.data(), h_out, ob.data_ptr<float>(), y.data(), proj.data());
+      // the loss: iso_sums, then the tail (its mse, iso and isotropy are not kept)
+      member_sums(y.data(), em, B, d, sse.data(), ssq.data());
+      float mse, iso, isotropy;
+      iso_tail::tail_group<float>({sse.data()}, {ssq.data()}, nullptr, 0, B, 0, d, lam.data_ptr<double>()[m],
+                                  /*sample=*/false, /*none=*/false, /*mean=*/true,
+                                  {loss.data_ptr<float>() + m, &mse, &iso, &isotropy, k1.data(), k2.data(), d_w.data()});
+      // its backward for a unit upstream gradient: the tail's autograd (dsse = k1 * 0.5 * 1), iso_sums' (c1 = 2
+      // dsse), then iso_grad: exactly these float products
+      for (int64_t b = 0; b < B; ++b) {
+        const float c1 = 2.0f * ((k1[b] * 0.5f) * 1.0f), c2 = 2.0f * ((k2[b] * 0.5f) * 1.0f);
+        iso_rows::grad_tile<float>(y.data() + b * d, em + b * d, static_cast<const float*>(nullptr), g.data() + b * d,
+                                   d, c1, c2, iso_rows::EpsilonTerms{});
+      }
+      member_backward(net, m, B, g.data(), emb.data(), h_in, grads, delta, next);
+    }
+  });
+  return {loss, grads.w, grads.p, grads.b, grads.out_w, grads.out_b};
 }
 
 }  // namespace
@@ -383,6 +522,7 @@ TORCH_LIBRARY_IMPL(isofast_C, CPU, m) {
   m.impl("ensemble_mlp_forward", &ensemble_mlp_forward_cpu);
   m.impl("ensemble_mlp_train_forward", &ensemble_mlp_train_forward_cpu);
   m.impl("ensemble_mlp_train_backward", &ensemble_mlp_train_backward_cpu);
+  m.impl("ensemble_mlp_train_step", &ensemble_mlp_train_step_cpu);
 }
 
 }  // namespace isofast::cpu
