@@ -82,12 +82,12 @@ def add_parser(subparsers) -> None:
                     "grid and forward-process isotropy plots into --out.",
         formatter_class=HelpFormatter)
     parser.add_argument("--preset", choices=("default", "paper"), default="default",
-                        help="default (the default): the four-dataset sweep, 24 runs, about 6 CPU-minutes on the ensemble engine "
-                             "(2-core VM, 2026-12-01: 2.7 min wall with --threads 2 on an idle machine in its fast "
+                        help="default (the default): the four-dataset sweep, 24 runs, about 5 CPU-minutes on the ensemble engine "
+                             "(2-core VM, 2026-12-01: 2.3 min wall with --threads 2 on an idle machine in its fast "
                              "period; 5.9 min in its slow one with earlier code); about 25 CPU-minutes with --engine single; see the "
                              "README); paper: the paper's protocol (batch 64, 1000 epochs, 3 seeds, 72 runs; with "
-                             "--threads 2 on a 2-core VM 70 min wall measured in the machine's fast period, estimated "
-                             "~2 h in its slow one, see results/toy2d_paper)")
+                             "--threads 2 on a 2-core VM 51 min wall measured in the machine's fast period; earlier code "
+                             "took ~2 h in its slow one; see results/toy2d_paper)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2 datasets, 2 lambdas, 1 seed, 20 steps, 500 points, T = 50 with the "
                              "cosine schedule (made for any T); checks that the sweep runs, measures nothing")

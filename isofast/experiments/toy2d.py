@@ -52,7 +52,7 @@ DEFAULT_LAMBDAS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
 METRICS = ("precision", "recall", "density", "coverage")
 REAL_SEED_OFFSET = 1_000_003  # the evaluation set's data seed is this + the run seed: never a training set
 
-# Presets: the paper's protocol, a default that runs the four-dataset sweep in about 9 CPU-minutes (ensemble engine)
+# Presets: the paper's protocol, a default that runs the four-dataset sweep in about 5 CPU-minutes (ensemble engine)
 # (measured on a 2-core VM, with the load: see the README), and a tiny smoke configuration for tests.
 PRESETS: dict[str, dict] = {
     "paper": dict(steps=1000 * 10_000 // 64, batch_size=64, seeds=(0, 1, 2)),  # 1000 epochs of 10k points
