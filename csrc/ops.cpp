@@ -56,11 +56,14 @@ TORCH_LIBRARY(isofast_C, m) {
       "Tensor[] projs, Tensor[] biases, Tensor out_weight) -> (Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
   // CPU: the stacked TimeMLP's whole training forward and backward, one task per member: q_sample, the network,
   // the Iso-Diffusion loss (mode "batch", mean, lambdas[m]) and the gradients of the members' summed losses;
-  // returns (loss (M,), the gradients as the backward above).
+  // returns (loss (M,), the gradients as the backward above, their per-member norms (M, P) when norm_lanes > 0).
   m.def(
       "ensemble_mlp_train_step(Tensor x0, Tensor eps, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, Tensor emb_table, "
-      "Tensor lambdas, Tensor[] weights, Tensor[] projs, Tensor[] biases, Tensor out_weight, Tensor out_bias) "
-      "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
+      "Tensor lambdas, Tensor[] weights, Tensor[] projs, Tensor[] biases, Tensor out_weight, Tensor out_bias, "
+      "int norm_lanes=0) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor, Tensor, Tensor)");
+  // CPU: (M, k) float32, the 2-norm of each grads[i][m] as torch.linalg.vector_norm sums it with `lanes` lanes, for
+  // per-member lengths that are multiples of lanes (cpu/clip_norms.cpp: the ensemble's clipping norms).
+  m.def("member_grad_norms(Tensor[] grads, int lanes) -> Tensor");
   // CPU: the stacked ensemble's Adam in one pass (cpu/adam.cpp; torch's own sqrt on each chunk).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

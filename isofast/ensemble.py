@@ -20,6 +20,7 @@ not once per row (`EnsembleMLP.predict_shared_t`: one fused CPU kernel per step 
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -116,8 +117,9 @@ class EnsembleRun:
         idx = torch.stack([order.indices(self.step) for order in self.orders]).to(self.device)  # (M, B)
         x0 = torch.gather(self.data, 1, idx.unsqueeze(-1).expand(-1, -1, self.data.shape[2]))
         t, eps = self._noise(tuple(x0.shape[1:]))
+        known_norms: dict[int, torch.Tensor] = {}
         if self._fused_step:
-            loss = self._fused_loss_and_grads(x0, t, eps)
+            loss, known_norms = self._fused_loss_and_grads(x0, t, eps)
         else:
             rows = M * B
             x_t, _ = q_sample(x0.reshape(rows, -1), t.reshape(-1), self.schedule, eps.reshape(rows, -1),
@@ -130,7 +132,8 @@ class EnsembleRun:
             self.optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()  # member m's parameters get member m's loss's gradient, nothing else
         params = list(self.model.parameters())
-        scale = _clip_coefficients(self.model.member_parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        scale = (_clip_coefficients(self.model.member_parameters(), cfg.grad_clip, known_norms) if cfg.grad_clip
+                 else None)
         ema = [] if self.ema is None else list(self.ema.parameters())
         decay = min(cfg.ema_decay, (1.0 + self.step) / (10.0 + self.step)) if cfg.ema_warmup else cfg.ema_decay
         if self._fused_adam:
@@ -146,19 +149,23 @@ class EnsembleRun:
         self.step += 1
         return loss.detach()
 
-    def _fused_loss_and_grads(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """The members' losses (M,); every parameter's .grad set to its members' gradients (one compiled call)."""
+    def _fused_loss_and_grads(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+                              ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The members' losses (M,), every parameter's .grad set to its members' gradients (one compiled call),
+        and, when clipping, the per-member gradient norms the call took while they were in cache ({id(param):
+        (M,)}, for the parameters whose per-member length is a multiple of torch's norm lane count)."""
         model = self.model
         sqrt_ab, sqrt_1mab = operands.table(self.schedule, "q_sample", x0)
         weights, projs, biases = list(model.weight), list(model.proj), list(model.bias)
-        loss, *grads = torch.ops.isofast_C.ensemble_mlp_train_step(
+        lanes = (_verified_norm_lanes() if self.config.grad_clip else None) or 0
+        loss, gw, gp, gb, g_out_w, g_out_b, norms = torch.ops.isofast_C.ensemble_mlp_train_step(
             x0, eps, t, sqrt_ab, sqrt_1mab, model.embedding_table(self.config.T, self.device), self.lambda_tensor,
-            weights, projs, biases, model.out_weight, model.out_bias)
-        gw, gp, gb, g_out_w, g_out_b = grads
-        for p, g in zip([*weights, *projs, *biases, model.out_weight, model.out_bias], [*gw, *gp, *gb, g_out_w, g_out_b],
-                        strict=True):
+            weights, projs, biases, model.out_weight, model.out_bias, lanes)
+        params = [*weights, *projs, *biases, model.out_weight, model.out_bias]
+        for p, g in zip(params, [*gw, *gp, *gb, g_out_w, g_out_b], strict=True):
             p.grad = g
-        return loss
+        known = {id(p): norms[:, i] for i, p in enumerate(params) if lanes and (p[0].numel() % lanes) == 0}
+        return loss, known
 
     def fit(self, steps: int | None = None, progress: bool = False) -> EnsembleRun:
         """Train until ``steps`` (default: the config's) optimizer steps are done (one bar for all members)."""
@@ -269,17 +276,38 @@ def kernel_draws(seeds: Sequence[int], offset: int, shape: tuple[int, ...], devi
     return torch.stack([kernel_draw(NoiseKey(s, offset, tuple(shape), device=device)) for s in seeds])
 
 
-def _clip_coefficients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def _clip_coefficients(params: list[torch.Tensor], max_norm: float,
+                       known: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """(M,) each member's gradient coefficient of `torch.nn.utils.clip_grad_norm_` on its own model, bit for bit.
 
     params: the stacked parameters in the member model's order (`member_parameters`). A float sum depends on
     the order of its terms, and Adam amplifies a last-bit difference of the coefficient into visibly different
     weights within a few hundred steps: each gradient norm is over member m's contiguous slice, laid out as its
     model's gradient (the member layout), and the norm of the norms over a contiguous row (M, k) in the model's
-    order, as clip_grad_norm_'s 1-D stack (a column of a (k, M) stack reduces in another order)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)  # (M,)
-    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    order, as clip_grad_norm_'s 1-D stack (a column of a (k, M) stack reduces in another order). known: per-member
+    norms already taken ({id(param): (M,)}, the same sums: the training step's)."""
+    known = known or {}
+    norms = [known[id(p)] if id(p) in known else p.grad.flatten(1).norm(dim=1) for p in params if p.grad is not None]
+    total = torch.stack(norms, dim=1).norm(dim=1)  # (M,)
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)
+
+
+@functools.cache
+def _verified_norm_lanes() -> int | None:
+    """The lane count (8 or 16) with which the compiled norms (``member_grad_norms``, and the training step's)
+    sum as torch.linalg.vector_norm does here, checked once on random data of several lengths and scales (the
+    sums are data-independent, so a wrong lane count or a fused multiply-add shows at once); None when neither
+    agrees: then torch computes every norm."""
+    gen = torch.Generator().manual_seed(0)
+    for lanes in (8, 16):
+        agree = True
+        for n in (16, 256, 4096, 16384 + 16):
+            x = torch.randn(3, n, generator=gen) * 10.0 ** float(torch.randint(-4, 4, (1,), generator=gen))
+            got = torch.ops.isofast_C.member_grad_norms([x], lanes)[:, 0]
+            agree = agree and torch.equal(got, torch.stack([torch.linalg.vector_norm(row) for row in x]))
+        if agree:
+            return lanes
+    return None
 
 
 @torch.no_grad()

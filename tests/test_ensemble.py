@@ -228,3 +228,17 @@ def test_the_ensemble_refuses_trainer_settings_it_does_not_implement(tmp_path, s
     cfg = TrainConfig(out_dir=str(tmp_path), steps=2, batch_size=8, T=20, **setting)
     with pytest.raises(ValueError, match=f"config has {next(iter(setting))}="):
         EnsembleRun(data, [0, 1], [0.0, 0.3], cfg)
+
+
+def test_training_steps_clipping_norms_equal_torchs(tmp_path, monkeypatch):
+    """The clipping norms the one-call training step takes while the gradients are in cache (with the lane count
+    checked against torch's at first use) give the same training, bit for bit, as torch's norms."""
+    import isofast.ensemble as ensemble_module
+
+    data = [make_dataset("moons", 300, seed=s) for s in (0, 1, 2)]
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=30, batch_size=32, T=50)
+    fused = EnsembleRun(data, [0, 1, 2], [0.0, 0.1, 0.3], cfg).fit()
+    monkeypatch.setattr(ensemble_module, "_verified_norm_lanes", lambda: None)
+    plain = EnsembleRun(data, [0, 1, 2], [0.0, 0.1, 0.3], cfg).fit()
+    for a, b in zip(fused.model.parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(a, b)

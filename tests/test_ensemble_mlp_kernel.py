@@ -168,7 +168,9 @@ def _step_operands(members, batch, data_dim, T, gen):
 def test_fused_train_step_equals_the_separate_ops(case):
     """ensemble_mlp_train_step (q_sample, the network, the loss and every gradient in one call) against the ops it
     fuses: q_sample, the training forward and backward through autograd and iso_ddpm_loss with groups, bit for bit
-    (the same arithmetic in the same order), for random shapes."""
+    (the same arithmetic in the same order), for random shapes; and the gradient norms it takes on the way against
+    torch.linalg.vector_norm of each member's gradient, bit for bit (0 where the length is not a lane multiple)."""
+    from isofast.ensemble import _verified_norm_lanes
     from isofast.ops import iso_ddpm_loss, operands, q_sample
     from isofast.schedule import NoiseSchedule
 
@@ -180,9 +182,11 @@ def test_fused_train_step_equals_the_separate_ops(case):
     sched = NoiseSchedule.linear(T=100)
     x0, eps, t, lambdas = _step_operands(members, batch, data_dim, 100, gen)
     sa, sb = operands.table(sched, "q_sample", x0)
-    loss, gw, gp, gb, g_out_w, g_out_b = torch.ops.isofast_C.ensemble_mlp_train_step(
+    lanes = _verified_norm_lanes()
+    assert lanes in (8, 16)  # on the machines CI runs on; elsewhere torch's own norms are used
+    loss, gw, gp, gb, g_out_w, g_out_b, norms = torch.ops.isofast_C.ensemble_mlp_train_step(
         x0, eps, t, sa, sb, ens.embedding_table(100, x0.device), lambdas, list(ens.weight), list(ens.proj),
-        list(ens.bias), ens.out_weight, ens.out_bias)
+        list(ens.bias), ens.out_weight, ens.out_bias, lanes)
 
     rows = members * batch
     x_t, _ = q_sample(x0.reshape(rows, -1), t.reshape(-1), sched, eps.reshape(rows, -1), backend="cpu")
@@ -192,9 +196,14 @@ def test_fused_train_step_equals_the_separate_ops(case):
                          groups=members).reshape(members)
     want.sum().backward()
     assert torch.equal(loss, want.detach())
-    for got, p in zip([*gw, *gp, *gb, g_out_w, g_out_b], [*ens.weight, *ens.proj, *ens.bias, ens.out_weight,
-                                                         ens.out_bias], strict=True):
+    grads = [*gw, *gp, *gb, g_out_w, g_out_b]
+    for got, p in zip(grads, [*ens.weight, *ens.proj, *ens.bias, ens.out_weight, ens.out_bias], strict=True):
         assert got.shape == p.shape and torch.equal(got, p.grad)
+    assert norms.shape == (members, len(grads))
+    for i, g in enumerate(grads):
+        whole = g[0].numel() % lanes == 0
+        want_norms = torch.stack([torch.linalg.vector_norm(g[m]) for m in range(members)])
+        assert torch.equal(norms[:, i], want_norms if whole else torch.zeros(members)), i
 
 
 @needs_cpu_kernels
@@ -209,6 +218,8 @@ def test_fused_train_step_refuses_bad_input():
     table = ens.embedding_table(10, x0.device)
     params = (list(ens.weight), list(ens.proj), list(ens.bias), ens.out_weight, ens.out_bias)
     assert step(x0, eps, t, sa, sb, table, lambdas, *params)[0].shape == (2,)
+    with pytest.raises(RuntimeError, match="norm_lanes must be 0, 8 or 16"):
+        step(x0, eps, t, sa, sb, table, lambdas, *params, 4)
     with pytest.raises(RuntimeError, match=r"eps must be a float32 CPU tensor \(2, 5, 2\)"):
         step(x0, eps[:, :4], t, sa, sb, table, lambdas, *params)
     with pytest.raises(RuntimeError, match=r"t must be an int64 CPU tensor \(2, 5\)"):
@@ -224,3 +235,15 @@ def test_fused_train_step_refuses_bad_input():
         step(x0, eps, t, sa, sb[:5], table, lambdas, *params)
     with pytest.raises(RuntimeError, match=r"projs\[0\] must be a float32 CPU tensor \(2, 8, 5\)"):
         step(x0, eps, t, sa, sb, torch.randn(10, 5), lambdas, *params)  # the table's width is not the model's
+
+
+@needs_cpu_kernels
+def test_member_grad_norms_refuses_bad_input():
+    op = torch.ops.isofast_C.member_grad_norms
+    assert op([torch.ones(3, 16)], 8).shape == (3, 1)
+    with pytest.raises(RuntimeError, match="a per-member length that is a multiple of 16"):
+        op([torch.ones(3, 8)], 16)
+    with pytest.raises(RuntimeError, match=r"grads\[1\] must be a float32 CPU tensor \(M, ...\) with the M = 3"):
+        op([torch.ones(3, 8), torch.ones(2, 8)], 8)
+    with pytest.raises(RuntimeError, match="lanes must be 8 or 16"):
+        op([torch.ones(3, 8)], 4)

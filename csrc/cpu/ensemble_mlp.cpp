@@ -22,6 +22,7 @@
 // The matmuls are single-threaded sgemm calls (the BLAS torch links; MKL on x86 builds) inside the parallel
 // loop over tasks; where torch exports no sgemm_ they are at::mm / addmm_ on views. A task's result does not
 // depend on the thread that computes it.
+#include "aten_norm.h"
 #include "cpu_common.h"
 #include "iso_rows.h"
 #include "iso_tail.h"
@@ -32,6 +33,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -442,14 +444,20 @@ void member_sums(const float* pred, const float* eps, int64_t B, int64_t n, floa
 // step is the one the separate ops take (q_sample, the training forward and backward above, iso_sums,
 // iso_loss_tail with a unit upstream gradient, iso_grad), in their arithmetic and order, so that a member is
 // its single run bit for bit (tests/test_ensemble.py). emb_table: the timestep embedding's rows (row t for
-// timestep t); lambdas: (M,) float64.
+// timestep t); lambdas: (M,) float64. norm_lanes > 0: also each gradient's per-member 2-norm as
+// torch.linalg.vector_norm sums it with that many lanes (aten_norm.h; the clipping norms, taken here while the
+// member's gradients are in cache), norms[m][i] for the gradients in output order whose per-member length is a
+// multiple of norm_lanes, 0 for the others (the caller takes those from torch).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
-           at::Tensor>
+           at::Tensor, at::Tensor>
 ensemble_mlp_train_step_cpu(const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t,
                             const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab, const at::Tensor& emb_table,
                             const at::Tensor& lambdas, at::TensorList weights, at::TensorList projs,
-                            at::TensorList biases, const at::Tensor& out_weight, const at::Tensor& out_bias) {
+                            at::TensorList biases, const at::Tensor& out_weight, const at::Tensor& out_bias,
+                            int64_t norm_lanes) {
   constexpr const char* op = "isofast_C::ensemble_mlp_train_step";
+  TORCH_CHECK(norm_lanes == 0 || norm_lanes == 8 || norm_lanes == 16, op, ": norm_lanes must be 0, 8 or 16, got ",
+              norm_lanes);
   check_points(x0, op);
   const int64_t M = x0.size(0), B = x0.size(1), d = x0.size(2);
   check_rows(eps, op, "eps", M, B, d);
@@ -480,6 +488,12 @@ ensemble_mlp_train_step_cpu(const at::Tensor& x0, const at::Tensor& eps, const a
   at::Tensor loss = at::empty({M}, x0.options());
   Grads grads(net, M);
   const int64_t E = net.emb_dim, L = net.layers();
+  std::vector<at::Tensor> all_grads;  // in output order: weights, projs, biases, out_weight, out_bias
+  for (const auto* list : {&grads.w, &grads.p, &grads.b}) all_grads.insert(all_grads.end(), list->begin(), list->end());
+  all_grads.push_back(grads.out_w);
+  all_grads.push_back(grads.out_b);
+  const int64_t P = static_cast<int64_t>(all_grads.size());
+  at::Tensor norms = at::zeros({M, norm_lanes > 0 ? P : 0}, x0.options());
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> x_t(B * d), emb(B * E), hidden(L * B * net.widest), y(B * d), g(B * d), proj(B * net.widest),
         delta(B * net.widest), next(B * net.widest), sse(B), ssq(B), k1(B), k2(B), d_w(B);
@@ -511,9 +525,15 @@ ensemble_mlp_train_step_cpu(const at::Tensor& x0, const at::Tensor& eps, const a
                                    d, c1, c2, iso_rows::EpsilonTerms{});
       }
       member_backward(net, m, B, g.data(), emb.data(), h_in, grads, delta, next);
+      for (int64_t i = 0; norm_lanes > 0 && i < P; ++i) {
+        const int64_t n = all_grads[i].numel() / M;
+        if (n % norm_lanes == 0) {
+          norms.data_ptr<float>()[m * P + i] = aten_norm2(all_grads[i].data_ptr<float>() + m * n, n, norm_lanes);
+        }
+      }
     }
   });
-  return {loss, grads.w, grads.p, grads.b, grads.out_w, grads.out_b};
+  return {loss, grads.w, grads.p, grads.b, grads.out_w, grads.out_b, norms};
 }
 
 }  // namespace
