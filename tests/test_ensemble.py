@@ -217,6 +217,14 @@ def test_ensemble_sweep_resumes_mid_training_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setattr(Run, "load_state_dict", lambda self, s: (resumed_at.append(s["step"]), load(self, s)))
     run_sweep(broken, resume=True, engine="ensemble", log=lambda msg: None)
     assert resumed_at == [12]  # the last save before the stop, not step 0
+    # the invocation's time leaves out the first 12 steps, and says so
+    import json
+    from pathlib import Path
+
+    timing = json.loads((Path(broken.out) / "timing.json").read_text())
+    assert timing["ensemble_resumed_at_step"] == 12 and timing["ensemble_steps"] == broken.steps
+    assert f"the ensemble resumed at step 12 of {broken.steps}" in (Path(broken.out) / "results.md").read_text()
+    assert json.loads((Path(whole.out) / "timing.json").read_text())["ensemble_resumed_at_step"] == 0
     for key in [(d, lam, s) for d in whole.datasets for lam in whole.lambdas for s in whole.seeds]:
         a, b = _load_run(run_dir(whole, *key)), _load_run(run_dir(broken, *key))
         assert np.array_equal(a.samples, b.samples), key

@@ -299,7 +299,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     run; the results do not depend on ``jobs``. engine "ensemble": all pending runs as one ensemble
     (`toy2d_ensemble`; ``jobs`` is not used).
     """
-    from .toy2d_report import plot_isotropy, plot_samples_grid, summarize, write_tables
+    from .toy2d_report import plot_isotropy, plot_samples_grid, summarize, untimed_work, write_tables
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
@@ -313,6 +313,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     threads = max(1, torch.get_num_threads() // jobs)
     results: dict[tuple, RunResult] = {}
     finished_earlier = 0
+    ensemble_timing: dict = {}  # where a resumed ensemble continued its training (toy2d_ensemble)
 
     def report(key: tuple, result: RunResult, earlier: bool) -> None:
         results[key] = result
@@ -333,7 +334,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     if engine == "ensemble" and todo:
         from .toy2d_ensemble import train_and_evaluate_all
 
-        for key, result in zip(todo, train_and_evaluate_all(cfg, todo, resume=resume), strict=True):
+        for key, result in zip(todo, train_and_evaluate_all(cfg, todo, resume=resume, timing=ensemble_timing),
+                               strict=True):
             report(key, result, False)
     elif jobs == 1:
         for key in todo:
@@ -355,7 +357,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
                "torch_threads": threads if jobs > 1 and engine != "ensemble" else torch.get_num_threads(),
                "cpu_count": os.cpu_count(), "runs": len(runs), "runs_finished_earlier": finished_earlier,
                # a wall time means little without the machine's load (other jobs share its cores)
-               "load_average_at_start": load_at_start, "load_average_at_end": _load_average()}
+               "load_average_at_start": load_at_start, "load_average_at_end": _load_average(), **ensemble_timing}
 
     summary = summarize(ordered, cfg)
     write_tables(out, cfg, ordered, summary, elapsed)
@@ -363,5 +365,5 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, log: Callable[[str], None]
     for dataset in cfg.datasets:
         plot_isotropy(out / f"isotropy_{dataset}.png", cfg, dataset)
     log(f"isofast toy2d: {len(runs)} runs in {elapsed['wall_s'] / 60:.1f} min wall, "
-        f"{elapsed['cpu_s'] / 60:.1f} min CPU; results in {out}")
+        f"{elapsed['cpu_s'] / 60:.1f} min CPU{untimed_work(elapsed)}; results in {out}")
     return summary

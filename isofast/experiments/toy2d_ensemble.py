@@ -30,22 +30,28 @@ from .toy2d import METRICS, REAL_SEED_OFFSET, RunResult, SweepConfig, _save_run,
 CKPT_EVERY = 2000  # steps between saves of the ensemble (a save of 18 members takes ~0.1 s)
 
 
-def _fit_with_saves(ensemble, runs: list, path: Path, resume: bool, progress: bool) -> None:
+def _fit_with_saves(ensemble, runs: list, path: Path, resume: bool, progress: bool) -> int:
+    """Train to the config's steps with a save every CKPT_EVERY steps; returns the step it started from (a resumed
+    save's, else 0)."""
     key = [list(r) for r in runs]
     if resume and path.exists():
         state = torch.load(path, weights_only=False)
         if state["runs"] == key:
             ensemble.load_state_dict(state["ensemble"])
             print(f"isofast toy2d: resumed the ensemble of {len(runs)} runs at step {ensemble.step}", file=sys.stderr)
+    start = ensemble.step
     while ensemble.step < ensemble.config.steps:
         ensemble.fit(min(ensemble.config.steps, (ensemble.step // CKPT_EVERY + 1) * CKPT_EVERY), progress=progress)
         state = {"runs": key, "ensemble": ensemble.state_dict()}
         atomic_write(path, lambda tmp, state=state: torch.save(state, tmp))
+    return start
 
 
-def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]], resume: bool = False
-                           ) -> list[RunResult]:
-    """Train every (dataset, lambda, seed) of ``runs`` as one ensemble; the results in that order."""
+def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]], resume: bool = False,
+                           timing: dict | None = None) -> list[RunResult]:
+    """Train every (dataset, lambda, seed) of ``runs`` as one ensemble; the results in that order. timing: a dict
+    that gets ``ensemble_resumed_at_step`` (the step a resumed save continued from, else 0) and
+    ``ensemble_steps``: the training this invocation timed is the steps from there on."""
     from ..data.toy2d import make_dataset
     from ..ensemble import EnsembleRun, ensemble_ddpm_sample
     from ..metrics.prdc import PRDCReference
@@ -57,7 +63,9 @@ def train_and_evaluate_all(cfg: SweepConfig, runs: list[tuple[str, float, int]],
                             schedule=cfg.schedule, ema_decay=cfg.ema_decay, backend=cfg.backend, progress=False, tensorboard=False)
     wall, cpu = time.perf_counter(), time.process_time()
     ensemble = EnsembleRun(data, seeds, [lam for _, lam, _ in runs], train_cfg, pick_device(cfg.device))
-    _fit_with_saves(ensemble, runs, Path(cfg.out) / "ensemble_state.pt", resume, cfg.progress)
+    resumed_at = _fit_with_saves(ensemble, runs, Path(cfg.out) / "ensemble_state.pt", resume, cfg.progress)
+    if timing is not None:
+        timing.update(ensemble_resumed_at_step=resumed_at, ensemble_steps=cfg.steps)
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     wall, cpu = time.perf_counter(), time.process_time()

@@ -74,6 +74,16 @@ def _load_text(elapsed: dict) -> str:
     return f"; load average {start[0]:.1f} at start, {end[0]:.1f} at end"
 
 
+def untimed_work(elapsed: dict) -> str:
+    """"; the ensemble resumed at step k of N: ..." when this invocation's time leaves out the training before a
+    resumed save (else "")."""
+    start, steps = elapsed.get("ensemble_resumed_at_step", 0), elapsed.get("ensemble_steps")
+    if not start:
+        return ""
+    return (f"; the ensemble resumed at step {start:,} of {steps:,}: its training before that is not timed "
+            "here")
+
+
 def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None = None) -> str:
     """The results table in Markdown: mean ± std over seeds, the best mean per dataset and metric in bold."""
     epochs = cfg.steps * cfg.batch_size / cfg.n_train
@@ -104,8 +114,8 @@ def markdown_table(cfg: SweepConfig, summary: list[dict], elapsed: dict | None =
         lines += ["", f"{elapsed['runs']} runs: {elapsed['wall_s'] / 60:.1f} min wall, {elapsed['cpu_s'] / 60:.1f} min "
                       f"CPU time ({_processes_text(elapsed)}, "
                       f"{elapsed['cpu_count']} CPU cores{_load_text(elapsed)})"
-                      + (f"; {earlier} of them finished in an earlier invocation and are not timed here." if earlier
-                         else ".")]
+                      + (f"; {earlier} of them finished in an earlier invocation and are not timed here" if earlier
+                         else "") + untimed_work(elapsed) + "."]
     return "\n".join(lines) + "\n"
 
 
