@@ -3,6 +3,7 @@ temperature sampler, the paired statistics, the study's files and its bad-input 
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -217,9 +218,15 @@ def test_study_writes_prdc_csv_and_paired_summary(tmp_path):
     summary = (tmp_path / "s" / "summary.md").read_text()
     assert "Paired difference to lambda = 0" in summary and "matched recall" in summary
     assert (tmp_path / "s" / "frontier_swiss_roll.png").exists()
-    # resuming a finished study reads its rows back, trains nothing
+    assert "wall time of this invocation" in summary
+    # resuming a finished study reads its rows back, trains nothing; its summary keeps the first invocation's time
+    first = json.loads((tmp_path / "s" / "study.json").read_text())["invocation_wall_s"]
     again = run_study(cfg, resume=True, log=lambda msg: None)
     assert len(again) == len(rows)
+    times = json.loads((tmp_path / "s" / "study.json").read_text())["invocation_wall_s"]
+    assert times[:1] == first and len(times) == 2
+    assert f"wall time {sum(times) / 60:.1f} min over 2 invocations (this one {times[1] / 60:.1f} min)" in \
+        (tmp_path / "s" / "summary.md").read_text()
     # the samples' spread, read back from the study's last save
     from isofast.experiments.study_norms import sample_norms
 

@@ -272,6 +272,9 @@ def run_study(cfg: StudyConfig, resume: bool = False, log: Callable[[str], None]
             log(f"isofast toy2d: extending the study from {earlier[-1]} to {cfg.protocol.steps} steps")
         elif "extended_from_steps" in old:
             record["extended_from_steps"] = old["extended_from_steps"]
+    # every invocation's wall time: a resume that finds the work done must not report the study as taking 0 min
+    # (None: an earlier invocation of isofast before this record, not timed)
+    earlier = (old.get("invocation_wall_s", [None]) if old is not None else [])
     atomic_write_text(out / "study.json", json.dumps(record, indent=1) + "\n")
     wall0 = time.perf_counter()
     rows: list[dict] = []
@@ -284,5 +287,7 @@ def run_study(cfg: StudyConfig, resume: bool = False, log: Callable[[str], None]
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "prdc.csv", buf.getvalue())
-    write_report(out, cfg, rows, wall_s=time.perf_counter() - wall0)
+    record["invocation_wall_s"] = [*earlier, time.perf_counter() - wall0]
+    atomic_write_text(out / "study.json", json.dumps(record, indent=1) + "\n")
+    write_report(out, cfg, rows, wall_s=record["invocation_wall_s"])
     return rows

@@ -88,15 +88,26 @@ def matched_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _markdown(out: Path, cfg, rows: list[dict], wall_s: float) -> str:
+def _wall_text(wall_s: float | list) -> str:
+    """The study's wall time from its invocations' (None: one not timed), the last being this one."""
+    times = list(wall_s) if isinstance(wall_s, (list, tuple)) else [wall_s]
+    if len(times) == 1:
+        return f"wall time of this invocation {times[0] / 60:.1f} min"
+    timed = [t for t in times if t is not None]
+    untimed = len(times) - len(timed)
+    return (f"wall time {sum(timed) / 60:.1f} min over {len(times)} invocations (this one {times[-1] / 60:.1f} min"
+            + (f"; {untimed} earlier one(s) not timed" if untimed else "") + ")")
+
+
+def _markdown(out: Path, cfg, rows: list[dict], wall_s: float | list) -> str:
     p, table = cfg.protocol, _index(rows)
     last = max(r["step"] for r in rows)
     lines = [f"# Protocol `{p.name}`: lambda sweep, temperature baseline, paired over seeds", "",
              f"Settings: {p.n_points} points ({p.n_train} for training), data noise "
              f"{'default' if p.data_noise is None else p.data_noise}, model `{p.model}`, batch {p.batch_size}, "
              f"{p.steps} steps, Adam lr {p.lr:g}, EMA {p.ema_decay:g}, grad clip {p.grad_clip:g}, timesteps "
-             f"{p.timesteps}, T = {p.T}, {p.n_eval} samples, PRDC k = {p.k}; seeds {list(cfg.seeds)}; wall time "
-             f"of this invocation {wall_s / 60:.1f} min.", "",
+             f"{p.timesteps}, T = {p.T}, {p.n_eval} samples, PRDC k = {p.k}; seeds {list(cfg.seeds)}; "
+             f"{_wall_text(wall_s)}.", "",
              "Intervals: 95% paired-t over seeds (difference to lambda = 0 of the same seed); **gain**/**loss** "
              "only when the interval excludes 0.", ""]
     paired = paired_rows(rows)
@@ -256,7 +267,9 @@ def plot_losses(path: Path, losses_csv: Path, cfg) -> None:
     save_figure(fig, path)
 
 
-def write_report(out: Path, cfg, rows: list[dict], wall_s: float) -> None:
+def write_report(out: Path, cfg, rows: list[dict], wall_s: float | list) -> None:
+    """summary.md and the figures; wall_s: this invocation's wall time, or every invocation's (the last this one's,
+    None for one not timed)."""
     atomic_write_text(out / "summary.md", _markdown(out, cfg, rows, wall_s))
     for d in cfg.datasets:
         ref = cfg.protocol.references[0]
