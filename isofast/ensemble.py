@@ -156,12 +156,11 @@ class EnsembleRun:
         (M,)}, for the parameters whose per-member length is a multiple of torch's norm lane count)."""
         model = self.model
         sqrt_ab, sqrt_1mab = operands.table(self.schedule, "q_sample", x0)
-        weights, projs, biases = list(model.weight), list(model.proj), list(model.bias)
         lanes = (_verified_norm_lanes() if self.config.grad_clip else None) or 0
         loss, gw, gp, gb, g_out_w, g_out_b, norms = torch.ops.isofast_C.ensemble_mlp_train_step(
             x0, eps, t, sqrt_ab, sqrt_1mab, model.embedding_table(self.config.T, self.device), self.lambda_tensor,
-            weights, projs, biases, model.out_weight, model.out_bias, lanes)
-        params = [*weights, *projs, *biases, model.out_weight, model.out_bias]
+            list(model.weight), list(model.proj), list(model.bias), model.out_weight, model.out_bias, lanes)
+        params = model.kernel_parameters()  # the order of the gradients the op returns
         for p, g in zip(params, [*gw, *gp, *gb, g_out_w, g_out_b], strict=True):
             p.grad = g
         known = {id(p): norms[:, i] for i, p in enumerate(params) if lanes and (p[0].numel() % lanes) == 0}

@@ -140,6 +140,18 @@ class _Stacked(nn.Module):
         """{a member model's parameter name: this ensemble's stack of it}."""
         raise NotImplementedError
 
+    def _new_member(self) -> nn.Module:
+        """A fresh model of the members' architecture (on the CPU)."""
+        raise NotImplementedError
+
+    def member(self, m: int) -> nn.Module:
+        """Member m as an ordinary model of its class (a copy of its weights)."""
+        model, layout = self._new_member(), self._member_layout()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(layout[name][m].reshape(p.shape))  # a bias is stacked (M, 1, out)
+        return model.to(self.device)
+
     def member_parameters(self) -> list[torch.Tensor]:
         """The stacked parameters in the order of a member model's ``parameters()``: a sum over a member's
         parameters (its gradient norm) then adds in its own model's order."""
@@ -204,8 +216,7 @@ class EnsembleMLP(_Stacked):
         M, B, _ = x.shape
         emb = self._embedding(t.reshape(-1)).to(x.dtype).view(M, B, -1)
         if _fused_kernels_apply(x) and not x.requires_grad:
-            return _FusedTimeMLP.apply(x, emb, self.n_layers, *self.weight, *self.proj, *self.bias, self.out_weight,
-                                       self.out_bias)
+            return _FusedTimeMLP.apply(x, emb, self.n_layers, *self.kernel_parameters())
         h = x
         for w, b, p in zip(self.weight, self.bias, self.proj, strict=True):
             # accumulated in place into one (M, B, hidden) buffer: no broadcast copy of the bias, no sum buffer
@@ -236,17 +247,13 @@ class EnsembleMLP(_Stacked):
         return [*((w, torch.baddbmm(b, emb, _t(p))) for w, b, p in zip(self.weight, self.bias, self.proj, strict=True)),
                 (self.out_weight, self.out_bias)]
 
-    def member(self, m: int) -> TimeMLP:
-        """Member m as an ordinary TimeMLP (a copy of its weights)."""
-        model = TimeMLP(self.data_dim, self.hidden, self.n_layers, self.emb_dim, self.max_period)
-        with torch.no_grad():
-            for i in range(self.n_layers):
-                model.layers[i].weight.copy_(self.weight[i][m])
-                model.layers[i].bias.copy_(self.bias[i][m, 0])
-                model.time_proj[i].weight.copy_(self.proj[i][m])
-            model.out.weight.copy_(self.out_weight[m])
-            model.out.bias.copy_(self.out_bias[m, 0])
-        return model.to(self.device)
+    def _new_member(self) -> TimeMLP:
+        return TimeMLP(self.data_dim, self.hidden, self.n_layers, self.emb_dim, self.max_period)
+
+    def kernel_parameters(self) -> list[torch.Tensor]:
+        """The parameters in the order the compiled training ops take (and return the gradients of) them:
+        weights, projs, biases, out_weight, out_bias."""
+        return [*self.weight, *self.proj, *self.bias, self.out_weight, self.out_bias]
 
 
 class EnsembleAuthorsMLP(_Stacked):
@@ -304,17 +311,8 @@ class EnsembleAuthorsMLP(_Stacked):
         terms = self._time_terms(t[:, None], dtype)  # (M, 1, width) each
         return [(w, b + term) for w, b, term in zip(self.weight, self.bias, terms, strict=True)]
 
-    def member(self, m: int) -> AuthorsMLP:
-        """Member m as an ordinary AuthorsMLP (a copy of its weights)."""
-        model = AuthorsMLP(self.data_dim, self.hidden, self.n_layers, self.emb_dim)
-        with torch.no_grad():
-            for group, (ws, bs) in (("layers", (self.weight, self.bias)),
-                                    ("time_in", (self.time_in_w, self.time_in_b)),
-                                    ("time_out", (self.time_out_w, self.time_out_b))):
-                for lin, w, b in zip(getattr(model, group), ws, bs, strict=True):
-                    lin.weight.copy_(w[m])
-                    lin.bias.copy_(b[m, 0])
-        return model.to(self.device)
+    def _new_member(self) -> AuthorsMLP:
+        return AuthorsMLP(self.data_dim, self.hidden, self.n_layers, self.emb_dim)
 
 
 def stack_members(members: Sequence[nn.Module]) -> _Stacked:

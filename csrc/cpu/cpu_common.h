@@ -29,6 +29,15 @@ const char* noise_isa();
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// x_t[j] = a x0[j] + c eps[j] over one row of n: q_sample's arithmetic, in the accumulation type A (a multiply and
+// an add: the kernels are compiled for the baseline ISA, without fused multiply-add). The q_sample op and the
+// ensemble's training step both call it: a member's x_t must be its single run's bit for bit.
+template <typename T, typename E>
+inline void q_sample_row(const T* x0, const E* eps, acc_t<T> a, acc_t<T> c, int64_t n, T* out) {
+  using A = acc_t<T>;
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(a * static_cast<A>(x0[j]) + c * static_cast<A>(eps[j]));
+}
+
 // t[b] must index a table of length T (checked once per call on the host; never an out-of-bounds read).
 inline void check_steps(const int64_t* t, int64_t B, int64_t T, bool allow_minus_one, const char* op,
                         const char* name) {

@@ -410,26 +410,22 @@ ensemble_mlp_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, con
   return {grads.w, grads.p, grads.b, grads.out_w, grads.out_b};
 }
 
-// x_t = sqrt_ab[t] x0 + sqrt_1mab[t] eps for one member's B rows of d, as the q_sample op computes it
-// (cpu/q_sample.cpp: float arithmetic, a multiply and an add, no fused multiply-add in this baseline build).
+// x_t = sqrt_ab[t] x0 + sqrt_1mab[t] eps for one member's B rows of d, with the q_sample op's row arithmetic.
 void q_sample_rows(const float* x0, const float* eps, const int64_t* t, const float* sa, const float* sb, int64_t B,
                    int64_t d, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float a = sa[t[b]], c = sb[t[b]];
-    for (int64_t j = 0; j < d; ++j) out[b * d + j] = a * x0[b * d + j] + c * eps[b * d + j];
-  }
+  for (int64_t b = 0; b < B; ++b) q_sample_row(x0 + b * d, eps + b * d, sa[t[b]], sb[t[b]], d, out + b * d);
 }
 
 // sse, ssq of one member's B rows of n (pred against eps) as the iso_sums op computes them: lane sums per
-// tile of the row (the op's tiling), the tiles' partials added in float64.
+// kTile elements of the row (the op's tiling, cpu_common.h: for_each_tile; a row shorter than kTile is one
+// tile), the tiles' partials added in float64.
 void member_sums(const float* pred, const float* eps, int64_t B, int64_t n, float* sse, float* ssq) {
-  const int64_t tile = n < kTile / 2 ? n : kTile;  // short rows are one tile (cpu_common.h: for_each_tile)
   for (int64_t b = 0; b < B; ++b) {
     double s_err = 0, s_sq = 0;
-    for (int64_t j0 = 0; j0 < n; j0 += tile) {
+    for (int64_t j0 = 0; j0 < n; j0 += kTile) {
       float e, q;
       iso_rows::row_sums<float>(pred + b * n + j0, eps + b * n + j0, static_cast<const float*>(nullptr),
-                                std::min(tile, n - j0), iso_rows::EpsilonTerms{}, &e, &q);
+                                std::min(kTile, n - j0), iso_rows::EpsilonTerms{}, &e, &q);
       s_err += e;
       s_sq += q;
     }

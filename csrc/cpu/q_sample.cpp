@@ -22,14 +22,11 @@ void q_sample_kernel(const T* x0, const int64_t* t, const acc_t<T>* sa, const ac
   for_each_tile(B, n, seed, offset, [&](int64_t) { return e == nullptr; },
                 [&](int64_t b, int64_t j0, int64_t j1, const float* z) {
                   const A a = sa[t[b]], c = sb[t[b]];
-                  const T* x = x0 + b * n;
-                  T* o = out + b * n;
+                  const int64_t at = b * n + j0;
                   if (z != nullptr) {
-                    z -= j0;
-                    for (int64_t j = j0; j < j1; ++j) o[j] = static_cast<T>(a * static_cast<A>(x[j]) + c * static_cast<A>(z[j]));
+                    q_sample_row(x0 + at, z, a, c, j1 - j0, out + at);
                   } else {
-                    const T* ev = e + b * n;
-                    for (int64_t j = j0; j < j1; ++j) o[j] = static_cast<T>(a * static_cast<A>(x[j]) + c * static_cast<A>(ev[j]));
+                    q_sample_row(x0 + at, e + at, a, c, j1 - j0, out + at);
                   }
                 });
 }
