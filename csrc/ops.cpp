@@ -85,9 +85,13 @@ PyObject* py_has_cuda(PyObject*, PyObject*) { return PyBool_FromLong(has_cuda() 
 
 PyObject* py_noise_isa(PyObject*, PyObject*) { return PyUnicode_FromString(isofast::cpu::noise_isa()); }
 
+PyObject* py_sampler_isa(PyObject*, PyObject*) { return PyUnicode_FromString(isofast::cpu::sampler_isa()); }
+
 PyMethodDef kMethods[] = {
     {"has_cuda", py_has_cuda, METH_NOARGS, "True when isofast._C was built with its CUDA kernels."},
     {"noise_isa", py_noise_isa, METH_NOARGS, "The instruction set of the CPU noise generator on this machine."},
+    {"sampler_isa", py_sampler_isa, METH_NOARGS,
+     "How the 2-D ensemble's sampling forward runs its layers on this CPU (AVX-512 or sgemm)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

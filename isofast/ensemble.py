@@ -314,8 +314,9 @@ def ensemble_ddpm_sample(model: nn.Module, num: int, sched: NoiseSchedule, seeds
                          backend: str | None = None, progress: bool = False, temperature: float = 1.0
                          ) -> torch.Tensor:
     """(M, num, d) DDPM samples of every member (an `isofast.ensemble_models` ensemble): member m's equal
-    `ddpm_sample(member m, (num, d), sched, generator=torch.Generator().manual_seed(seeds[m]))` (its x_T
-    and step keys are drawn as there).
+    `ddpm_sample(member m, (num, d), sched, generator=torch.Generator().manual_seed(seeds[m]))` to float32
+    rounding (its x_T and step keys are drawn as there; the fused forward sums in another order than
+    nn.Linear, and x_T is the kernels' draw of the key where ddpm_sample takes the reference's).
 
     temperature: tau > 0 scales x_T and every step's added noise (tau < 1 samples nearer the modes, the
     usual "lower temperature"); tau = 1 is the plain sampler, bit for bit.
@@ -328,16 +329,18 @@ def ensemble_ddpm_sample(model: nn.Module, num: int, sched: NoiseSchedule, seeds
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < 1e6:
         raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
     device = model.device
-    x, step_seeds = [], []
+    start_seeds, step_seeds = [], []
     for seed in seeds:
         gen = torch.Generator().manual_seed(int(seed))
-        x.append(NoiseKey.draw((num, d), torch.float32, device, gen).materialize())
+        start_seeds.append(NoiseKey.draw((num, d), torch.float32, device, gen).seed)
         step_seeds.append(NoiseKey.draw((num, d), torch.float32, device, gen).seed)
-    x = torch.stack(x)
+    # x_T is the kernels' draw of ddpm_sample's key: the reference's values to float32 rounding (ddpm_sample
+    # materialises it by the reference, 16 ms for 18 members of 10,000 points against 0.4 ms here).
+    x = kernel_draws(start_seeds, 0, (num, d), device)
     scale = float(temperature) != 1.0
     if scale:
         x = x * temperature
-    calls, rows = calls_for(num * d), M * num
+    calls = calls_for(num * d)
     name = backends.resolve(backend, device, torch.float32)
     t_seq, _ = ddpm_timesteps(sched.T)
     for i, t in enumerate(tqdm(t_seq, desc=f"sample {M} members", disable=not progress, unit="step")):
@@ -346,7 +349,9 @@ def ensemble_ddpm_sample(model: nn.Module, num: int, sched: NoiseSchedule, seeds
         z = kernel_draws(step_seeds, i * calls, (num, d), device) if t > 0 else torch.zeros_like(x)
         if scale:
             z = z * temperature
-        tt = torch.full((rows,), t, dtype=torch.int64, device=device)
-        x = ddpm_step_keyed(x.view(rows, d), eps.view(rows, d), tt, sched, z.view(rows, d), None, False,
+        # One row per member (all its points share t): the step's coefficients are looked up once per member,
+        # not once per 2-D point, and its elementwise arithmetic is the same.
+        tt = torch.full((M,), t, dtype=torch.int64, device=device)
+        x = ddpm_step_keyed(x.view(M, num * d), eps.view(M, num * d), tt, sched, z.view(M, num * d), None, False,
                             "fixed_small", name).view(M, num, d)
     return x

@@ -3,6 +3,12 @@ equals `forward_shared_t` (the batched matmuls) and each member's own model, for
 the op is refused with the argument named."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +18,7 @@ from isofast.models.authors_mlp import AuthorsMLP
 from isofast.models.mlp import TimeMLP
 from isofast.ops import extension
 
+ROOT = Path(__file__).resolve().parents[1]
 needs_cpu_kernels = pytest.mark.skipif(not extension.available("cpu")[0], reason="isofast._C (CPU kernels) not built")
 
 
@@ -21,7 +28,7 @@ needs_cpu_kernels = pytest.mark.skipif(not extension.available("cpu")[0], reason
 def test_fused_forward_equals_batched_matmuls_and_each_member(kind, case):
     gen = torch.Generator().manual_seed(case)
     members = int(torch.randint(1, 5, (1,), generator=gen))
-    rows = [1, 255, 256, 257, 700][int(torch.randint(0, 5, (1,), generator=gen))]  # around the kernel's block
+    rows = [1, 251, 252, 253, 700][int(torch.randint(0, 5, (1,), generator=gen))]  # around the kernel's block
     hidden, layers = [(128, 3), (16, 1), (40, 2), (64, 4)][case]
     torch.manual_seed(case)
     models = [kind(hidden=hidden, n_layers=layers) for _ in range(members)]
@@ -33,6 +40,45 @@ def test_fused_forward_equals_batched_matmuls_and_each_member(kind, case):
     torch.testing.assert_close(got, ens.forward_shared_t(x, t), rtol=1e-5, atol=1e-6)
     for m, model in enumerate(models):
         torch.testing.assert_close(got[m], model(x[m], torch.full((rows,), int(t[m]))), rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu_kernels
+def test_portable_and_avx512_forwards_agree(tmp_path):
+    """ISOFAST_NO_AVX512=1 (read once per process) takes the sgemm path that CPUs without AVX-512 run: in a
+    subprocess, it equals the batched matmuls as the default path does, on widths that fill part of a register
+    (40: 16 + 16 + 8 lanes) and of a 64-column panel, and on rows around the 6-row tile."""
+    code = textwrap.dedent("""
+        import sys, torch
+        from isofast.ensemble_models import stack_members
+        from isofast.models.mlp import TimeMLP
+        from isofast.ops import extension
+        torch.manual_seed(0)
+        out = {"isa": extension._C.sampler_isa()}
+        for hidden, layers, rows in ((40, 2, 13), (128, 3, 257), (72, 1, 5)):
+            ens = stack_members([TimeMLP(hidden=hidden, n_layers=layers) for _ in range(3)])
+            x, t = torch.randn(3, rows, 2), torch.tensor([0, 400, 999])
+            out[hidden] = (ens.predict_shared_t(x, t), ens.forward_shared_t(x, t))
+        torch.save(out, sys.argv[1])
+    """)
+    got = {}
+    for name, extra in (("default", {}), ("portable", {"ISOFAST_NO_AVX512": "1"})):
+        path = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env={**os.environ, **extra}, cwd=ROOT)
+        got[name] = torch.load(path)
+    assert got["portable"]["isa"] == "sgemm"
+    assert got["default"]["isa"] == ("AVX-512" if _cpu_has_avx512() else "sgemm")
+    for name in ("default", "portable"):
+        for hidden in (40, 128, 72):
+            fused, batched = got[name][hidden]
+            torch.testing.assert_close(fused, batched, rtol=1e-5, atol=1e-6)
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f " in f.read().replace("\n", " ")
+    except OSError:
+        return False
 
 
 def test_unfused_path_equals_forward(monkeypatch):

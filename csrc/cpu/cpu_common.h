@@ -25,6 +25,10 @@ void fill_normals(uint64_t seed, uint64_t counter, int64_t ncalls, float* out);
 // The instruction set fill_normals runs with on this CPU ("AVX-512", "AVX2", ...), for `isofast info`.
 const char* noise_isa();
 
+// How the ensemble's sampling forward runs its layers on this CPU ("AVX-512" register tiles, or "sgemm"), for
+// `isofast info` (ensemble_mlp.cpp).
+const char* sampler_isa();
+
 // Arithmetic type of a data type: float64 for float64, float32 otherwise.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;

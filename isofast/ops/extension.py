@@ -24,7 +24,8 @@ def available(name: str) -> tuple[bool, str]:
     if _C is None:
         return False, _IMPORT_ERROR
     if name == "cpu":
-        return True, f"compiled C++ kernels (isofast._C; noise generator: {_C.noise_isa()})"
+        return True, (f"compiled C++ kernels (isofast._C; noise generator: {_C.noise_isa()}; "
+                      f"ensemble sampling forward: {_C.sampler_isa()})")
     if name == "cuda":
         if not _C.has_cuda():
             return False, "isofast._C was built without its CUDA kernels (ISOFAST_CUDA=0, no nvcc, or no GPU at build time)"
