@@ -5,6 +5,12 @@ The floor here is arithmetic, not bytes: the row counts the FLOPs of its matmuls
 machine's fp32 matmul rate is measured in the same run (``torch.mm`` of 1024 x 1024), so every variant's
 line says which fraction of that rate it reaches. The training step also moves every parameter through
 Adam and the EMA (~40 bytes per parameter per step), a memory floor both engines share.
+
+Both rows time both variants with glibc's freed memory retained (`retain_freed_memory`, as ``isofast toy2d``
+runs the ensemble), set when a row is built (process-wide; these are the last rows). With glibc's adaptive
+defaults the sequential sampler's time was the process's allocation history: 18 `ddpm_sample` runs took
+0.96-1.4 s in one process and 2.1-2.3 s in another (5.7 million page faults against 0.44 million; same code,
+same machine, 2026-12-01), so the ratio measured the page faults, not the engines.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from _rows import Row, Settings, Target, Variant
 
 from isofast.data.toy2d import make_dataset
 from isofast.ensemble import EnsembleMLP, EnsembleRun, ensemble_ddpm_sample
+from isofast.malloc_policy import retain_freed_memory
 from isofast.models.mlp import TimeMLP
 from isofast.sampling import ddpm_sample
 from isofast.schedule import NoiseSchedule
@@ -43,6 +50,10 @@ def model_macs(model: TimeMLP, rows: int, shared_t: bool) -> int:
     return rows * per_row + (L * e * h if shared_t else rows * L * e * h)
 
 
+def _allocator_note(retained: bool) -> str:
+    return "freed memory retained (both variants)" if retained else "glibc's default allocator policy (not glibc?)"
+
+
 def _config(out: str, batch: int, steps: int = 10**9, **kw) -> TrainConfig:
     base = dict(out_dir=out, steps=steps, batch_size=batch, iso_lambda=0.1, progress=False, tensorboard=False,
                 log_every=10**6, ckpt_every=10**6)
@@ -51,6 +62,7 @@ def _config(out: str, batch: int, steps: int = 10**9, **kw) -> TrainConfig:
 
 def train_row(settings: Settings, members: int, batch: int, rate: float) -> Row:
     """One optimizer step of every member: the ensemble against M Trainer steps."""
+    retained = retain_freed_memory()
     tmp = tempfile.mkdtemp(prefix="isofast-bench-ensemble-")
     seeds = list(range(members))
     data = [make_dataset("swiss_roll", 10_000, seed=s) for s in seeds]
@@ -89,12 +101,14 @@ def train_row(settings: Settings, members: int, batch: int, rate: float) -> Row:
                 Variant(f"isofast ensemble (M={members})", "isofast", lambda i: run.train_step(), ensemble_check)]
     return Row(f"ensemble train step/TimeMLP x{members}/batch {batch}", "ensemble",
                {"members": members, "batch": batch}, variants, 1, items=members, item_unit="member steps",
-               target=TARGET, floor_note=f"{flops / 1e9:.3f} GFLOP per call; torch.mm rate {rate / 1e9:.1f} GFLOP/s",
+               target=TARGET, floor_note=f"{flops / 1e9:.3f} GFLOP per call; torch.mm rate {rate / 1e9:.1f} GFLOP/s; "
+                                         f"{_allocator_note(retained)}",
                flops=flops, flop_rate=rate)
 
 
 def sample_row(settings: Settings, members: int, num: int, steps: int, rate: float) -> Row:
     """``steps`` DDPM steps of every member's ``num`` points: the ensemble against M `ddpm_sample` runs."""
+    retained = retain_freed_memory()
     torch.manual_seed(0)
     models = [TimeMLP().eval() for _ in range(members)]
     ens = EnsembleMLP(models)
@@ -125,4 +139,5 @@ def sample_row(settings: Settings, members: int, num: int, steps: int, rate: flo
                {"members": members, "num": num, "steps": steps}, variants, 1, items=members * num * steps,
                item_unit="point steps", target=TARGET,
                floor_note=f"{flops / 1e9:.3f} GFLOP per call (time projections once per step and member); "
-                          f"torch.mm rate {rate / 1e9:.1f} GFLOP/s", flops=flops, flop_rate=rate)
+                          f"torch.mm rate {rate / 1e9:.1f} GFLOP/s; {_allocator_note(retained)}", flops=flops,
+               flop_rate=rate)

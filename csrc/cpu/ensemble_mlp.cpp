@@ -40,6 +40,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -173,6 +174,43 @@ void check_stack(const at::Tensor& t, const char* op, const char* name, int64_t 
               " has a width of 0 or one too large for a 32-bit BLAS: ", t.sizes());
 }
 
+// A float buffer of at least `floats`, 64-byte aligned (every weight load of a packed panel is then one cache
+// line), kept by the calling thread across calls: allocating the multi-MB scratch of a sampler step anew costs a
+// page fault per 4 KB (glibc maps large blocks afresh), ~2% of the step.
+float* thread_scratch(int64_t floats) {
+  struct Buffer {
+    float* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  if (buffer.size < floats) {
+    std::free(buffer.data);
+    const size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + 63) / 64 * 64;
+    buffer.data = static_cast<float*>(std::aligned_alloc(64, bytes));
+    buffer.size = buffer.data == nullptr ? 0 : floats;
+    TORCH_CHECK(buffer.data != nullptr, "isofast_C::ensemble_mlp_forward: out of memory for ", bytes,
+                " bytes of scratch");
+  }
+  return buffer.data;
+}
+
+// Member m's layers that run from a packed weight (packed_at[l] >= 0: their offset in dst), packed for
+// dense_avx512.h.
+void pack_member(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& b,
+                 const std::vector<int64_t>& packed_at, int64_t m, int64_t d, float* dst) {
+#ifdef ISOFAST_DENSE_AVX512
+  for (int64_t l = 0, in = d; l < static_cast<int64_t>(w.size()); in = w[l].size(1), ++l) {
+    const int64_t out = w[l].size(1);
+    if (packed_at[l] >= 0) {
+      dense::pack(w[l].data_ptr<float>() + m * in * out, b[l].data_ptr<float>() + m * out, in, out,
+                  dst + packed_at[l]);
+    }
+  }
+#endif
+  (void)w, (void)b, (void)packed_at, (void)m, (void)d, (void)dst;
+}
+
 // One layer of the sampling forward on AVX-512 (dense_avx512.h): from its packed weight where it has one, or as
 // dot products where it is the narrow output layer. False where it does not apply (then the caller runs the
 // portable path: sgemm and loops).
@@ -223,8 +261,9 @@ at::Tensor ensemble_mlp_forward_cpu(const at::Tensor& x, at::TensorList weights,
   const int64_t blocks = (N + kRows - 1) / kRows, layers = static_cast<int64_t>(w.size()), d = x.size(2);
   const float* xp = xc.data_ptr<float>();
   float* outp = result.data_ptr<float>();
-  // Wide layers (neither side narrow) run as AVX-512 register tiles where the CPU has them: each member's weight
-  // and bias are packed once per call (64 KB of a 128 x 128 layer; every block of its rows reuses them).
+  // Layers with more than kNarrow outputs run as AVX-512 register tiles where the CPU has them, from the
+  // member's weight and bias packed once per task range and member (64 KB of a 128 x 128 layer; each of the
+  // member's blocks reuses them).
   std::vector<int64_t> packed_at(static_cast<size_t>(layers), -1);
   int64_t packed_per_member = 0;
 #ifdef ISOFAST_DENSE_AVX512
@@ -238,44 +277,35 @@ at::Tensor ensemble_mlp_forward_cpu(const at::Tensor& x, at::TensorList weights,
     }
   }
 #endif
-  // at::empty: 64-byte aligned, so that every weight load of a panel is one cache line (not two).
-  at::Tensor packed_buffer = at::empty({M * packed_per_member}, x.options());
-  float* packed = packed_buffer.data_ptr<float>();
-  if (packed_per_member > 0) {
-#ifdef ISOFAST_DENSE_AVX512
-    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        for (int64_t l = 0, in = d; l < layers; in = w[l].size(1), ++l) {
-          const int64_t out = w[l].size(1);
-          if (packed_at[l] < 0) continue;
-          dense::pack(w[l].data_ptr<float>() + m * in * out, b[l].data_ptr<float>() + m * out, in, out,
-                      packed + m * packed_per_member + packed_at[l]);
-        }
-      }
-    });
-#endif
-  }
+  const int64_t act_floats = 2 * kRows * widest;  // a block's activations, ping-pong
   at::parallel_for(0, M * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * kRows * widest);  // per task range: the block's activations, ping-pong
-    std::vector<float> transposed(kNarrow * widest);  // a narrow-input layer's weight, transposed (in x out)
+    float* scratch = thread_scratch(packed_per_member + act_floats + kNarrow * widest);
+    float* packed = scratch;  // the current member's packed layers
+    float* buf = scratch + packed_per_member;
+    float* transposed = buf + act_floats;  // a narrow-input layer's weight, transposed (in x out)
+    int64_t packed_member = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m = task / blocks, r0 = (task % blocks) * kRows, rows = std::min(kRows, N - r0);
+      if (packed_per_member > 0 && m != packed_member) {
+        pack_member(w, b, packed_at, m, d, packed);
+        packed_member = m;
+      }
       const float* h = xp + (m * N + r0) * d;
       int64_t in = d;
       for (int64_t l = 0; l < layers; ++l) {
         const int64_t out = w[l].size(1);
         const bool last = l == layers - 1;
-        float* dst = last ? outp + (m * N + r0) * width : buf.data() + (l % 2) * kRows * widest;
+        float* dst = last ? outp + (m * N + r0) * width : buf + (l % 2) * kRows * widest;
         const float* wm = w[l].data_ptr<float>() + m * in * out;
         const float* bm = b[l].data_ptr<float>() + m * out;
-        const float* pm = packed_at[l] < 0 ? nullptr : packed + m * packed_per_member + packed_at[l];
+        const float* pm = packed_at[l] < 0 ? nullptr : packed + packed_at[l];
         if (!avx512_layer(h, rows, in, out, wm, bm, pm, last, dst)) {
           fill_rows(dst, bm, rows, out);
           if (in <= kNarrow) {
             for (int64_t i = 0; i < in; ++i) {
               for (int64_t j = 0; j < out; ++j) transposed[i * out + j] = wm[j * in + i];
             }
-            narrow_in_accumulate(rows, in, out, h, transposed.data(), dst);
+            narrow_in_accumulate(rows, in, out, h, transposed, dst);
           } else if (out <= kNarrow) {
             narrow_out_accumulate(rows, in, out, h, wm, dst);
           } else {
