@@ -1,11 +1,13 @@
 // A dense layer C = act(A W^T + b) on a block of rows, for the sampling forward of the stacked ensemble
-// (ensemble_mlp.cpp), with AVX-512 register tiles over a weight packed once per call.
+// (ensemble_mlp.cpp), with AVX-512 register tiles over a packed weight (packed once per member and thread: every
+// block of the member's rows reuses it).
 //
-// Why not sgemm: the sampler's hidden layers are (256 x 128) x (128 x 128) per block, where MKL's sgemm ran at
+// Why not sgemm: the sampler's hidden layers are (252 x 128) x (128 x 128) per block, where MKL's sgemm ran at
 // 137 GFLOP/s on one core of the 2-core VM with the bias fill and the ReLU as separate passes, against a
-// measured FMA peak of 215 (2 x 16 lanes x 2 flops at ~3.35 GHz). These tiles keep 6 rows x 64 columns of C
-// in 24 registers for the whole k loop, start from the bias and apply the ReLU before the one store: 160-170
-// GFLOP/s on the same block (/work/prof/uk, 2026-12-01), ~78% of the peak.
+// measured FMA peak of 215 (a register-only FMA loop: 2 x 16 lanes x 2 flops at ~3.35 GHz). These tiles keep
+// 6 rows x 64 columns of C in 24 registers for the whole k loop, start from the bias and apply the ReLU before
+// the one store: 180-185 GFLOP/s on the same block, 84-86% of the peak (a C++ microbenchmark of this header,
+// one thread, 2026-12-01; the same k loop alone, all in L1, reaches 187).
 //
 // Each element is b[j] + sum over k ascending of A[r,k] W[j,k], by fused multiply-adds: float32-accurate, not
 // sgemm's order bit for bit (the sampler's outputs equal each member's model to rounding, not bitwise).

@@ -11,7 +11,7 @@
 // to memory and read back twice (the bias, the ReLU), and the sampler was memory-bound at a third of the
 // machine's matmul rate. Here a block of kRows rows of one member goes through every layer while its
 // activations stay in L2: only x and the output cross memory, and the time is the matmuls'. On AVX-512 CPUs
-// the layers run as register tiles over weights packed once per call (dense_avx512.h: 36 against 50 ms per
+// the layers run as register tiles over weights packed per member (dense_avx512.h: 36 against 50 ms per
 // sampler step of 18 members x 10,000 points, ~80% of the FMA peak); elsewhere as sgemm calls and loops.
 //
 // Training (ensemble_mlp_train_forward / _backward, the autograd function _FusedTimeMLP): one task per
