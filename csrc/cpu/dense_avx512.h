@@ -22,6 +22,11 @@
 #include <cstdint>
 #include <cstdlib>
 
+// g++ 12's AVX-512 intrinsics (casts, shuffles, max) fill their pass-through operand with a self-initialised
+// placeholder, which -Wmaybe-uninitialized reports at every inlining: a false positive, silenced here only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace isofast::cpu::dense {
 
 constexpr int64_t kLanes = 16;                // floats per zmm register
@@ -178,6 +183,16 @@ __attribute__((target("avx512f"))) inline void narrow_in_rows(const float* A, in
   }
 }
 
+// The sum of v's 16 lanes: halves, then quarters, then within 128 bits.
+__attribute__((target("avx512f"))) inline float lane_sum(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  __m128 x = _mm512_castps512_ps128(v);
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
+}
+
 // C (rows x OUT) = A (rows x in) W^T + b for a layer with few outputs (the 2-D output layer): per row, OUT dot
 // products of the row with W's rows in kLanes partial sums, reduced at the end (a register tile would leave 14 of
 // 16 lanes idle).
@@ -200,7 +215,7 @@ __attribute__((target("avx512f"))) void narrow_out_rows_n(const float* A, int64_
         acc[c] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(tail, W + c * in + full * kLanes), acc[c]);
       }
     }
-    for (int c = 0; c < OUT; ++c) C[r * OUT + c] = b[c] + _mm512_reduce_add_ps(acc[c]);
+    for (int c = 0; c < OUT; ++c) C[r * OUT + c] = b[c] + lane_sum(acc[c]);
   }
 }
 
@@ -218,5 +233,7 @@ __attribute__((target("avx512f"))) inline void narrow_out_rows(const float* A, i
 }
 
 }  // namespace isofast::cpu::dense
+
+#pragma GCC diagnostic pop
 
 #endif  // __x86_64__ && __GNUC__
