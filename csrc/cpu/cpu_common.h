@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 namespace isofast::cpu {
@@ -24,6 +25,18 @@ void fill_normals(uint64_t seed, uint64_t counter, int64_t ncalls, float* out);
 
 // The instruction set fill_normals runs with on this CPU ("AVX-512", "AVX2", ...), for `isofast info`.
 const char* noise_isa();
+
+// True where the CPU has AVX-512 (x86-64-v4) and ISOFAST_NO_AVX512 is unset: the one switch of every AVX-512 path
+// (the noise generator, the ensemble's sampling forward); ISOFAST_NO_AVX512=1 takes the portable paths on an
+// AVX-512 machine, for tests and comparisons. Read once per process.
+inline bool use_avx512() {
+#if defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("x86-64-v4") && std::getenv("ISOFAST_NO_AVX512") == nullptr;
+  return avx512;
+#else
+  return false;
+#endif
+}
 
 // How the ensemble's sampling forward runs its layers on this CPU ("AVX-512" register tiles, or "sgemm"), for
 // `isofast info` (ensemble_mlp.cpp).

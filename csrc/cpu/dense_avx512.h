@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 // g++ 12's AVX-512 intrinsics (casts, shuffles, max) fill their pass-through operand with a self-initialised
 // placeholder, which -Wmaybe-uninitialized reports at every inlining: a false positive, silenced here only.
@@ -32,13 +31,6 @@ namespace isofast::cpu::dense {
 constexpr int64_t kLanes = 16;                // floats per zmm register
 constexpr int64_t kPanel = 4 * kLanes;        // output columns per panel: 4 registers wide
 constexpr int64_t kTileRows = 6;              // rows per tile: 6 x 4 accumulators + 4 weight registers
-
-// True where this CPU runs AVX-512 and ISOFAST_NO_AVX512 is unset (the portable path's switch, as the noise
-// generator's); read once per process.
-inline bool avx512_enabled() {
-  static const bool on = __builtin_cpu_supports("avx512f") && std::getenv("ISOFAST_NO_AVX512") == nullptr;
-  return on;
-}
 
 inline int64_t panels(int64_t out) { return (out + kPanel - 1) / kPanel; }
 

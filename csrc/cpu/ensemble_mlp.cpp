@@ -225,7 +225,7 @@ bool avx512_layer(const float* h, int64_t rows, int64_t in, int64_t out, const f
     dense::dense_rows(h, rows, in, out, packed, !last, dst);
     return true;
   }
-  if (dense::avx512_enabled() && last && out <= dense::kNarrowOut) {
+  if (use_avx512() && last && out <= dense::kNarrowOut) {
     dense::narrow_out_rows(h, rows, in, out, W, bias, dst);
     return true;
   }
@@ -267,7 +267,7 @@ at::Tensor ensemble_mlp_forward_cpu(const at::Tensor& x, at::TensorList weights,
   std::vector<int64_t> packed_at(static_cast<size_t>(layers), -1);
   int64_t packed_per_member = 0;
 #ifdef ISOFAST_DENSE_AVX512
-  if (dense::avx512_enabled()) {
+  if (use_avx512()) {
     for (int64_t l = 0, in = d; l < layers; in = w[l].size(1), ++l) {
       const int64_t out = w[l].size(1);
       if (out > kNarrow) {
@@ -628,7 +628,7 @@ ensemble_mlp_train_step_cpu(const at::Tensor& x0, const at::Tensor& eps, const a
 
 const char* sampler_isa() {
 #ifdef ISOFAST_DENSE_AVX512
-  if (dense::avx512_enabled()) return "AVX-512";
+  if (use_avx512()) return "AVX-512";
 #endif
   return "sgemm";
 }

@@ -22,7 +22,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__)
@@ -211,16 +210,6 @@ void fill_normals_portable(uint64_t seed, uint64_t counter, int64_t ncalls, floa
     normals_block(u[0], u[1], u[2], u[3], z[0], z[1], z[2], z[3]);
     store_block(z[0], z[1], z[2], z[3], std::min<int64_t>(kCalls, ncalls - base), out + 4 * base);
   }
-}
-
-bool use_avx512() {
-#if defined(__x86_64__)
-  // ISOFAST_NO_AVX512=1 takes the portable path on an AVX-512 machine (for tests and comparisons).
-  static const bool avx512 = __builtin_cpu_supports("x86-64-v4") && std::getenv("ISOFAST_NO_AVX512") == nullptr;
-  return avx512;
-#else
-  return false;
-#endif
 }
 
 }  // namespace
